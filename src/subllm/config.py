@@ -1,0 +1,327 @@
+"""Model configuration, structure strings and presets (DESIGN 2, 3.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from subllm.errors import ConfigError
+
+# --------------------------------------------------------------------------------------
+# Structure strings: "T" is a block, "(" a subsampling module, ")" upsampling + bypass.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """A subsampled segment: the blocks and nested segments between a `(` and its `)`.
+
+    `index` counts the `(` in the string (0-based), `depth` is 1 for an outermost segment.
+    """
+
+    index: int
+    depth: int
+    children: list[int | Segment] = field(default_factory=list)
+
+    def blocks(self) -> list[int]:
+        out: list[int] = []
+        for c in self.children:
+            out.extend(c.blocks() if isinstance(c, Segment) else [c])
+        return out
+
+
+def parse_structure(structure: str) -> list[int | Segment]:
+    """Parse e.g. "TT(T(TT)T)T" into a tree of block indices and Segments.
+
+    Raises ConfigError naming the offending position.
+    """
+    if not isinstance(structure, str) or not structure:
+        raise ConfigError("structure must be a non-empty string over 'T', '(' and ')'")
+    root: list[int | Segment] = []
+    stack: list[tuple[Segment, int]] = []  # (segment, position of its '(')
+    n_blocks = n_segments = 0
+    for pos, ch in enumerate(structure):
+        here = stack[-1][0].children if stack else root
+        if ch == "T":
+            here.append(n_blocks)
+            n_blocks += 1
+        elif ch == "(":
+            seg = Segment(index=n_segments, depth=len(stack) + 1)
+            n_segments += 1
+            here.append(seg)
+            stack.append((seg, pos))
+        elif ch == ")":
+            if not stack:
+                raise ConfigError(
+                    f"structure {structure!r}: ')' at position {pos} has no matching '('"
+                )
+            seg, _ = stack.pop()
+            if not seg.blocks():
+                raise ConfigError(
+                    f"structure {structure!r}: empty segment ending at position {pos}; "
+                    "put at least one 'T' inside every '(...)'"
+                )
+        else:
+            raise ConfigError(
+                f"structure {structure!r}: invalid character {ch!r} at position {pos}; "
+                "use only 'T', '(' and ')'"
+            )
+    if stack:
+        raise ConfigError(
+            f"structure {structure!r}: '(' at position {stack[-1][1]} is never closed"
+        )
+    return root
+
+
+def iter_segments(tree: list[int | Segment]) -> list[Segment]:
+    """All segments in the order of their `(` in the string."""
+    out: list[Segment] = []
+    for item in tree:
+        if isinstance(item, Segment):
+            out.append(item)
+            out.extend(iter_segments(item.children))
+    return sorted(out, key=lambda s: s.index)
+
+
+def block_token_fractions(tree: list[int | Segment], keep: list[float]) -> dict[int, float]:
+    """Fraction of the input tokens each block sees: product of enclosing keep ratios."""
+    out: dict[int, float] = {}
+
+    def walk(items: list[int | Segment], frac: float) -> None:
+        for item in items:
+            if isinstance(item, Segment):
+                walk(item.children, frac * keep[item.depth - 1])
+            else:
+                out[item] = frac
+
+    walk(tree, 1.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# ModelConfig
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of a SUBLLM / LLaMA model.
+
+    `structure` of only "T"s (the default) is a plain LLaMA. `keep` is the keep ratio of
+    the subsampling modules: one float for every depth, or a list with one per depth.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_layers: int = 24
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # None: n_heads (no grouped KV heads)
+    ffn_dim: int = 5504
+    structure: str | None = None  # None: "T" * n_layers
+    keep: float | list[float] = 0.64
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # None: dim // n_heads
+    init_std: float = 0.02
+    # Bypass (DESIGN 3.4): initial scale, and the schedule of its lower limit c_min.
+    bypass_init: float = 0.5
+    bypass_min_start: float = 0.9
+    bypass_min_end: float = 0.2
+    bypass_min_steps: int = 20000
+    bypass_limit_prob: float = 0.6
+    # Score balancer (DESIGN 3.5).
+    balancer_prob_start: float = 1.0
+    balancer_prob_end: float = 0.25
+    balancer_prob_steps: int = 8000
+    balancer_strength: float = 0.04
+    balancer_margin: float = 0.05
+    balancer_rms_min: float = 1.25
+    balancer_rms_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.structure is None and isinstance(self.n_layers, int):
+            self.structure = "T" * self.n_layers
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if isinstance(self.keep, tuple):
+            self.keep = list(self.keep)
+        self.validate()
+
+    # ---- derived ------------------------------------------------------------------
+    @property
+    def tree(self) -> list[int | Segment]:
+        return parse_structure(self.structure)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return iter_segments(self.tree)
+
+    @property
+    def max_depth(self) -> int:
+        return max((s.depth for s in self.segments), default=0)
+
+    @property
+    def is_subllm(self) -> bool:
+        return "(" in self.structure
+
+    @property
+    def keep_per_depth(self) -> list[float]:
+        depth = max(self.max_depth, 1)
+        if isinstance(self.keep, list):
+            return [float(k) for k in self.keep]
+        return [float(self.keep)] * depth
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def segment_keep(self, seg: Segment) -> float:
+        return self.keep_per_depth[seg.depth - 1]
+
+    def block_fractions(self) -> dict[int, float]:
+        return block_token_fractions(self.tree, self.keep_per_depth)
+
+    def compute_fraction(self) -> float:
+        """Block compute relative to a LLaMA of the same size (DESIGN 3.1)."""
+        return sum(self.block_fractions().values()) / self.n_layers
+
+    # ---- validation ---------------------------------------------------------------
+    def validate(self) -> ModelConfig:
+        ints = {
+            "vocab_size": self.vocab_size, "dim": self.dim, "n_layers": self.n_layers,
+            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "ffn_dim": self.ffn_dim,
+            "max_seq_len": self.max_seq_len,
+        }
+        for name, v in ints.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(
+                f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                "choose n_heads that divides dim (or set head_dim)"
+            )
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0
+                                          or self.head_dim % 2):
+            raise ConfigError(f"head_dim must be a positive even integer, got {self.head_dim!r}")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(
+                f"head dimension {self.resolved_head_dim} (dim / n_heads) must be even for "
+                "rotary embeddings; change dim or n_heads"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                "choose n_kv_heads that divides n_heads"
+            )
+        tree = parse_structure(self.structure)
+        n_t = self.structure.count("T")
+        if n_t != self.n_layers:
+            raise ConfigError(
+                f"structure {self.structure!r} has {n_t} 'T' blocks but n_layers={self.n_layers}; "
+                "make them equal"
+            )
+        depth = max((s.depth for s in iter_segments(tree)), default=0)
+        keeps = self.keep if isinstance(self.keep, list) else [self.keep]
+        if isinstance(self.keep, list) and depth and len(self.keep) != depth:
+            raise ConfigError(
+                f"keep has {len(self.keep)} values but the structure nests {depth} deep; "
+                "give one keep ratio, or exactly one per depth"
+            )
+        for k in keeps:
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k <= 1.0:
+                raise ConfigError(f"keep ratio must be in (0, 1], got {k!r}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if not 0.0 < self.bypass_min_end <= self.bypass_min_start <= 1.0:
+            raise ConfigError("need 0 < bypass_min_end <= bypass_min_start <= 1")
+        return self
+
+    # ---- (de)serialisation ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a mapping of keys to values, got {d!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {names}"
+                raise ConfigError(f"unknown model config key {key!r}{hint}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # e.g. a list where an int belongs
+            raise ConfigError(f"invalid model config: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Load a config from YAML or JSON. A top-level `model:` section is accepted."""
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        text = p.read_text()
+        try:
+            d = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"cannot parse {str(p)!r}: {first}") from None
+        if isinstance(d, dict) and isinstance(d.get("model"), dict):
+            d = d["model"]
+        if isinstance(d, dict) and "preset" in d:
+            base = cls.preset(d.pop("preset")).to_dict()
+            if "n_layers" in d and "structure" not in d:
+                base["structure"] = None
+            base.update(d)
+            d = base
+        return cls.from_dict(d)
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        if name not in PRESETS:
+            near = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"unknown preset {name!r}; {hint}presets: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def load(cls, preset_or_path: str) -> ModelConfig:
+        """A preset name, or a path to a YAML/JSON config file."""
+        if preset_or_path in PRESETS:
+            return cls.preset(preset_or_path)
+        path = Path(preset_or_path)
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            return cls.from_file(preset_or_path)
+        return cls.preset(preset_or_path)  # raises with the list of presets
+
+
+PAPER_STRUCTURE = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
+
+_PAPER = dict(vocab_size=32000, dim=2048, n_layers=24, n_heads=16, ffn_dim=5504, max_seq_len=4096,
+              tie_embeddings=False, norm_eps=1e-5, rope_theta=10000.0)
+# `small`: the paper's 24-block shape at a size a CPU can train and benchmark.
+_SMALL = dict(vocab_size=8192, dim=512, n_layers=24, n_heads=8, ffn_dim=1376, max_seq_len=2048,
+              tie_embeddings=False, norm_eps=1e-5)
+# `tiny`: a few M parameters, trains on a CPU in minutes (the demo and the tests).
+_TINY = dict(vocab_size=8192, dim=128, n_layers=12, n_heads=4, ffn_dim=352, max_seq_len=1024,
+             tie_embeddings=True, norm_eps=1e-5)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-tiny": {**_TINY},
+    "subllm-tiny": {**_TINY, "structure": "TTT(TT(TT)TT)TTT", "keep": 0.64},
+    "llama-small": {**_SMALL},
+    "subllm-small": {**_SMALL, "structure": PAPER_STRUCTURE, "keep": 0.64},
+    "llama-1.3b": {**_PAPER},
+    "subllm-1.3b": {**_PAPER, "structure": PAPER_STRUCTURE, "keep": 0.64},
+}
