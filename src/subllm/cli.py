@@ -14,6 +14,10 @@ import sys
 # (module, description) for every verb that works. Modules register their own parsers.
 VERB_MODULES = [
     "subllm.info",
+    "subllm.bench",
+    "subllm.data",
+    "subllm.train",
+    "subllm.generate",
 ]
 
 

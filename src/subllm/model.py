@@ -8,7 +8,6 @@ tokens (3.3, `modules.Block`), `Bypass` (upsampling + bypass, 3.4), the KV cache
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +61,12 @@ class _BalanceScores(torch.autograd.Function):
             sd = v.std(correction=0).clamp_min(1e-6)
             r = v.pow(2).mean().sqrt().clamp_min(1e-6)
             ratio = m / sd  # P(s > 0) = Phi(m / sd) for Gaussian scores
-            penalty = (ratio - ratio.clamp(lo, hi)).abs() + torch.log(
-                r.clamp(rms_min, rms_max) / r
-            ).abs()
+            # Scores are far from Gaussian (skewed), so Phi(m / sd) misjudges the kept
+            # fraction: decide the direction from the measured fraction of positive scores
+            # and move m / sd that way (the target band is [lo, hi] as fractions).
+            frac = (v > 0).float().mean()
+            direction = (frac > hi).float() - (frac < lo).float()
+            penalty = direction * ratio + torch.log(r.clamp(rms_min, rms_max) / r).abs()
             (dp,) = torch.autograd.grad(penalty, x)
         n = v.numel()
         rms = (dp.pow(2).sum() / max(n, 1)).sqrt()
@@ -80,10 +82,8 @@ class ScoreBalancer(nn.Module):
 
     def __init__(self, keep: float, config: ModelConfig) -> None:
         super().__init__()
-        q = NormalDist().inv_cdf
-        eps = 1e-3
-        self.lo = q(min(max(keep - config.balancer_margin, eps), 1 - eps))
-        self.hi = q(min(max(keep + config.balancer_margin, eps), 1 - eps))
+        self.lo = keep - config.balancer_margin  # target band of P(score > 0)
+        self.hi = keep + config.balancer_margin
         self.config = config
 
     def forward(self, s: Tensor, valid: Tensor | None, step: int) -> Tensor:

@@ -1,0 +1,37 @@
+"""`subllm bench <name>`: benchmarks that write JSON, a Markdown table and plots (DESIGN 5).
+
+Each benchmark is a module in this package with `HELP` (one line), `add_arguments(parser)`
+and `run(args) -> int`; add a new one by listing it in `BENCHMARKS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# sub-verb -> module implementing it
+BENCHMARKS: dict[str, str] = {
+    "mst": "subllm.bench.mst",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `bench` verb and one sub-verb per entry of BENCHMARKS."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks: speed and memory, written as JSON + Markdown + PNG",
+        description="Run a benchmark; results go to --out as JSON, a Markdown table and plots.",
+    )
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(parser))
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
+    def _usage(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=_usage)

@@ -1,0 +1,553 @@
+"""Mini-Sequence Transformer (MsT): chunked MLP and chunked LM-head cross-entropy (DESIGN 4).
+
+Long-sequence training runs out of memory on two activations that grow with the
+sequence length times a wide dimension: the (L x ffn) MLP intermediates and the
+(L x vocab) logits. MsT (Luo et al. 2024, "Mini-Sequence Transformer") processes both
+in mini-sequences (chunks of tokens), so only one chunk's worth of either exists at a
+time, and relies on block-level activation checkpointing for everything else.
+
+- `chunked_cross_entropy`: LM head + next-token cross-entropy; per chunk it forms the
+  fp32 logits, the loss and at once the gradients (softmax - onehot) for the hidden
+  states and the head weight, so no (tokens x vocab) tensor outlives its chunk.
+- `MiniSequenceMLP`: runs any MLP on chunks of the sequence, recomputing each chunk's
+  intermediates in backward, so the (L x ffn) intermediate exists for one chunk only.
+- `apply_mst`: one call that patches a model in place (our `SubLLM`, or a Hugging Face
+  causal LM of a supported family), in the manner of Liger-Kernel's `apply_liger_kernel_to_*`.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from subllm.errors import SubLLMError
+
+__all__ = [
+    "HF_FAMILIES",
+    "MiniSequenceMLP",
+    "apply_mst",
+    "chunked_cross_entropy",
+    "default_loss_chunks",
+    "default_mlp_chunks",
+    "enable_checkpointing",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Chunked LM head + cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+def default_loss_chunks(vocab_size: int, dim: int) -> int:
+    """DESIGN 4: M = ceil(vocab / d) chunks, so a chunk's logits are about the size of L x d."""
+    return max(1, math.ceil(vocab_size / dim))
+
+
+def _ce_chunk(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    softcap: float | None,
+    acc_dtype: torch.dtype,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Summed loss and d(summed loss)/d(logits) for one chunk of tokens.
+
+    h: (c, d), weight: (V, d), target: (c,) all valid. Returns (loss_sum (scalar, acc_dtype),
+    grad_logits (c, V) in acc_dtype or None). The caller turns grad_logits into the hidden
+    and weight gradients and drops it before the next chunk.
+    """
+    logits = (h @ weight.t()).to(acc_dtype)  # (c, V) in >= fp32
+    if bias is not None:
+        logits = logits + bias.to(acc_dtype)
+    tanh = None
+    if softcap is not None:
+        # Gemma-2 final-logit soft-capping: s = cap * tanh(z / cap), ds/dz = 1 - tanh^2
+        tanh = torch.tanh(logits / softcap)
+        logits = tanh * softcap
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (c,)
+    loss_sum = (lse - target_logit).sum()
+    if not need_grad:
+        return loss_sum, None
+    # d loss / d logits = softmax - onehot, built in place in the logits buffer
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, target[:, None], torch.full_like(target_logit[:, None], -1.0))
+    if tanh is not None:
+        grad.mul_(1.0 - tanh.square_())
+    return loss_sum, grad
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Loss of the LM head + cross-entropy with the gradients computed during forward.
+
+    Computing the gradients in forward (rather than recomputing logits in backward, the
+    paper's way) costs no extra matmuls; backward only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,  # (N, d) valid tokens only
+        weight: Tensor,  # (V, d)
+        bias: Tensor | None,  # (V,)
+        target: Tensor,  # (N,)
+        denom: Tensor,  # scalar: what the summed loss is divided by
+        chunk_size: int,
+        softcap: float | None,
+        compute_dtype: torch.dtype,
+        grad_flags: tuple[bool, bool, bool],
+    ) -> Tensor:
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        need_h, need_w, need_b = grad_flags
+        need_grad = need_h or need_w or need_b
+        n, d = hidden.shape
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            grad_h = torch.empty(n, d, dtype=acc_dtype, device=hidden.device) if need_h else None
+            grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=w.device) if need_w else None
+            grad_b = torch.zeros(w.shape[0], dtype=acc_dtype, device=w.device) if need_b else None
+            # the loss is accumulated in fp64: it is one scalar per chunk, and the sum must not
+            # drift from the unchunked mean by more than fp32 rounding
+            loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
+            for start in range(0, n, chunk_size):
+                h = hidden[start : start + chunk_size].to(compute_dtype)  # (c, d)
+                loss_c, g = _ce_chunk(
+                    h, w, bias, target[start : start + chunk_size], softcap, acc_dtype, need_grad
+                )
+                loss += loss_c
+                if g is None:
+                    continue
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+                g = g.to(compute_dtype)
+                if grad_h is not None:
+                    grad_h[start : start + chunk_size] = g @ w  # (c, V) @ (V, d)
+                if grad_w is not None and g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), h)  # (V, c) @ (c, d), accumulated in place
+                elif grad_w is not None:
+                    grad_w += g.t() @ h  # low-precision product, fp32 accumulator
+                del g
+            scale = 1.0 / denom.to(acc_dtype)
+            out = (loss / denom.to(torch.float64)).to(acc_dtype)
+            # store the gradients of the normalised loss, in the inputs' dtypes
+            ctx.grads = tuple(
+                None if g is None else (g * scale).to(dtype)
+                for g, dtype in (
+                    (grad_h, hidden.dtype),
+                    (grad_w, weight.dtype),
+                    (grad_b, None if bias is None else bias.dtype),
+                )
+            )
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None)
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    chunks: int | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    softcap: float | None = None,
+    bias: Tensor | None = None,
+    shift: bool = True,
+    min_chunk_tokens: int = 256,
+) -> Tensor:
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, in chunks of tokens.
+
+    hidden: (B, L, d) or (N, d); weight: (V, d) (the LM head, possibly tied to the
+    embedding); labels: (B, L) or (N,) integer ids, `ignore_index` for positions without
+    a target. With `shift=True` (Hugging Face convention) labels are aligned with the
+    input ids and position t is scored against labels[t + 1]; with `shift=False` they
+    are already the targets of each position.
+
+    reduction "mean" divides the summed loss by the number of non-ignored targets, or by
+    `num_items_in_batch` when given (Hugging Face's normaliser under gradient
+    accumulation); "sum" returns the sum. `softcap` applies cap * tanh(logits / cap)
+    (Gemma-2's final-logit soft-capping). Chunking: up to `chunks` pieces (default
+    ceil(vocab / d), DESIGN 4) but none shorter than `min_chunk_tokens`, or exactly
+    pieces of `chunk_size` tokens. The floor exists because every chunk adds its
+    (vocab x d) weight-gradient update: at d=256, vocab=128256 on a CPU, 17-token chunks
+    (the bare rule at 8k tokens) made the loss 1.7x slower than 256-token ones.
+
+    Logits and softmax are computed in (at least) fp32; the matmuls run in the autocast
+    dtype when autocast is on. Returns a scalar fp32 (fp64 for fp64 inputs) loss.
+    """
+    if hidden.dim() not in (2, 3) or hidden.shape[:-1] != labels.shape:
+        raise SubLLMError(
+            f"chunked_cross_entropy: hidden {tuple(hidden.shape)} and labels "
+            f"{tuple(labels.shape)} do not match; pass hidden (B, L, d) with labels (B, L), "
+            "or hidden (N, d) with labels (N,)"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise SubLLMError(
+            f"chunked_cross_entropy: weight {tuple(weight.shape)} must be (vocab, "
+            f"{hidden.shape[-1]}) to match the hidden size"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise SubLLMError(f"chunked_cross_entropy: bias must have shape ({weight.shape[0]},)")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise SubLLMError("chunked_cross_entropy: labels must be integer token ids")
+    if chunks is not None and chunk_size is not None:
+        raise SubLLMError("chunked_cross_entropy: pass either chunks or chunk_size, not both")
+    for name, value in (("chunks", chunks), ("chunk_size", chunk_size),
+                        ("min_chunk_tokens", min_chunk_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value <= 0):
+            raise SubLLMError(f"chunked_cross_entropy: {name} must be a positive integer, "
+                              f"got {value!r}")
+    if reduction not in ("mean", "sum"):
+        raise SubLLMError(
+            f"chunked_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}"
+        )
+    if softcap is not None and not softcap > 0:
+        raise SubLLMError(f"chunked_cross_entropy: softcap must be positive, got {softcap!r}")
+
+    vocab, d = weight.shape
+    if shift:
+        # same as transformers' ForCausalLMLoss: pad with ignore_index, then drop the first
+        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    labels = labels.reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, d)
+    # Only tokens with a target enter the chunks: ignored ones contribute nothing.
+    valid = (labels != ignore_index).nonzero().squeeze(1)
+    target = labels[valid]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= vocab):
+        raise SubLLMError(
+            f"chunked_cross_entropy: label ids must lie in [0, {vocab}) or equal "
+            f"ignore_index={ignore_index}"
+        )
+    h = hidden.index_select(0, valid)  # (N_valid, d); autograd scatters the grads back
+
+    if reduction == "sum":
+        denom = torch.ones((), device=hidden.device)
+    elif num_items_in_batch is not None:
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+    else:
+        denom = torch.tensor(float(target.numel()), device=hidden.device)
+
+    n = target.numel()
+    if chunk_size is None:
+        m = chunks if chunks is not None else default_loss_chunks(vocab, d)
+        chunk_size = max(1, math.ceil(n / m), min_chunk_tokens)
+
+    if torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    grad_on = torch.is_grad_enabled()
+    grad_flags = (
+        grad_on and h.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    return _ChunkedCrossEntropy.apply(
+        h, weight, bias, target, denom, chunk_size, softcap, compute_dtype, grad_flags
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Mini-sequence MLP
+# --------------------------------------------------------------------------------------
+
+
+def default_mlp_chunks(ffn_dim: int, dim: int) -> int:
+    """The paper's rule (DESIGN 4): M = ceil(ffn / d)."""
+    return max(1, math.ceil(ffn_dim / dim))
+
+
+def _mlp_sizes(mlp: nn.Module) -> tuple[int, int] | None:
+    """(ffn, d) of an MLP: from its attributes, its config, or its down projection."""
+    for src in (mlp, getattr(mlp, "config", None)):
+        ffn, d = getattr(src, "intermediate_size", None), getattr(src, "hidden_size", None)
+        if isinstance(ffn, int) and isinstance(d, int):
+            return ffn, d
+    down = getattr(mlp, "down_proj", None)
+    if isinstance(down, nn.Linear):
+        return down.in_features, down.out_features
+    return None
+
+
+class MiniSequenceMLP(nn.Module):
+    """Run an MLP on chunks of the sequence (DESIGN 4, the paper's "mini-sequences").
+
+    x: (B, L, d) is split along L into M chunks (default M = ceil(ffn / d)), never into
+    chunks shorter than `min_chunk_tokens` (short inputs run in one piece). When
+    gradients are needed each chunk is checkpointed: only its input is kept, and its
+    (chunk x ffn) intermediates are recomputed during backward one chunk at a time, so
+    the full (L x ffn) intermediate never exists even while a checkpointed block is
+    being recomputed.
+
+    The wrapper shares the wrapped module's parameter, buffer and submodule tables, so it
+    can replace the module in a model without changing any parameter name or state-dict
+    key (`layers.0.mlp.gate_proj.weight` stays that).
+    """
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        chunks: int | None = None,
+        min_chunk_tokens: int = 1024,
+        recompute: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(mlp, MiniSequenceMLP):
+            mlp = mlp.wrapped
+        if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int)
+                                   or chunks <= 0):
+            raise SubLLMError(f"MiniSequenceMLP: chunks must be a positive integer, got {chunks!r}")
+        if isinstance(min_chunk_tokens, bool) or not isinstance(min_chunk_tokens, int) \
+                or min_chunk_tokens <= 0:
+            raise SubLLMError(
+                f"MiniSequenceMLP: min_chunk_tokens must be a positive integer, "
+                f"got {min_chunk_tokens!r}"
+            )
+        if chunks is None:
+            sizes = _mlp_sizes(mlp)
+            if sizes is None:
+                raise SubLLMError(
+                    f"MiniSequenceMLP: cannot read the intermediate size of "
+                    f"{type(mlp).__name__}; pass chunks=M explicitly"
+                )
+            chunks = default_mlp_chunks(*sizes)
+        # not registered as a child: its tables below are this module's own
+        object.__setattr__(self, "wrapped", mlp)
+        self._parameters = mlp._parameters
+        self._buffers = mlp._buffers
+        self._non_persistent_buffers_set = mlp._non_persistent_buffers_set
+        self._modules = mlp._modules
+        self.chunks = chunks
+        self.min_chunk_tokens = min_chunk_tokens
+        self.recompute = recompute
+
+    def n_chunks(self, length: int) -> int:
+        """Chunks used for a sequence of `length` tokens."""
+        return max(1, min(self.chunks, length // self.min_chunk_tokens))
+
+    def train(self, mode: bool = True) -> MiniSequenceMLP:
+        self.wrapped.training = mode  # the wrapped module is not a child; keep it in step
+        return super().train(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.n_chunks(x.shape[1])
+        if m == 1:
+            return self.wrapped(x)
+        recompute = self.recompute and torch.is_grad_enabled()
+        outs = []
+        for piece in torch.tensor_split(x, m, dim=1):  # (B, ~L/m, d) each
+            if recompute:
+                outs.append(checkpoint(self.wrapped, piece, use_reentrant=False))
+            else:
+                outs.append(self.wrapped(piece))
+        return torch.cat(outs, dim=1)  # (B, L, d)
+
+    def extra_repr(self) -> str:
+        return (
+            f"wraps={type(self.wrapped).__name__}, chunks={self.chunks}, "
+            f"min_chunk_tokens={self.min_chunk_tokens}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# apply_mst
+# --------------------------------------------------------------------------------------
+
+# family -> causal-LM class names in transformers
+HF_FAMILIES: dict[str, tuple[str, ...]] = {
+    "Llama": ("LlamaForCausalLM",),
+    "Qwen2": ("Qwen2ForCausalLM",),
+    "Qwen3": ("Qwen3ForCausalLM",),
+    "Mistral": ("MistralForCausalLM",),
+    "Gemma-2": ("Gemma2ForCausalLM",),
+    "Gemma-3 (text)": ("Gemma3ForCausalLM",),
+    "Phi-3": ("Phi3ForCausalLM",),
+}
+
+
+def _supported_list() -> str:
+    return "subllm.SubLLM, and transformers causal LMs: " + ", ".join(
+        f"{fam} ({'/'.join(names)})" for fam, names in HF_FAMILIES.items()
+    )
+
+
+def _hf_family(model: nn.Module) -> str | None:
+    import transformers
+
+    for fam, names in HF_FAMILIES.items():
+        for name in names:
+            cls = getattr(transformers, name, None)
+            if cls is not None and isinstance(model, cls):
+                return fam
+    return None
+
+
+def _wrap_mlps(blocks: nn.ModuleList, chunks: int | None, min_chunk_tokens: int) -> None:
+    for block in blocks:
+        block.mlp = MiniSequenceMLP(block.mlp, chunks=chunks, min_chunk_tokens=min_chunk_tokens)
+
+
+def _mst_causal_lm_forward(
+    self: nn.Module,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    past_key_values: Any = None,
+    inputs_embeds: Tensor | None = None,
+    labels: Tensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | Tensor = 0,
+    **kwargs: Any,
+) -> Any:
+    """Causal-LM forward whose training loss never materialises the logits.
+
+    Without labels (generation, evaluation) or with a `logits_to_keep` slice it is the
+    model's own forward, unchanged. With labels it mirrors transformers' forward up to
+    the last hidden state, then takes the loss from `chunked_cross_entropy` (same label
+    shift, ignore index, `num_items_in_batch`, soft-capping as `ForCausalLMLoss`) and
+    returns logits=None, as Liger-Kernel's fused loss does.
+    """
+    original = type(self).forward
+    shift_labels = kwargs.get("shift_labels")
+    keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+    if (labels is None and shift_labels is None) or not keep_all:
+        return original(
+            self, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    hidden = outputs.last_hidden_state  # (B, L, d)
+    head = self.get_output_embeddings()
+    loss = chunked_cross_entropy(
+        hidden,
+        head.weight,
+        shift_labels if shift_labels is not None else labels,
+        chunks=self.mst_loss_chunks,
+        min_chunk_tokens=self.mst_loss_min_chunk_tokens,
+        ignore_index=kwargs.get("ignore_index", -100),
+        num_items_in_batch=kwargs.get("num_items_in_batch"),
+        softcap=getattr(self.config, "final_logit_softcapping", None),
+        bias=head.bias,
+        shift=shift_labels is None,
+    )
+    out = CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+    return out if return_dict else out.to_tuple()
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Block-level activation checkpointing (non-reentrant) for `subllm.SubLLM` or a
+    transformers model; active in training mode only."""
+    if _is_subllm(model):
+        model.gradient_checkpointing = True
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _check_chunks(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise SubLLMError(f"apply_mst: {name} must be a positive integer or None, got {value!r}")
+
+
+def apply_mst(
+    model: nn.Module,
+    mlp_chunks: int | None = None,
+    loss_chunks: int | None = None,
+    checkpointing: bool = True,
+    *,
+    min_chunk_tokens: int | None = None,
+) -> nn.Module:
+    """Patch `model` in place for Mini-Sequence Transformer training and return it.
+
+    - every decoder block's MLP runs in `mlp_chunks` mini-sequences (default
+      ceil(ffn / d)), none shorter than `min_chunk_tokens` (default 1024);
+    - the loss with labels comes from `chunked_cross_entropy` in up to `loss_chunks`
+      chunks (default ceil(vocab / d)), none shorter than `min_chunk_tokens` (default
+      256), and the logits are not returned (None); without labels
+      the model's outputs, and `generate`, are unchanged;
+    - `checkpointing=True` turns on block-level activation checkpointing (non-reentrant),
+      which MsT's memory saving relies on.
+
+    Supported: `subllm.SubLLM` and transformers causal LMs of the Llama, Qwen2, Qwen3,
+    Mistral, Gemma-2, Gemma-3 (text) and Phi-3 families. Parameter names and state-dict
+    keys do not change. Applying it twice re-applies the new settings.
+    """
+    _check_chunks("mlp_chunks", mlp_chunks)
+    _check_chunks("loss_chunks", loss_chunks)
+    _check_chunks("min_chunk_tokens", min_chunk_tokens)
+    mlp_floor = 1024 if min_chunk_tokens is None else min_chunk_tokens
+    if not isinstance(model, nn.Module):
+        raise SubLLMError(f"apply_mst: expected a model (nn.Module), got {type(model).__name__}")
+
+    if _is_subllm(model):
+        cfg = model.config
+        # the model calls chunked_cross_entropy(..., chunks=model.loss_chunks) itself
+        model.loss_chunks = loss_chunks or default_loss_chunks(cfg.vocab_size, cfg.dim)
+        model.gradient_checkpointing = bool(checkpointing)
+        _wrap_mlps(model.layers, mlp_chunks, mlp_floor)
+        return model
+
+    family = _hf_family(model)
+    if family is None:
+        raise SubLLMError(
+            f"apply_mst: {type(model).__name__} is not supported; supported models are "
+            f"{_supported_list()}"
+        )
+    cfg = model.config
+    model.mst_loss_chunks = loss_chunks or default_loss_chunks(cfg.vocab_size, cfg.hidden_size)
+    model.mst_loss_min_chunk_tokens = 256 if min_chunk_tokens is None else min_chunk_tokens
+    _wrap_mlps(model.model.layers, mlp_chunks, mlp_floor)
+    # instance attribute: `type(model).forward` stays the untouched original it delegates to
+    model.forward = types.MethodType(_mst_causal_lm_forward, model)
+    if checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def _is_subllm(model: nn.Module) -> bool:
+    try:
+        from subllm.model import SubLLM
+    except ImportError:
+        return False
+    return isinstance(model, SubLLM)
