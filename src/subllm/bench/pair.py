@@ -1,0 +1,1114 @@
+"""`subllm bench train` and `subllm bench infer`: model A against model B, side by side.
+
+Both models live in one process and take turns step by step (A B, then B A, ...), so that
+whatever else the machine does hits both alike; every figure is the median over the
+timed steps and every ratio is B / A at the same length. Peak memory comes from one
+short extra run per (model, length) in a fresh subprocess (bench/mst.py's worker
+approach): `torch.cuda.max_memory_allocated` on a GPU, the peak resident set on a CPU.
+
+train   one optimizer step = forward with labels + backward + AdamW step, random tokens;
+        SUBLLM models in training mode with `set_step`. On a GPU also the model FLOPs
+        utilisation from `subllm.info.training_flops_per_token`.
+infer   prefill of the prompt, then greedy decoding with the KV cache: prefill time,
+        decode time per token, KV-cache bytes at the end, with the SUBLLM's eval-mode kept
+        fractions on the prompts. A random-init SUBLLM keeps about half of its tokens,
+        which flatters it, so B is either a trained run (--checkpoint-b) or calibrated by
+        a short training run (--calibrate-steps) in which the score balancer brings its
+        kept fractions to the keep ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from subllm.bench.mst import (
+    _atomic_write,
+    _gb,
+    _mem_available,
+    _rss_bytes,
+    _watch_rss,
+    machine_info,
+)
+from subllm.errors import SubLLMError
+
+DEFAULT_PAIR = "llama-small,subllm-small"
+H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
+KEPT_TOLERANCE = 0.05  # kept fraction this far off its keep ratio: the ratios are not fair
+OFF_KEEP_WARNING = "kept fractions off the keep ratio: ratios flattered/penalised"
+OFF_KEEP_DECODE_WARNING = ("kept fractions of the decoded tokens off the keep ratio: decode "
+                           "ratio flattered/penalised")
+
+
+@dataclass(frozen=True)
+class PairBench:
+    """One `subllm bench` sub-verb (see subllm.bench.register)."""
+
+    HELP: str
+    DOC: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------------------
+# flags
+# --------------------------------------------------------------------------------------
+
+
+def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """'1024,2048' -> [1024, 2048] (sorted, unique); raise on anything else."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise SubLLMError(f"{flag} {text!r}: write comma-separated integers") from None
+    if not values or any(v < minimum for v in values):
+        raise SubLLMError(f"{flag} {text!r}: every value must be an integer >= {minimum}")
+    return sorted(set(values))
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise SubLLMError(
+            f"--pair {text!r}: write two models separated by a comma, e.g. {DEFAULT_PAIR} "
+            "(presets or YAML/JSON model config files)"
+        )
+    return parts[0], parts[1]
+
+
+def load_config(spec: str, max_len: int) -> Any:
+    """A preset or config file as a ModelConfig whose context holds `max_len` tokens."""
+    from subllm.config import ModelConfig
+
+    config = ModelConfig.load(spec)  # raises ConfigError (a SubLLMError) naming the problem
+    return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, max_len))
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "repeats", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise SubLLMError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "warmup", 0) < 0:
+        raise SubLLMError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise SubLLMError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SubLLMError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _common_arguments(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--pair", default=DEFAULT_PAIR,
+                   help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = autocast over fp32 weights (mixed precision)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads here and in the memory subprocesses "
+                        "(default: torch's default)")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="do not run the peak-memory subprocesses")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"accelerator peak for the MFU (default {H100_BF16_TFLOPS:g}, H100 bf16 "
+                        "dense; MFU is reported on a GPU, or on a CPU when this is given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+
+
+# --------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------
+
+
+def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    import torch
+
+    if dtype == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _ratio(b: float | None, a: float | None) -> float | None:
+    return None if a in (None, 0) or b is None else b / a
+
+
+def keep_ratios(config: Any) -> list[float]:
+    return [config.segment_keep(s) for s in config.segments]
+
+
+def off_keep(fractions: list[float], keeps: list[float]) -> list[int]:
+    """Indices of the segments whose kept fraction is more than KEPT_TOLERANCE off."""
+    return [i for i, (f, k) in enumerate(zip(fractions, keeps, strict=True))
+            if abs(f - k) > KEPT_TOLERANCE]
+
+
+def _model_summary(name: str, config: Any, model: Any) -> dict[str, Any]:
+    return {"spec": name, "structure": config.structure, "parameters": model.num_params(),
+            "keep": keep_ratios(config), "block_compute_fraction": config.compute_fraction(),
+            "config": config.to_dict()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since its exec: VmHWM of /proc/self/status.
+
+    Not getrusage's ru_maxrss: Linux carries that over fork + exec, so a worker started by a
+    big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _paired_ratio(b: list[float], a: list[float]) -> float:
+    """Median over the alternation rounds of B's time / A's time in the same round."""
+    return _median([tb / ta for tb, ta in zip(b, a, strict=True)])
+
+
+def _env_threads(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def measure_memory(case: dict[str, Any], timeout: float, threads: int | None) -> dict[str, Any]:
+    """Run one memory case in a fresh interpreter; never raises."""
+    with tempfile.TemporaryDirectory(prefix="subllm-bench-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "subllm.bench.pair", "--worker", json.dumps(case),
+               str(result_file)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=_env_threads(threads))
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode == 0 and result_file.is_file():
+            return json.loads(result_file.read_text())
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        return {"ok": False, "error": f"exit code {proc.returncode}: {tail[0]}"}
+
+
+def _write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: str,
+                   plot: Callable[[dict[str, Any], Path], None]) -> list[Path]:
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_ratios.png"]
+    _atomic_write(paths[0], json.dumps(report, indent=2))
+    _atomic_write(paths[1], markdown)
+    plot(report, paths[2])
+    return paths
+
+
+def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
+                 series: dict[str, str], group_key: str | None = None) -> None:
+    """B/A ratio against length; one line per (series, group)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    groups = sorted({c.get(group_key) for c in report["cases"]}) if group_key else [None]
+    for key, label in series.items():
+        for g in groups:
+            pts = sorted((c[x_key], c["ratios"][key]) for c in report["cases"]
+                         if c["ratios"].get(key) is not None
+                         and (group_key is None or c[group_key] == g))
+            if pts:
+                suffix = f", batch {g}" if group_key and len(groups) > 1 else ""
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label + suffix)
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"{report['b']['spec']} / {report['a']['spec']}")
+    ax.set_title(f"{report['bench']}: B/A — {report['device']}, {report['dtype']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    return [
+        f"# subllm bench {report['bench']} — A = {report['a']['spec']}, "
+        f"B = {report['b']['spec']}",
+        "",
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} torch "
+        f"threads), torch {m['torch']}; device {report['device']}, dtype {report['dtype']}.",
+        f"Command: `{report['command']}`",
+        "",
+        "A and B alternate step by step in one process; times are medians of the timed steps; "
+        "ratios are B / A. Peak memory: "
+        + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
+           else "peak resident set of a fresh subprocess per case (includes Python + torch, "
+                "about the same for both)") + ".",
+        "",
+    ]
+
+
+def _command_line() -> str:
+    return " ".join(["subllm", *sys.argv[1:]]) if sys.argv and "pytest" not in sys.argv[0] \
+        else "subllm bench (called from Python)"
+
+
+def _report_base(bench: str, args: argparse.Namespace, a: dict, b: dict) -> dict[str, Any]:
+    import torch
+
+    machine = machine_info(args.device)
+    machine["threads"] = torch.get_num_threads()
+    return {"bench": bench, "command": _command_line(), "machine": machine,
+            "device": args.device, "dtype": args.dtype, "a": a, "b": b}
+
+
+# --------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------
+
+
+TRAIN_HELP = "training step time, tokens/s, peak memory and MFU: model A vs model B"
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-lens", default="1024,2048",
+                   help="comma-separated sequence lengths (default 1024,2048)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--mst", action="store_true", help="apply subllm.mst.apply_mst to both")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="block-level activation checkpointing for both")
+    p.add_argument("--schedule-step", type=int, default=0,
+                   help="set_step value of the first step (the balancer / bypass schedules; "
+                        "default 0)")
+    p.add_argument("--case-timeout", type=float, default=3600.0,
+                   help="seconds before a memory subprocess is abandoned (default 3600)")
+    _common_arguments(p, "bench-out/train")
+
+
+def build_train_model(config: Any, device: str, mst: bool, checkpointing: bool) -> Any:
+    from subllm.model import SubLLM
+    from subllm.mst import apply_mst, enable_checkpointing
+
+    model = SubLLM(config)
+    if mst:
+        apply_mst(model, checkpointing=checkpointing)
+    elif checkpointing:
+        enable_checkpointing(model)
+    return model.to(device).train()
+
+
+def _optimizer(model: Any, device: str) -> Any:
+    import torch
+
+    from subllm.train import TrainConfig, make_optimizer
+
+    return make_optimizer(model, TrainConfig(lr=1e-4), torch.device(device))
+
+
+def train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str, dtype: str) -> float:
+    """One optimizer step; returns its wall time in seconds."""
+    model.set_step(step)
+    _sync(device)
+    t0 = time.perf_counter()
+    with _autocast(device, dtype):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_train_pair(models: dict[str, Any], optimizers: dict[str, Any], ids: Any, steps: int,
+                    warmup: int, first_step: int, device: str, dtype: str
+                    ) -> dict[str, list[float]]:
+    """Alternate the models step by step (A B, B A, A B, ...); timed steps per model."""
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t = train_step(models[name], optimizers[name], ids, first_step + i, device, dtype)
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def _mfu(config: Any, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
+    from subllm.info import training_flops_per_token
+
+    flops = training_flops_per_token(config, seq_len)["total"]
+    return flops * tokens_per_s / (peak_tflops * 1e12)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    lengths = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
+    spec_a, spec_b = parse_pair(args.pair)
+    _check_common(args)
+    if args.case_timeout <= 0:
+        raise SubLLMError("--case-timeout must be positive")
+    configs = {"a": load_config(spec_a, max(lengths)), "b": load_config(spec_b, max(lengths))}
+    if configs["a"].vocab_size != configs["b"].vocab_size:
+        print(f"note: A and B have different vocabularies ({configs['a'].vocab_size} vs "
+              f"{configs['b'].vocab_size}); tokens are drawn below the smaller", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device
+    peak = args.peak_tflops or H100_BF16_TFLOPS
+    report_mfu = device == "cuda" or args.peak_tflops is not None
+
+    models, optimizers = {}, {}
+    for key, config in configs.items():
+        torch.manual_seed(args.seed)
+        models[key] = build_train_model(config, device, args.mst, args.checkpointing)
+        optimizers[key] = _optimizer(models[key], device)
+    specs = {"a": spec_a, "b": spec_b}
+    summaries = {k: _model_summary(specs[k], configs[k], models[k]) for k in configs}
+    vocab = min(c.vocab_size for c in configs.values())
+    cases = []
+    for n in lengths:
+        g = torch.Generator().manual_seed(args.seed + n)
+        ids = torch.randint(0, vocab, (args.batch_size, n), generator=g).to(device)
+        times = time_train_pair(models, optimizers, ids, args.steps, args.warmup,
+                                args.schedule_step, device, args.dtype)
+        case: dict[str, Any] = {"seq_len": n, "batch_size": args.batch_size}
+        tokens = args.batch_size * n
+        for key in ("a", "b"):
+            med = _median(times[key])
+            case[key] = {"step_times_s": times[key], "time_per_step_s": med,
+                         "tokens_per_s": tokens / med}
+            if report_mfu:
+                case[key]["mfu"] = _mfu(configs[key], n, tokens / med, peak)
+            if not args.skip_memory:
+                mem = measure_memory(
+                    {"kind": "train", "config": configs[key].to_dict(), "seq_len": n,
+                     "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
+                     "mst": args.mst, "checkpointing": args.checkpointing,
+                     "first_step": args.schedule_step, "seed": args.seed},
+                    args.case_timeout, args.threads)
+                case[key]["memory"] = mem
+        case["ratios"] = {
+            "time_per_step": _ratio(case["b"]["time_per_step_s"], case["a"]["time_per_step_s"]),
+            "time_per_step_paired": _paired_ratio(times["b"], times["a"]),
+            "tokens_per_s": _ratio(case["b"]["tokens_per_s"], case["a"]["tokens_per_s"]),
+            "peak_mem": _ratio(case["b"].get("memory", {}).get("peak_mem_bytes"),
+                               case["a"].get("memory", {}).get("peak_mem_bytes")),
+        }
+        print(f"  L={n:<6} A {case['a']['time_per_step_s']:.3f} s/step  "
+              f"B {case['b']['time_per_step_s']:.3f} s/step  "
+              f"B/A {case['ratios']['time_per_step']:.3f} "
+              f"(paired {case['ratios']['time_per_step_paired']:.3f})"
+              + (f"  mem B/A {case['ratios']['peak_mem']:.3f}"
+                 if case["ratios"]["peak_mem"] is not None else ""), flush=True)
+        cases.append(case)
+
+    report = _report_base("train", args, summaries["a"], summaries["b"])
+    report.update({"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+                   "mst": args.mst, "checkpointing": args.checkpointing,
+                   "schedule_step": args.schedule_step, "seq_lens": lengths,
+                   "peak_tflops": peak if report_mfu else None, "cases": cases})
+    paths = _write_outputs(out, "train", report, render_train_markdown(report),
+                           lambda r, p: _plot_ratios(
+                               r, p, "seq_len", "sequence length (tokens)",
+                               {"time_per_step": "time per step", "peak_mem": "peak memory"}))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def render_train_markdown(report: dict[str, Any]) -> str:
+    mfu = report.get("peak_tflops") is not None
+    lines = _header(report) + [
+        f"Batch {report['batch_size']}, {report['steps']} timed steps after {report['warmup']} "
+        f"warm-up; forward + backward + AdamW; mst={report['mst']}, "
+        f"checkpointing={report['checkpointing']}; random tokens. `time B/A` is the ratio of "
+        "the medians, `paired B/A` the median over the rounds of B / A within a round.",
+        "",
+        "| seq len | A s/step | B s/step | time B/A | paired B/A | A tok/s | B tok/s | A peak GiB "
+        "| B peak GiB | mem B/A |" + (" A MFU | B MFU |" if mfu else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mfu else ""),
+    ]
+    for c in report["cases"]:
+        a, b, r = c["a"], c["b"], c["ratios"]
+        lines.append(
+            f"| {c['seq_len']} | {a['time_per_step_s']:.3f} | {b['time_per_step_s']:.3f} | "
+            f"**{_fmt(r['time_per_step'])}** | {_fmt(r['time_per_step_paired'])} | "
+            f"{a['tokens_per_s']:.0f} | "
+            f"{b['tokens_per_s']:.0f} | {_gb(a.get('memory', {}).get('peak_mem_bytes'))} | "
+            f"{_gb(b.get('memory', {}).get('peak_mem_bytes'))} | {_fmt(r['peak_mem'])} |"
+            + (f" {a['mfu']:.1%} | {b['mfu']:.1%} |" if mfu else ""))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# infer
+# --------------------------------------------------------------------------------------
+
+
+INFER_HELP = "prefill time, decode time per token, KV-cache bytes, peak memory: A vs B"
+
+
+def add_infer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lens", default="512,2048",
+                   help="comma-separated prompt lengths (default 512,2048)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="greedy tokens decoded after each prompt (default 64)")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--decode-input", choices=("greedy", "text"), default="greedy",
+                   help="tokens fed back while decoding: the greedy choice, or the prompt "
+                        "text's continuation (same cost per step; the kept fractions of the "
+                        "decoded tokens then follow the text rather than the model's own "
+                        "output, which a briefly calibrated model makes degenerate)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed prefills per model and case (default 3)")
+    p.add_argument("--checkpoint-b", default=None, metavar="RUN_DIR",
+                   help="B = this trained run (its newest checkpoint); A gets B's shape")
+    p.add_argument("--calibrate-steps", type=int, default=300,
+                   help="without --checkpoint-b: train a SUBLLM B this many AdamW steps first "
+                        "so that its kept fractions reach the keep ratios (0: use random "
+                        "weights; default 300)")
+    p.add_argument("--calibrate-seq-len", type=int, default=64)
+    p.add_argument("--calibrate-batch-size", type=int, default=4)
+    p.add_argument("--calibrate-lr", type=float, default=2e-3)
+    p.add_argument("--calibrate-balancer-strength", type=float, default=None,
+                   help="balancer_strength during calibration only (default: the model's)")
+    p.add_argument("--calibrate-shift", action="store_true",
+                   help="shift each of B's scorers so that its eval kept fraction on each "
+                        "case's prompts equals its keep ratio (for when the balancer did not "
+                        "get there; changes B's outputs, not its cost per kept token)")
+    p.add_argument("--data", default=None, metavar="DATA_DIR",
+                   help="a prepared data dir (`subllm prepare`): calibration text and prompts; "
+                        "without it, the bytes of the Python standard library")
+    p.add_argument("--case-timeout", type=float, default=1800.0,
+                   help="seconds before a memory subprocess is abandoned (default 1800)")
+    _common_arguments(p, "bench-out/infer")
+
+
+def stdlib_byte_stream(vocab_size: int, max_bytes: int = 4_000_000) -> Any:
+    """A learnable token stream without a tokenizer: bytes of the stdlib's source files,
+    each byte one token id (modulo the vocabulary)."""
+    import numpy as np
+    import torch
+
+    from subllm.data import default_corpus_files
+
+    chunks, total = [], 0
+    for path in default_corpus_files():
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        chunks.append(raw)
+        total += len(raw)
+        if total >= max_bytes:
+            break
+    if total < 4096:
+        raise SubLLMError("no Python standard-library sources found for the synthetic token "
+                          "stream; pass --data DATA_DIR")
+    arr = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.int64) % vocab_size
+    return torch.from_numpy(arr)
+
+
+def token_streams(args: argparse.Namespace, vocab_size: int) -> tuple[Any, Any, str]:
+    """(training stream, held-out stream, source) of 1-D LongTensors of token ids."""
+    import numpy as np
+    import torch
+
+    if args.data is not None:
+        from subllm.data import load_data
+
+        data = load_data(args.data)
+        if data.vocab_size > vocab_size:
+            raise SubLLMError(
+                f"{args.data} has {data.vocab_size} token ids but model B's vocabulary is "
+                f"{vocab_size}; use a model with vocab_size >= {data.vocab_size}"
+            )
+        train = torch.from_numpy(np.asarray(data.tokens("train"), dtype=np.int64))
+        val = torch.from_numpy(np.asarray(data.tokens("val"), dtype=np.int64))
+        return train, val, f"data dir {args.data}"
+    stream = stdlib_byte_stream(vocab_size)
+    cut = int(len(stream) * 0.9)
+    return stream[:cut], stream[cut:], "bytes of the Python standard library (synthetic)"
+
+
+def _windows(stream: Any, batch: int, length: int, g: Any) -> Any:
+    import torch
+
+    hi = len(stream) - length
+    if hi <= 0:  # a short held-out split: wrap around
+        stream = stream.repeat(length // max(len(stream), 1) + 2)
+        hi = len(stream) - length
+    starts = torch.randint(0, hi, (batch,), generator=g).tolist()
+    return torch.stack([stream[s:s + length] for s in starts])
+
+
+@contextlib.contextmanager
+def _balancer_strength(model: Any, strength: float | None):
+    """Temporarily change the balancer strength (ScoreBalancer reads it from the config)."""
+    if strength is None:
+        yield
+        return
+    old = model.config.balancer_strength
+    model.config.balancer_strength = strength
+    try:
+        yield
+    finally:
+        model.config.balancer_strength = old
+
+
+def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, batch: int,
+              lr: float, device: str, seed: int, strength: float | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `model` briefly (AdamW, warm-up + cosine, set_step each step) so that the
+    score balancer brings its kept fractions to the keep ratios; returns the record."""
+    import torch
+
+    from subllm.train import TrainConfig, lr_at, make_optimizer
+
+    tc = TrainConfig(lr=lr, min_lr=lr / 10, warmup=max(1, steps // 10), max_steps=steps,
+                     weight_decay=0.1)
+    optimizer = make_optimizer(model, tc, torch.device(device))
+    g = torch.Generator().manual_seed(seed)
+    probe = _windows(held_out, 4, min(512, model.config.max_seq_len), g).to(device)
+    history = []
+    t0 = time.perf_counter()
+    with _balancer_strength(model, strength):
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, tc)
+            model.train()
+            model.set_step(step)
+            x = _windows(stream, batch, seq_len, g).to(device)
+            loss = model(x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+                model.eval()
+                with torch.no_grad():
+                    fr = model(probe).kept_fractions
+                history.append({"step": step + 1, "loss": float(loss.detach()),
+                                "eval_kept_fractions": fr})
+                log(f"  calibrate step {step + 1}/{steps}: loss {float(loss.detach()):.3f}, "
+                    f"eval kept {'/'.join(f'{f:.3f}' for f in fr)} "
+                    f"({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    return {"steps": steps, "seq_len": seq_len, "batch_size": batch, "lr": lr,
+            "balancer_strength": strength if strength is not None
+            else model.config.balancer_strength,
+            "seconds": time.perf_counter() - t0, "history": history,
+            "final_eval_kept_fractions": history[-1]["eval_kept_fractions"] if history else None}
+
+
+def shift_scores_to_keep(model: Any, probe: Any, iters: int = 40) -> list[dict[str, float]]:
+    """Move each subsampler's eval-mode kept fraction onto its keep ratio, outer segment
+    first: add a * u to the scorer's weight, u = mean input / |mean input|^2, so that every
+    score moves by about `a`, with `a` bisected on `probe`. This does the score balancer's
+    job after the fact (for timing only: weights, hence outputs, change)."""
+    import torch
+
+    shifts = []
+    model.eval()
+    for j, sub in enumerate(model.subsamplers):
+        seen: list[tuple[Any, Any]] = []
+
+        def grab(module: Any, args: tuple, seen: list = seen) -> None:
+            seen.append((args[0].detach(), args[1]))  # (x, valid)
+
+        handle = sub.register_forward_pre_hook(grab)
+        with torch.no_grad():
+            model(probe)
+        handle.remove()
+        if not seen:  # the segment got no tokens
+            continue
+        x, valid = seen[0]
+        x = x[valid] if valid is not None else x.flatten(0, 1)  # (tokens, d): real ones only
+        x = x.float()
+        w = sub.score.weight.detach()[0].float()  # (d,)
+        u = x.mean(0)
+        u = u / u.pow(2).sum().clamp_min(1e-12)
+        s, t = x @ w, x @ u  # score = s + a * t
+        keep = sub.keep
+
+        def frac(a: float, s: Any = s, t: Any = t) -> float:
+            return float((s + a * t > 0).float().mean())
+
+        span = float(s.abs().max()) * 4 + 1.0
+        lo, hi = -span, span
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if frac(mid) < keep else (lo, mid)
+        a = (lo + hi) / 2
+        with torch.no_grad():
+            sub.score.weight[0] += (a * u).to(sub.score.weight.dtype)
+        shifts.append({"segment": j, "shift": a, "before": frac(0.0), "after": frac(a)})
+    return shifts
+
+
+def _cache_bytes(model: Any, cache: Any) -> int:
+    return int(cache.nbytes(model.block_levels))
+
+
+def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repeats: int,
+                    device: str, dtype: str, forced: Any = None) -> dict[str, Any]:
+    """Prefill (median of `repeats`, alternating), then decoding with the models taking
+    turns token by token: greedy, or with `forced` (B, new_tokens) as the tokens fed back
+    (the text's continuation). Returns per-model times, KV bytes and kept counts."""
+    import torch
+
+    names = list(models)
+    res: dict[str, Any] = {n: {"prefill_s": [], "decode_s": [], "decode_kept": None,
+                               "decode_entered": None} for n in names}
+    caches: dict[str, Any] = {}
+    nxt: dict[str, Any] = {}
+    with torch.no_grad(), _autocast(device, dtype):
+        for n in names:  # warm-up: one prefill and two decode steps, untimed
+            out = models[n](prompts, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1)
+            for _ in range(2):
+                tok = models[n](tok[:, None], cache=out.cache).logits[:, -1].argmax(-1)
+        for i in range(repeats):
+            for n in names if i % 2 == 0 else names[::-1]:
+                _sync(device)
+                t0 = time.perf_counter()
+                out = models[n](prompts, use_cache=True)
+                _sync(device)
+                res[n]["prefill_s"].append(time.perf_counter() - t0)
+                caches[n] = out.cache
+                nxt[n] = out.logits[:, -1].argmax(-1)
+                res[n]["prompt_kept_fractions"] = out.kept_fractions
+                res[n]["prompt_kv_bytes"] = _cache_bytes(models[n], out.cache)
+        for i in range(new_tokens - 1):  # the first new token comes from the prefill
+            for n in names if i % 2 == 0 else names[::-1]:
+                _sync(device)
+                t0 = time.perf_counter()
+                fed = nxt[n] if forced is None else forced[:, i]
+                out = models[n](fed[:, None], cache=caches[n])
+                nxt[n] = out.logits[:, -1].argmax(-1)
+                _sync(device)
+                res[n]["decode_s"].append(time.perf_counter() - t0)
+                kept = [float(k.sum()) for k in out.kept]
+                entered = [float(e.sum()) for e in out.entered]
+                r = res[n]
+                r.setdefault("decode_step_kept", []).append(kept)
+                r["decode_kept"] = kept if r["decode_kept"] is None else \
+                    [a + b for a, b in zip(r["decode_kept"], kept, strict=True)]
+                r["decode_entered"] = entered if r["decode_entered"] is None else \
+                    [a + b for a, b in zip(r["decode_entered"], entered, strict=True)]
+    for n in names:
+        r = res[n]
+        r["kv_bytes"] = _cache_bytes(models[n], caches[n])
+        r["decode_kept_fractions"] = [k / max(e, 1.0) for k, e in
+                                      zip(r.pop("decode_kept") or [], r.pop("decode_entered")
+                                          or [], strict=True)]
+    return res
+
+
+def _load_b(args: argparse.Namespace, max_len: int) -> tuple[Any, Any, str]:
+    """(config, model or None, description) of B from --checkpoint-b or the pair."""
+    if args.checkpoint_b is None:
+        return None, None, ""
+    from subllm import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint(args.checkpoint_b)
+    model = ckpt.load_model(path, args.device)
+    model.config.max_seq_len = max(model.config.max_seq_len, max_len)  # RoPE is computed
+    return model.config, model, str(path)
+
+
+def _a_shaped_like(config_a: Any, config_b: Any) -> Any:
+    """A's config with B's shape: A's speed does not depend on its weights."""
+    shape = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
+             "tie_embeddings", "max_seq_len", "rope_theta", "norm_eps")
+    d = {**config_a.to_dict(), **{k: getattr(config_b, k) for k in shape}}
+    if not config_a.is_subllm:
+        d["structure"] = "T" * config_b.n_layers
+    elif config_a.n_layers != config_b.n_layers:
+        raise SubLLMError(
+            f"--checkpoint-b has {config_b.n_layers} blocks but A ({config_a.structure}) has "
+            f"{config_a.n_layers}; use a LLaMA preset for A"
+        )
+    from subllm.config import ModelConfig
+
+    return ModelConfig.from_dict(d)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    import torch
+
+    from subllm.model import SubLLM
+
+    prompt_lens = parse_ints(args.prompt_lens, "--prompt-lens", minimum=1)
+    batch_sizes = parse_ints(args.batch_sizes, "--batch-sizes", minimum=1)
+    spec_a, spec_b = parse_pair(args.pair)
+    if args.new_tokens < 2:
+        raise SubLLMError(f"--new-tokens must be >= 2 (one from the prefill, then decoding), "
+                          f"got {args.new_tokens}")
+    if args.calibrate_steps < 0:
+        raise SubLLMError(f"--calibrate-steps must be >= 0, got {args.calibrate_steps}")
+    for name in ("calibrate_seq_len", "calibrate_batch_size", "calibrate_lr", "case_timeout"):
+        if not getattr(args, name) > 0:
+            raise SubLLMError(f"--{name.replace('_', '-')} must be positive")
+    _check_common(args)
+    max_len = max(prompt_lens) + args.new_tokens
+    out = Path(args.out)
+
+    config_b, model_b, b_source = _load_b(args, max_len)
+    config_a = load_config(spec_a, max_len)
+    if config_b is None:
+        config_b = load_config(spec_b, max_len)
+    else:
+        config_a = _a_shaped_like(config_a, config_b)
+        spec_b = f"{spec_b} (weights: {b_source})"
+    if args.calibrate_steps and model_b is None and config_b.is_subllm:
+        if args.calibrate_seq_len > config_b.max_seq_len:
+            raise SubLLMError(f"--calibrate-seq-len exceeds B's context {config_b.max_seq_len}")
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device
+
+    torch.manual_seed(args.seed)
+    model_a = SubLLM(config_a).to(device).eval()
+    if model_b is None:
+        torch.manual_seed(args.seed + 1)
+        model_b = SubLLM(config_b).to(device)
+    vocab = min(config_a.vocab_size, config_b.vocab_size)
+
+    # ---- text: calibration stream and prompts -------------------------------------------
+    need_text = args.data is not None or (
+        args.checkpoint_b is None and args.calibrate_steps > 0 and config_b.is_subllm)
+    train_stream = held_out = None
+    prompt_source = "random tokens"
+    if need_text:
+        train_stream, held_out, prompt_source = token_streams(args, vocab)
+    calibration = None
+    if args.checkpoint_b is None and args.calibrate_steps > 0 and config_b.is_subllm:
+        print(f"calibrating B ({spec_b}) for {args.calibrate_steps} steps on {prompt_source}",
+              flush=True)
+        calibration = calibrate(model_b, train_stream, held_out, args.calibrate_steps,
+                                args.calibrate_seq_len, args.calibrate_batch_size,
+                                args.calibrate_lr, device, args.seed,
+                                args.calibrate_balancer_strength,
+                                log=lambda s: print(s, flush=True))
+        calibration["source"] = prompt_source
+    model_b.eval()
+    b_state = "trained checkpoint" if args.checkpoint_b else (
+        "calibrated" if calibration else "random init")
+
+    keeps = keep_ratios(config_b)
+    shift = args.calibrate_shift and config_b.is_subllm
+    if shift:
+        b_state += " + scores shifted onto the keep ratios on each case's prompts"
+        scorer_weights = [sub.score.weight.detach().clone() for sub in model_b.subsamplers]
+    g = torch.Generator().manual_seed(args.seed)
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="subllm-bench-infer-") as tmp:
+        weights_b = Path(tmp) / "b.pt"
+        for plen in prompt_lens:
+            for bs in batch_sizes:
+                if held_out is not None:
+                    text = _windows(held_out, bs, plen + args.new_tokens, g)
+                else:
+                    text = torch.randint(0, vocab, (bs, plen + args.new_tokens), generator=g)
+                text = text.to(device)
+                prompts = text[:, :plen]
+                forced = text[:, plen:-1] if args.decode_input == "text" else None
+                shifts = None
+                if shift:
+                    with torch.no_grad():
+                        for sub, w in zip(model_b.subsamplers, scorer_weights, strict=True):
+                            sub.score.weight.copy_(w)
+                    with _autocast(device, args.dtype):
+                        shifts = shift_scores_to_keep(model_b, prompts)
+                if not args.skip_memory and b_state != "random init":
+                    torch.save(model_b.state_dict(), weights_b)
+                res = time_infer_pair({"a": model_a, "b": model_b}, prompts, args.new_tokens,
+                                      args.repeats, device, args.dtype, forced)
+                case = _infer_case(plen, bs, res, keeps, segment_parents(config_b))
+                case["score_shifts"] = shifts
+                if not args.skip_memory:
+                    prompt_file = Path(tmp) / "prompts.pt"
+                    torch.save({"prompts": prompts.cpu(),
+                                "forced": None if forced is None else forced.cpu()}, prompt_file)
+                    for key, config in (("a", config_a), ("b", config_b)):
+                        weights = weights_b if key == "b" and weights_b.is_file() else None
+                        case[key]["memory"] = measure_memory(
+                            {"kind": "infer", "config": config.to_dict(), "device": device,
+                             "dtype": args.dtype, "prompts": str(prompt_file),
+                             "new_tokens": args.new_tokens, "seed": args.seed,
+                             "weights": str(weights) if weights else None},
+                            args.case_timeout, args.threads)
+                    case["ratios"]["peak_mem"] = _ratio(
+                        case["b"]["memory"].get("peak_mem_bytes"),
+                        case["a"]["memory"].get("peak_mem_bytes"))
+                _print_infer_case(case)
+                cases.append(case)
+
+    summaries = {"a": _model_summary(spec_a, config_a, model_a),
+                 "b": _model_summary(spec_b, config_b, model_b)}
+    summaries["b"]["state"] = b_state
+    report = _report_base("infer", args, summaries["a"], summaries["b"])
+    warnings = sorted({w for c in cases for w in c["warnings"]})
+    report.update({"new_tokens": args.new_tokens, "repeats": args.repeats,
+                   "decode_input": args.decode_input,
+                   "prompt_lens": prompt_lens, "batch_sizes": batch_sizes,
+                   "prompt_source": prompt_source, "keep_ratios": keeps,
+                   "kept_tolerance": KEPT_TOLERANCE, "calibration": calibration,
+                   "warnings": warnings, "cases": cases})
+    for w in warnings:
+        print(f"WARNING: {w}", flush=True)
+    paths = _write_outputs(out, "infer", report, render_infer_markdown(report),
+                           lambda r, p: _plot_ratios(
+                               r, p, "prompt_len", "prompt length (tokens)",
+                               {"decode_per_token": "decode time / token (medians)",
+                                "decode_at_keep": "decode time / token at the keep ratios",
+                                "prefill": "prefill time", "kv_bytes": "KV-cache bytes"},
+                               group_key="batch_size"))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def segment_parents(config: Any) -> list[int | None]:
+    """Index of the segment directly enclosing each segment (None: top level)."""
+    from subllm.config import Segment
+
+    parents: list[int | None] = [None] * len(config.segments)
+
+    def walk(items: list, parent: int | None) -> None:
+        for item in items:
+            if isinstance(item, Segment):
+                parents[item.index] = parent
+                walk(item.children, item.index)
+
+    walk(config.tree, None)
+    return parents
+
+
+def decode_at_keep(times: list[float], step_kept: list[list[float]], keeps: list[float],
+                   parents: list[int | None]) -> float | None:
+    """Batch 1: B's expected decode time per token had its subsamplers kept exactly the keep
+    ratios. Each decode step took one path (which segments kept the token); weight the
+    median time of each path by its probability under the keep ratios. None when a path of
+    non-zero probability was never seen."""
+    by_path: dict[tuple[bool, ...], list[float]] = {}
+    for t, kept in zip(times, step_kept, strict=True):
+        by_path.setdefault(tuple(k > 0 for k in kept), []).append(t)
+    total = 0.0
+    for path_bits in range(2 ** len(keeps)):
+        path = tuple(bool(path_bits >> j & 1) for j in range(len(keeps)))
+        p = 1.0
+        for j, kept in enumerate(path):
+            entered = parents[j] is None or path[parents[j]]
+            if not entered and kept:
+                p = 0.0
+            elif entered:
+                p *= keeps[j] if kept else 1.0 - keeps[j]
+        if p == 0.0:
+            continue
+        if path not in by_path:
+            return None
+        total += p * _median(by_path[path])
+    return total
+
+
+def _infer_case(plen: int, bs: int, res: dict[str, Any], keeps: list[float],
+                parents: list[int | None] | None = None) -> dict[str, Any]:
+    case: dict[str, Any] = {"prompt_len": plen, "batch_size": bs}
+    for key in ("a", "b"):
+        r = res[key]
+        case[key] = {
+            "prefill_times_s": r["prefill_s"], "prefill_s": _median(r["prefill_s"]),
+            "decode_times_s": r["decode_s"],
+            "decode_per_token_s": _median(r["decode_s"]),
+            "decode_mean_per_token_s": statistics.fmean(r["decode_s"]),
+            "kv_bytes": r["kv_bytes"], "prompt_kv_bytes": r["prompt_kv_bytes"],
+            "prompt_kept_fractions": r["prompt_kept_fractions"],
+            "decode_kept_fractions": r["decode_kept_fractions"],
+        }
+    a, b = case["a"], case["b"]
+    case["ratios"] = {
+        "prefill": _ratio(b["prefill_s"], a["prefill_s"]),
+        "decode_per_token": _ratio(b["decode_per_token_s"], a["decode_per_token_s"]),
+        "decode_mean_per_token": _ratio(b["decode_mean_per_token_s"],
+                                        a["decode_mean_per_token_s"]),
+        "decode_paired": _paired_ratio(b["decode_times_s"], a["decode_times_s"]),
+        "decode_at_keep": None,
+        "kv_bytes": _ratio(b["kv_bytes"], a["kv_bytes"]),
+        "peak_mem": None,
+    }
+    if bs == 1 and keeps and parents is not None:
+        est = decode_at_keep(b["decode_times_s"], res["b"]["decode_step_kept"], keeps, parents)
+        b["decode_at_keep_per_token_s"] = est
+        paths: dict[str, list[float]] = {}
+        for t, kept in zip(b["decode_times_s"], res["b"]["decode_step_kept"], strict=True):
+            paths.setdefault("".join("1" if k > 0 else "0" for k in kept), []).append(t)
+        b["decode_path_times_s"] = {  # "10": kept by segment 0, dropped by segment 1
+            p: {"steps": len(ts), "median": _median(ts)} for p, ts in sorted(paths.items())}
+        case["ratios"]["decode_at_keep"] = _ratio(est, a["decode_per_token_s"])
+    case["kept_fractions"] = b["prompt_kept_fractions"]
+    case["keep_ratios"] = keeps
+    case["warnings"] = []
+    if off_keep(b["prompt_kept_fractions"], keeps):
+        case["warnings"].append(OFF_KEEP_WARNING)
+    if b["decode_kept_fractions"] and off_keep(b["decode_kept_fractions"], keeps):
+        case["warnings"].append(OFF_KEEP_DECODE_WARNING)
+    return case
+
+
+def _print_infer_case(c: dict[str, Any]) -> None:
+    r = c["ratios"]
+    kept = "/".join(f"{f:.3f}" for f in c["kept_fractions"]) or "-"
+    keep = "/".join(f"{k:g}" for k in c["keep_ratios"]) or "-"
+    print(f"  P={c['prompt_len']:<6} B={c['batch_size']:<3} prefill B/A {_fmt(r['prefill'])}  "
+          f"decode/token B/A {_fmt(r['decode_per_token'])} "
+          f"(paired {_fmt(r['decode_paired'])}, mean {_fmt(r['decode_mean_per_token'])}, "
+          f"at keep {_fmt(r['decode_at_keep'])})"
+          f"  KV B/A {_fmt(r['kv_bytes'])}  kept {kept} (keep {keep})"
+          + "".join("\n    <-- " + w.upper() for w in c["warnings"]), flush=True)
+
+
+def render_infer_markdown(report: dict[str, Any]) -> str:
+    cal = report.get("calibration")
+    lines = _header(report)
+    for w in report["warnings"]:
+        lines += [f"**WARNING: {w}** (tolerance {report['kept_tolerance']}).", ""]
+    lines += [
+        f"B: {report['b']['state']}"
+        + (f", {cal['steps']} calibration steps (seq {cal['seq_len']} x batch "
+           f"{cal['batch_size']}, lr {cal['lr']:g}, balancer strength "
+           f"{cal['balancer_strength']:g}) on {cal['source']}; final eval kept fractions "
+           + "/".join(f"{f:.3f}" for f in cal["final_eval_kept_fractions"] or [])
+           if cal else "") + ".",
+        f"Prompts: {report['prompt_source']}; {report['new_tokens']} new tokens, fed back: "
+        + ("the greedy choice" if report["decode_input"] == "greedy"
+           else "the text's continuation (--decode-input text)") + "; "
+        f"prefill median of {report['repeats']}; decode: ratio of the medians over the decode "
+        "steps, `paired` = median of B / A within a round, `mean` = ratio of the means (a "
+        "SUBLLM's per-token time is bimodal: a token its subsampler drops skips the segment), "
+        "`at keep` = B's median time of each path a decoded token can take (which segments "
+        "kept it) weighted by that path's probability under the keep ratios, over A's median "
+        "(batch 1). "
+        "Keep ratios " + "/".join(f"{k:g}" for k in report["keep_ratios"]) + ".",
+        "",
+        "| prompt | batch | A prefill s | B prefill s | prefill B/A | A ms/token | B ms/token "
+        "| decode B/A | paired | mean | at keep | KV B/A | mem B/A | B kept (prompt) "
+        "| B kept (decode) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for c in report["cases"]:
+        a, b, r = c["a"], c["b"], c["ratios"]
+        lines.append(
+            f"| {c['prompt_len']} | {c['batch_size']} | {a['prefill_s']:.3f} | "
+            f"{b['prefill_s']:.3f} | {_fmt(r['prefill'])} | "
+            f"{1e3 * a['decode_per_token_s']:.2f} | {1e3 * b['decode_per_token_s']:.2f} | "
+            f"**{_fmt(r['decode_per_token'])}** | {_fmt(r['decode_paired'])} | "
+            f"{_fmt(r['decode_mean_per_token'])} | {_fmt(r['decode_at_keep'])} | "
+            f"{_fmt(r['kv_bytes'])} | {_fmt(r['peak_mem'])} | "
+            + "/".join(f"{f:.3f}" for f in b["prompt_kept_fractions"]) + " | "
+            + "/".join(f"{f:.3f}" for f in b["decode_kept_fractions"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# the memory worker (one case per fresh interpreter)
+# --------------------------------------------------------------------------------------
+
+
+def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from subllm.config import ModelConfig
+    from subllm.model import SubLLM
+
+    device = case["device"]
+    if device == "cpu":
+        limit = _mem_available()
+        if limit:
+            _watch_rss(limit)
+    torch.manual_seed(case["seed"])
+    config = ModelConfig.from_dict(case["config"])
+    if case["kind"] == "train":
+        model = build_train_model(config, device, case["mst"], case["checkpointing"])
+        optimizer = _optimizer(model, device)
+    else:
+        if case.get("weights"):  # one copy of the weights: no transient second copy
+            with torch.device("meta"):
+                model = SubLLM(config)
+            model.load_state_dict(torch.load(case["weights"], weights_only=True, mmap=True),
+                                  assign=True)
+        else:
+            model = SubLLM(config)
+        model = model.to(device).eval()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_bytes()
+    if case["kind"] == "train":
+        g = torch.Generator().manual_seed(case["seed"] + case["seq_len"])
+        ids = torch.randint(0, config.vocab_size, (case["batch_size"], case["seq_len"]),
+                            generator=g).to(device)
+        for i in range(2):  # the second step holds AdamW's state as well as activations
+            train_step(model, optimizer, ids, case["first_step"] + i, device, case["dtype"])
+    else:
+        text = torch.load(case["prompts"], weights_only=True)
+        forced = None if text["forced"] is None else text["forced"].to(device)
+        time_infer_pair({"m": model}, text["prompts"].to(device), case["new_tokens"], 1, device,
+                        case["dtype"], forced)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
+    return {"ok": True, "peak_mem_bytes": peak, "baseline_mem_bytes": baseline}
+
+
+def _worker_main(argv: list[str]) -> int:
+    case, result_path = json.loads(argv[0]), Path(argv[1])
+    _atomic_write(result_path, json.dumps(run_memory_case(case)))
+    return 0
+
+
+TRAIN = PairBench(TRAIN_HELP, __doc__ or "", add_train_arguments, run_train)
+INFER = PairBench(INFER_HELP, __doc__ or "", add_infer_arguments, run_infer)
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    print("usage: subllm bench train|infer ... (this module's own entry point is the "
+          "memory worker)", file=sys.stderr)
+    sys.exit(2)
