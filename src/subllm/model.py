@@ -48,9 +48,10 @@ class _BalanceScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: Tensor, valid: Tensor | None, lo: float, hi: float, rms_min: float,
-                rms_max: float, strength: float) -> Tensor:
+                rms_max: float, strength: float, g_rms_ema: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(s, valid)
         ctx.consts = (lo, hi, rms_min, rms_max, strength)
+        ctx.g_rms_ema = g_rms_ema
         return s.clone()
 
     @staticmethod
@@ -77,10 +78,20 @@ class _BalanceScores(torch.autograd.Function):
         # gradient, so that version cannot move them and loses to the task gradient (eval
         # kept fraction stuck near 0.3 for keep 0.64 after 400 steps). Scaling by the rms of
         # g over the batch's scores moves every score and lands within 0.05 of keep.
+        # When every score has run outside (0, 1) the task gradient is exactly zero and so
+        # would be the push that brings them back: fall back to half the running mean of
+        # the gradient rms of earlier steps (kept without host syncs).
         g_valid = g.float()[valid] if valid is not None else g.float()
         g_rms = g_valid.pow(2).mean().sqrt()
-        extra = dp / (rms + 1e-20) * (strength * g_rms)  # zero when in range
-        return g + extra.to(g.dtype), None, None, None, None, None, None
+        ema = ctx.g_rms_ema
+        if ema is not None:
+            scale = torch.maximum(g_rms, 0.5 * ema)
+            updated = torch.where(ema > 0, 0.9 * ema + 0.1 * g_rms, g_rms)
+            ema.copy_(torch.where(g_rms > 0, updated, ema))
+        else:
+            scale = g_rms
+        extra = dp / (rms + 1e-20) * (strength * scale)  # zero when in range
+        return g + extra.to(g.dtype), None, None, None, None, None, None, None
 
 
 class ScoreBalancer(nn.Module):
@@ -94,6 +105,9 @@ class ScoreBalancer(nn.Module):
         self.lo = keep - config.balancer_margin  # target band of P(score > 0)
         self.hi = keep + config.balancer_margin
         self.config = config
+        # running mean of the score-gradient rms (see _BalanceScores.backward); persistent,
+        # so that resuming from a checkpoint is exact
+        self.register_buffer("g_rms", torch.zeros(()))
 
     def forward(self, s: Tensor, valid: Tensor | None, step: int) -> Tensor:
         c = self.config
@@ -102,7 +116,7 @@ class ScoreBalancer(nn.Module):
         if not (self.training and s.requires_grad and _coin(p)):
             return s
         return _BalanceScores.apply(s, valid, self.lo, self.hi, c.balancer_rms_min,
-                                    c.balancer_rms_max, c.balancer_strength)
+                                    c.balancer_rms_max, c.balancer_strength, self.g_rms)
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +399,8 @@ class SubLLM(nn.Module):
                 nn.init.ones_(m.weight)
             elif isinstance(m, Bypass):
                 nn.init.constant_(m.scale, self.config.bypass_init)
+            elif isinstance(m, ScoreBalancer):
+                m.g_rms.zero_()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights counted once
