@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/subllm train
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 lint: setup
 	$(BIN)/ruff check src tests
