@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from subllm.cli import main
@@ -19,14 +18,6 @@ from subllm.cli import main
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY_MODEL = {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 6,
               "structure": "T(T(TT)T)T", "max_seq_len": 128}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

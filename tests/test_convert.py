@@ -4,8 +4,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from subllm import ConfigError, ModelConfig, SubLLM, SubLLMError, from_hf_llama, to_hf_llama
 
-torch.set_num_threads(1)
-
 
 def hf_llama(n_kv_heads=2, tie=False, seed=0):
     torch.manual_seed(seed)

@@ -4,8 +4,6 @@ import torch
 from subllm import ModelConfig, SubLLM, SubLLMError
 from subllm.generation import filter_logits
 
-torch.set_num_threads(1)
-
 
 def model(seed=0, structure="T(TT(T)T)T", max_seq_len=96):
     torch.manual_seed(seed)

@@ -7,8 +7,6 @@ from torch import Tensor
 from subllm import ModelConfig, SubLLM
 from subllm.model import _BalanceScores
 
-torch.set_num_threads(1)
-
 NESTED = "T(TT(T)T)T"
 
 

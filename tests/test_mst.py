@@ -25,15 +25,6 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only cost (badly so on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def ce_chunk_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the per-chunk calls of the chunked cross-entropy (proves chunking happened)."""
