@@ -2,7 +2,7 @@
 
 Every (mode, sequence length) case runs in a fresh Python subprocess, so that its peak
 memory is its own: on a GPU `torch.cuda.max_memory_allocated`, on a CPU the process's
-peak resident set (`ru_maxrss`), reported raw beside the resident set right after the
+peak resident set (VmHWM), reported raw beside the resident set right after the
 model was built. Modes:
 
   standard       the model as built, no activation checkpointing
@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -185,8 +184,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since its exec: VmHWM of /proc/self/status.
+
+    Not getrusage's ru_maxrss: Linux carries that over fork + exec, so a worker started by a
+    big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def _watch_rss(limit: int) -> None:
@@ -234,7 +241,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         baseline = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        baseline = _peak_rss_bytes()
+        baseline = peak_rss_bytes()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["dtype"] == "bf16")
 
     def step() -> float:
@@ -255,7 +262,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         if i >= case["warmup"]:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     return {"ok": True, "loss": loss, "time_per_step_s": sum(times) / len(times),
             "step_times_s": times, "peak_mem_bytes": peak, "baseline_mem_bytes": baseline}
 
@@ -377,7 +384,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"transformers {m['transformers']}; device {report['device']}, dtype {report['dtype']}, "
         f"batch {report['batch_size']}. Peak memory: "
         + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
-           else "peak resident set of the case's process (ru_maxrss)")
+           else "peak resident set of the case's process (VmHWM)")
         + "; ratios are against `standard` at the same length.",
         "",
         "| mode | seq len | time/step (s) | peak mem (GiB) | after build (GiB) "

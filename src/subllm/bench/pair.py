@@ -41,6 +41,7 @@ from subllm.bench.mst import (
     _rss_bytes,
     _watch_rss,
     machine_info,
+    peak_rss_bytes,
 )
 from subllm.errors import SubLLMError
 
@@ -176,18 +177,6 @@ def _model_summary(name: str, config: Any, model: Any) -> dict[str, Any]:
     return {"spec": name, "structure": config.structure, "parameters": model.num_params(),
             "keep": keep_ratios(config), "block_compute_fraction": config.compute_fraction(),
             "config": config.to_dict()}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set since its exec: VmHWM of /proc/self/status.
-
-    Not getrusage's ru_maxrss: Linux carries that over fork + exec, so a worker started by a
-    big parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise OSError("no VmHWM in /proc/self/status")
 
 
 def _paired_ratio(b: list[float], a: list[float]) -> float:
