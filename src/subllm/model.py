@@ -205,15 +205,15 @@ class Subsampler(nn.Module):
         if valid is not None:
             kept &= valid
         count = kept.sum(1)
-        K = int(count.max()) if B * L else 0
+        # one host sync for both: the slot count K and whether every row fills all K slots
+        least, K = torch.stack(torch.aminmax(count)).tolist() if B * L else (0, 0)
         pos = torch.arange(L, device=s.device).expand(B, L)
         key = torch.where(kept, pos, L + pos)
         idx = key.sort(dim=1).values[:, :K]
         used = idx < L
         idx = torch.where(used, idx, idx - L)
         w = s.clamp(0.0, 1.0).gather(1, idx) * used
-        all_used = bool(used.all()) if K else True
-        return Selection(idx, w, None if all_used else used, count, entered)
+        return Selection(idx, w, None if least == K else used, count, entered)
 
 
 # --------------------------------------------------------------------------------------
