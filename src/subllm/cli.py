@@ -18,6 +18,7 @@ VERB_MODULES = [
     "subllm.data",
     "subllm.train",
     "subllm.generate",
+    "subllm.hf.export",
 ]
 
 

@@ -269,7 +269,10 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         """Load a config from YAML or JSON. A top-level `model:` section is accepted."""
-        import yaml
+        try:  # in a try block so that exported model code does not require PyYAML
+            import yaml
+        except ImportError:  # pragma: no cover - PyYAML is a dependency of subllm
+            raise ConfigError("reading config files needs PyYAML: pip install pyyaml") from None
 
         p = Path(path)
         if not p.is_file():

@@ -328,6 +328,18 @@ class KVCache:
     def level_lengths(self) -> list[int]:
         return [lv.length for lv in self.levels]
 
+    @torch.no_grad()
+    def reorder(self, rows: Tensor) -> None:
+        """Keep/duplicate batch rows in the order `rows` (beam search)."""
+        for kv in self.layers:
+            if kv.k is not None:
+                kv.k, kv.v = kv.k.index_select(0, rows), kv.v.index_select(0, rows)
+        for lv in self.levels:
+            if lv.valid is not None:
+                lv.valid = lv.valid.index_select(0, rows.to(lv.valid.device))
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.index_select(0, rows.to(self.next_pos.device))
+
     def nbytes(self, block_levels: list[int]) -> int:
         """Bytes of keys and values actually held (not buffer capacity)."""
         return sum(
@@ -418,20 +430,39 @@ class SubLLM(nn.Module):
     # ---- forward ----------------------------------------------------------------------
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
         cache: KVCache | None = None,
         use_cache: bool = False,
+        *,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids: (B, L). labels: (B, L) aligned with input_ids (shifted inside; -100
-        ignored). attention_mask: (B, L) or (B, cached + L), 1 for real tokens (left padding
-        for generation). cache: a KVCache to extend (eval mode only)."""
-        if input_ids.dim() != 2:
-            raise SubLLMError(
-                f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
-            )
-        B, L = input_ids.shape
+        """input_ids: (B, L), or inputs_embeds: (B, L, dim) instead. labels: (B, L) aligned
+        with the inputs (shifted inside; -100 ignored). attention_mask: (B, L) or
+        (B, cached + L), 1 for real tokens (left padding for generation). cache: a KVCache
+        to extend (eval mode only). logits_to_keep > 0: logits of the last positions only.
+        num_items_in_batch: divide the summed loss by this (gradient accumulation) instead
+        of by the number of targets."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise SubLLMError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
+                raise SubLLMError(
+                    f"inputs_embeds must be (batch, length, {self.config.dim}), got shape "
+                    f"{tuple(inputs_embeds.shape)}"
+                )
+            B, L = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        else:
+            if input_ids.dim() != 2:
+                raise SubLLMError(
+                    f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
+                )
+            B, L = input_ids.shape
+            device = input_ids.device
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None and self.training:
@@ -444,14 +475,14 @@ class SubLLM(nn.Module):
             )
         valid = None
         if attention_mask is not None:
-            valid = attention_mask[:, -L:].to(device=input_ids.device, dtype=torch.bool)
+            valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
             if bool(valid.all()):
                 valid = None
         # Positions count real tokens only, so a left-padded prompt starts at 0.
         start = cache.next_pos if cache is not None and cache.next_pos is not None else None
         if valid is None:
-            pos = torch.arange(L, device=input_ids.device).expand(B, L)
-            n_new = torch.full((B,), L, device=input_ids.device, dtype=torch.long)
+            pos = torch.arange(L, device=device).expand(B, L)
+            n_new = torch.full((B,), L, device=device, dtype=torch.long)
         else:
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)
             n_new = valid.sum(1)
@@ -460,7 +491,7 @@ class SubLLM(nn.Module):
         if cache is not None:
             cache.next_pos = n_new if start is None else start + n_new
 
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         kept: list[Tensor | None] = [None] * len(self.subsamplers)
         entered: list[Tensor | None] = [None] * len(self.subsamplers)
         span = self._span(0, pos, valid, cache, h.dtype)
@@ -474,17 +505,22 @@ class SubLLM(nn.Module):
         if labels is not None and self.loss_chunks is not None:
             from subllm.mst import chunked_cross_entropy
 
-            loss = chunked_cross_entropy(h, self.lm_head.weight, labels, chunks=self.loss_chunks)
+            loss = chunked_cross_entropy(h, self.lm_head.weight, labels, chunks=self.loss_chunks,
+                                         num_items_in_batch=num_items_in_batch)
         else:
+            if labels is None and logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]
             logits = self.lm_head(h)
             if labels is not None:
                 shifted = logits[:, :-1].flatten(0, 1)
                 if shifted.dtype in (torch.float16, torch.bfloat16):
                     shifted = shifted.float()  # softmax in fp32 under autocast
-                loss = F.cross_entropy(
-                    shifted, labels[:, 1:].flatten(),
-                    ignore_index=-100,
-                )
+                targets = labels[:, 1:].flatten().to(shifted.device)
+                if num_items_in_batch is None:
+                    loss = F.cross_entropy(shifted, targets, ignore_index=-100)
+                else:
+                    loss = F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum")
+                    loss = loss / num_items_in_batch
         return ModelOutput(logits, loss, cache, kept_t, entered_t)
 
     def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
