@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -131,14 +132,18 @@ def test_position_ids_must_follow_the_attention_mask() -> None:
         model(ids, attention_mask=mask, position_ids=pos + 3)
 
 
-def test_activation_checkpointing_enable_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize("method", ["activation_checkpointing_enable",
+                                    "gradient_checkpointing_enable"])  # v5 name, v4 name
+def test_checkpointing_enable_gives_the_same_gradients(method: str) -> None:
     ids = torch.randint(0, 211, (2, 32))
     grads = []
     for ckpt in (False, True):
         model = make_model(seed=3).train()
         model.set_step(0)
         if ckpt:
-            model.activation_checkpointing_enable()  # v5's name for gradient_checkpointing_enable
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # v5 deprecates the v4 name
+                getattr(model, method)()
             assert model.model.gradient_checkpointing
         torch.manual_seed(7)  # the subsamplers' random pairing and the limit's coin
         model(ids, labels=ids).loss.backward()
