@@ -19,6 +19,7 @@ VERB_MODULES = [
     "subllm.train",
     "subllm.generate",
     "subllm.hf.export",
+    "subllm.convert",
 ]
 
 

@@ -78,6 +78,7 @@ class TrainConfig:
     dtype: str = "auto"
     distributed: str = "ddp"
     resume: bool = False
+    init_from: str | None = None  # start from this model's weights and config (see below)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (YAML only)
 
 
@@ -126,12 +127,53 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
     else:
         d["vocab_size"] = data.vocab_size
     config = ModelConfig.from_dict(d)
+    _check_seq_len(cfg, config)
+    return config
+
+
+# What --init-from takes from the model it starts from, never from the settings: the
+# fields that shape the weights or change what they compute.
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                       "structure", "head_dim", "tie_embeddings", "rope_theta", "norm_eps")
+
+
+def init_model_config(cfg: TrainConfig, data: TokenData, base: Any) -> Any:
+    """--init-from: the model's own config < `model:` training fields (keep, max_seq_len, the
+    bypass_* and balancer_* schedules) < --keep. Architecture fields are refused."""
+    from subllm.config import ModelConfig
+
+    if cfg.resume:
+        raise SubLLMError("--init-from starts a new run and --resume continues one; pass one")
+    if cfg.structure is not None:
+        raise SubLLMError(f"--structure does not go with --init-from: the structure is that of "
+                          f"{cfg.init_from} ({base.structure})")
+    if not isinstance(cfg.model, dict):
+        raise SubLLMError(f"`model` in the config file must be a mapping, got {cfg.model!r}")
+    fixed = [k for k in cfg.model if k in ARCHITECTURE_FIELDS]
+    if fixed:
+        raise SubLLMError(f"`model: {fixed[0]}` does not go with --init-from: the architecture "
+                          f"is that of {cfg.init_from}; only training fields (keep, max_seq_len, "
+                          "bypass_*, balancer_*) may be set")
+    d = {**base.to_dict(), **cfg.model}
+    if cfg.keep is not None:
+        d["keep"] = parse_keep(cfg.keep)
+    config = ModelConfig.from_dict(d)
+    if data.vocab_size > config.vocab_size:
+        raise SubLLMError(
+            f"the tokenizer of {data.path} has {data.vocab_size} tokens but the model in "
+            f"{cfg.init_from} has vocab_size {config.vocab_size}; prepare the data with the "
+            "model's tokenizer (subllm prepare --tokenizer ITS_TOKENIZER.json)"
+        )
+    _check_seq_len(cfg, config)
+    return config
+
+
+def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
     if cfg.seq_len > config.max_seq_len:
         raise SubLLMError(
             f"--seq-len {cfg.seq_len} exceeds the model's context (max_seq_len "
             f"{config.max_seq_len}); lower --seq-len or set `model: {{max_seq_len: N}}` in --config"
         )
-    return config
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -437,8 +479,10 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
 def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     """The settings saved with a run; `--resume` starts from them (flags of this call win)."""
     d = dataclasses.asdict(cfg)
-    for per_call in ("resume", "stop_at"):
+    for per_call in ("resume", "stop_at", "init_from"):
         d.pop(per_call)
+    if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
+        d["initialized_from"] = cfg.init_from
     d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
     return d
 
@@ -481,7 +525,18 @@ def _train(cfg: TrainConfig, dd: Dist, demo: bool) -> dict[str, Any]:
         if dd.enabled:
             dist.barrier()
     data = load_data(data_dir)
-    config = build_model_config(cfg, data)
+    init_state = None
+    if cfg.init_from is not None:  # a new run from a model's weights (fresh optimizer, step 0)
+        from subllm.convert import load_pretrained
+
+        init_config, init_state, init_tokenizer = load_pretrained(cfg.init_from)
+        config = init_model_config(cfg, data, init_config)
+        cfg = dataclasses.replace(cfg, model=config.to_dict(), keep=None)
+        if init_tokenizer is not None and not _same_vocab(init_tokenizer, data.tokenizer_path):
+            _say(dd, f"warning: {data.path} was tokenized with another tokenizer than the "
+                 f"model in {cfg.init_from}; its token ids mean different things there")
+    else:
+        config = build_model_config(cfg, data)
     device = pick_device(cfg.device, dd)
     amp = autocast_dtype(cfg.dtype, device)
 
@@ -531,6 +586,14 @@ def _train(cfg: TrainConfig, dd: Dist, demo: bool) -> dict[str, Any]:
     model = SubLLM(config)
     if resume_from is not None:
         model.load_state_dict(ckpt.load_weights(resume_from))
+    elif init_state is not None:
+        try:
+            model.load_state_dict(init_state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise SubLLMError(f"--init-from {cfg.init_from}: its weights do not fit its model "
+                              f"config ({first})") from None
+        del init_state
     if cfg.mst:
         try:
             from subllm.mst import apply_mst
@@ -579,7 +642,8 @@ def _train(cfg: TrainConfig, dd: Dist, demo: bool) -> dict[str, Any]:
     if dd.main:
         what = "SUBLLM" if config.is_subllm else "LLaMA"
         mode = f", {dd.world_size} x {cfg.distributed.upper()}" if dd.enabled else ""
-        _say(dd, f"{what} {cfg.preset} {config.structure} ({raw_model.num_params() / 1e6:.2f}M "
+        name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
+        _say(dd, f"{what} {name} {config.structure} ({raw_model.num_params() / 1e6:.2f}M "
              f"params) on {device}{mode}, {'bf16' if amp else 'fp32'}; global batch "
              f"{global_batch} x {cfg.seq_len} tokens; "
              + (f"resuming from {resume_from} (step {start_step})" if resume_from
@@ -751,6 +815,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         ("keep_checkpoints", positive_int, "N", "keep the newest N checkpoints"),
         ("log_every", positive_int, "N", "write metrics every N steps"),
         ("seed", int, "N", "seed of the weights and the data order"),
+        ("init_from", str, "DIR", "start a new run from the weights and model config of a "
+         "Hugging Face SubLLM directory (subllm export / convert) or a `subllm train` run"),
         ("device", str, "D", "auto, cpu, cuda, cuda:1, ..."),
     ]
     for dest, kind, metavar, text in specs:
@@ -789,6 +855,10 @@ def run_train(args: argparse.Namespace) -> int:
     settings, extras = resolve_flags(args, parser, defaults, base=base, extra_keys=("model",))
     model = extras["model"] if "model" in extras else (base or {}).get("model")
     cfg = TrainConfig(**{**settings, "model": model or {}})
+    if cfg.init_from is not None and "preset" in resolve_flags(
+            args, parser, {}, extra_keys=("model",))[0]:
+        raise SubLLMError("--preset does not go with --init-from: the model is that of "
+                          f"{cfg.init_from}")
     t0 = time.perf_counter()
     result = train(cfg, demo=demo)
     if demo and not result.get("interrupted"):
@@ -796,6 +866,12 @@ def run_train(args: argparse.Namespace) -> int:
     if result.get("interrupted"):
         return 128 + int(result["signal"] or signal.SIGTERM)
     return 0
+
+
+def _same_vocab(a: Path, b: Path) -> bool:
+    from subllm.data import load_tokenizer
+
+    return load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
 
 
 def _config_value(args: argparse.Namespace, key: str) -> Any:

@@ -119,7 +119,7 @@ def _write_tokenizer(tokenizer_file: Path, directory: Path, model_config: Any) -
     return eot_id
 
 
-def _replace_dir(tmp: Path, out: Path, force: bool) -> None:
+def replace_dir(tmp: Path, out: Path, force: bool) -> None:
     old = None
     if out.exists():
         if not force:  # checked before the work too; re-checked here against a race
@@ -190,7 +190,7 @@ def save_hf_model(
         tmp.chmod(0o755)  # mkdtemp made it private; the result is an ordinary directory
         for f in tmp.iterdir():
             f.chmod(0o644)
-        _replace_dir(tmp, out, force)
+        replace_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
