@@ -11,8 +11,9 @@ time, and relies on block-level activation checkpointing for everything else.
   states and the head weight, so no (tokens x vocab) tensor outlives its chunk.
 - `MiniSequenceMLP`: runs any MLP on chunks of the sequence, recomputing each chunk's
   intermediates in backward, so the (L x ffn) intermediate exists for one chunk only.
-- `apply_mst`: one call that patches a model in place (our `SubLLM`, or a Hugging Face
-  causal LM of a supported family), in the manner of Liger-Kernel's `apply_liger_kernel_to_*`.
+- `apply_mst`: one call that patches a model in place (our `SubLLM` or its Hugging Face
+  wrapper `SubLLMForCausalLM`, or a Hugging Face causal LM of a supported family), in the
+  manner of Liger-Kernel's `apply_liger_kernel_to_*`.
 """
 
 from __future__ import annotations
@@ -383,7 +384,7 @@ HF_FAMILIES: dict[str, tuple[str, ...]] = {
 
 
 def _supported_list() -> str:
-    return "subllm.SubLLM, and transformers causal LMs: " + ", ".join(
+    return "subllm.SubLLM, subllm.hf.SubLLMForCausalLM, and transformers causal LMs: " + ", ".join(
         f"{fam} ({'/'.join(names)})" for fam, names in HF_FAMILIES.items()
     )
 
@@ -509,9 +510,14 @@ def apply_mst(
     - `checkpointing=True` turns on block-level activation checkpointing (non-reentrant),
       which MsT's memory saving relies on.
 
-    Supported: `subllm.SubLLM` and transformers causal LMs of the Llama, Qwen2, Qwen3,
-    Mistral, Gemma-2, Gemma-3 (text) and Phi-3 families. Parameter names and state-dict
-    keys do not change. Applying it twice re-applies the new settings.
+    Supported: `subllm.SubLLM`; `subllm.hf.SubLLMForCausalLM` (patched through the
+    `SubLLM` it holds as `.model`, and returned itself: `labels` give the loss with
+    `logits=None`, `generate()` is unchanged), also a copy loaded from an exported
+    directory with `trust_remote_code=True` (recognised by class name and attributes, as
+    its classes are not subllm's); and transformers causal LMs of the Llama, Qwen2, Qwen3,
+    Mistral, Gemma-2, Gemma-3 (text) and Phi-3 families. For LoRA, apply it before
+    `peft.get_peft_model`. Parameter names and state-dict keys do not change. Applying it
+    twice re-applies the new settings.
     """
     _check_chunks("mlp_chunks", mlp_chunks)
     _check_chunks("loss_chunks", loss_chunks)
@@ -520,12 +526,14 @@ def apply_mst(
     if not isinstance(model, nn.Module):
         raise SubLLMError(f"apply_mst: expected a model (nn.Module), got {type(model).__name__}")
 
-    if _is_subllm(model):
-        cfg = model.config
+    # our SubLLM itself, or a wrapper holding it as `.model` (SubLLMForCausalLM)
+    inner = model if _is_subllm(model) else getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and _is_subllm(inner):
+        cfg = inner.config
         # the model calls chunked_cross_entropy(..., chunks=model.loss_chunks) itself
-        model.loss_chunks = loss_chunks or default_loss_chunks(cfg.vocab_size, cfg.dim)
-        model.gradient_checkpointing = bool(checkpointing)
-        _wrap_mlps(model.layers, mlp_chunks, mlp_floor)
+        inner.loss_chunks = loss_chunks or default_loss_chunks(cfg.vocab_size, cfg.dim)
+        inner.gradient_checkpointing = bool(checkpointing)
+        _wrap_mlps(inner.layers, mlp_chunks, mlp_floor)
         return model
 
     family = _hf_family(model)
@@ -545,9 +553,24 @@ def apply_mst(
     return model
 
 
-def _is_subllm(model: nn.Module) -> bool:
-    try:
-        from subllm.model import SubLLM
-    except ImportError:
-        return False
-    return isinstance(model, SubLLM)
+_SUBLLM_ATTRIBUTES = ("config", "layers", "lm_head", "loss_chunks", "gradient_checkpointing",
+                      "set_step")
+
+
+def _is_subllm(model: Any) -> bool:
+    """A `subllm.model.SubLLM`, or the same class from another copy of its code.
+
+    `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` imports the
+    exported directory's copy of model.py, whose `SubLLM` is a different class object:
+    `isinstance` fails there, so that copy is recognised by its class name and the
+    attributes used here.
+    """
+    from subllm.model import SubLLM
+
+    if isinstance(model, SubLLM):
+        return True
+    return (
+        isinstance(model, nn.Module)
+        and any(cls.__name__ == "SubLLM" for cls in type(model).__mro__)
+        and all(hasattr(model, name) for name in _SUBLLM_ATTRIBUTES)
+    )

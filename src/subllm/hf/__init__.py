@@ -11,8 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from subllm.hf.configuration_subllm import SubLLMConfig
 from subllm.hf.modeling_subllm import SubLLMCausalLMOutput, SubLLMForCausalLM
+from subllm.hf.trainer import SubLLMScheduleCallback
 
 AutoConfig.register(SubLLMConfig.model_type, SubLLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(SubLLMConfig, SubLLMForCausalLM, exist_ok=True)
 
-__all__ = ["SubLLMCausalLMOutput", "SubLLMConfig", "SubLLMForCausalLM"]
+__all__ = ["SubLLMCausalLMOutput", "SubLLMConfig", "SubLLMForCausalLM",
+           "SubLLMScheduleCallback"]
