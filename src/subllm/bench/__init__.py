@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "mst": "subllm.bench.mst",
     "train": "subllm.bench.pair:TRAIN",
     "infer": "subllm.bench.pair:INFER",
+    "quality": "subllm.bench.quality",
 }
 
 

@@ -1,0 +1,487 @@
+"""`subllm bench quality`: model A and model B trained alike, validation loss at equal tokens.
+
+Both models are trained by `subllm.train.train` (the same recipe as `subllm train`) on one
+prepared data directory with the same settings: token budget, sequence length, batch size,
+seed (so the same training batches in the same order, and the same validation batches),
+AdamW and learning-rate schedule. Each model gets its own run directory, `OUT/runs/A` and
+`OUT/runs/B`, with the usual metrics.jsonl, TensorBoard events and checkpoints.
+
+The two trainings are interleaved so that whatever else the machine does hits both alike:
+training is cut at the evaluation points; at each point A trains up to it (`stop_at`),
+evaluates and saves, then B does the same (then B first, then A, ...), each segment
+continuing from the previous one with `resume` (which is exact: the losses are those of an
+uninterrupted run). Validation loss is therefore measured at the same token counts on the
+same validation batches for both.
+
+Time: `train_s` is the sum of the step times the training loop measures (batch loading,
+forward, backward, clipping and the optimizer step; metrics.jsonl logs every step), so it
+excludes evaluation, checkpointing and building the model at each segment. `wall_s` is
+the wall time of all of a model's segments, those included; the median step time is
+reported beside them, as it is less sensitive to other load on a shared machine. Ratios are
+B / A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from subllm.bench.mst import _atomic_write, machine_info
+from subllm.bench.pair import (
+    KEPT_TOLERANCE,
+    _command_line,
+    _fmt,
+    _ratio,
+    keep_ratios,
+    off_keep,
+    parse_pair,
+)
+from subllm.errors import SubLLMError
+from subllm.flags import non_negative_float, non_negative_int, positive_float, positive_int
+
+HELP = "validation loss at equal tokens and training time: A and B trained on the same data"
+DEFAULT_PAIR = "llama-tiny,subllm-tiny"
+LOSS_TOLERANCE = 0.02  # issue 6: SUBLLM's validation loss within 2 % of LLaMA's
+RUN_NAMES = {"a": "A", "b": "B"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from subllm.data import DEFAULT_DATA_DIR
+
+    p.add_argument("--pair", default=DEFAULT_PAIR,
+                   help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR}); "
+                        "the vocabulary follows the data")
+    p.add_argument("--data", default=str(DEFAULT_DATA_DIR), metavar="DATA_DIR",
+                   help=f"prepared data directory (default {DEFAULT_DATA_DIR}, prepared from the "
+                        "Python standard library on first use, as `subllm train` does)")
+    p.add_argument("--tokens", type=positive_int, required=True, metavar="N",
+                   help="training tokens per model (rounded down to whole steps)")
+    p.add_argument("--seq-len", type=positive_int, default=256, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
+                   help="sequences per step (default 16)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, metavar="F",
+                   help="peak learning rate (default 2e-3)")
+    p.add_argument("--min-lr", type=non_negative_float, default=None, metavar="F",
+                   help="learning rate at the end of the cosine (default lr / 10)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, metavar="N",
+                   help="linear warm-up steps (default 10 %% of the steps)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.1, metavar="F")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0, metavar="F")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--evals", type=positive_int, default=None, metavar="N",
+                      help="validation points, evenly spaced in tokens (default 10)")
+    when.add_argument("--eval-every-tokens", type=positive_int, default=None, metavar="N",
+                      help="validate every N training tokens (and at the end)")
+    p.add_argument("--eval-batches", type=positive_int, default=20, metavar="N",
+                   help="validation batches of --batch-size x --seq-len tokens (default 20; "
+                        "fewer when val.bin is shorter)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's default)")
+    p.add_argument("--out", default="bench-out/quality",
+                   help="output folder (default bench-out/quality); runs go to OUT/runs/A, B")
+
+
+# --------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------
+
+
+def model_settings(spec: str, seq_len: int) -> tuple[str, dict[str, Any], Any]:
+    """A preset or config file as (TrainConfig.preset, TrainConfig.model, ModelConfig).
+
+    A file becomes a full override of a preset's fields; its vocab_size is dropped so that
+    both models get the data's vocabulary. The context is raised to --seq-len if needed.
+    """
+    from subllm.config import PRESETS, ModelConfig
+
+    config = ModelConfig.load(spec)  # ConfigError (a SubLLMError) naming the problem
+    if spec in PRESETS:
+        preset, overrides = spec, {}
+    else:
+        overrides = config.to_dict()
+        overrides.pop("vocab_size")
+        preset = "subllm-tiny" if config.is_subllm else "llama-tiny"  # every field overridden
+    if seq_len > config.max_seq_len:
+        overrides["max_seq_len"] = seq_len
+    return preset, overrides, config
+
+
+def eval_steps(steps: int, tokens_per_step: int, evals: int | None,
+               every_tokens: int | None) -> list[int]:
+    """The steps after which both models are validated (always including the last)."""
+    if every_tokens is not None:
+        if every_tokens < tokens_per_step:
+            raise SubLLMError(
+                f"--eval-every-tokens {every_tokens} is less than one step ({tokens_per_step} "
+                "tokens = batch size x sequence length); raise it"
+            )
+        every = every_tokens // tokens_per_step
+        points = list(range(every, steps + 1, every))
+    else:
+        n = 10 if evals is None else evals
+        points = [round(i * steps / n) for i in range(1, n + 1)]
+    return sorted({p for p in points if p > 0} | {steps})
+
+
+def _ensure_data(data_dir: Path) -> Any:
+    """Load the data directory; the default one is prepared on first use (as `subllm train`)."""
+    from subllm.data import DEFAULT_DATA_DIR, load_data, prepare, print_summary
+
+    if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
+        print(f"preparing the default corpus (Python standard library) into {data_dir}",
+              file=sys.stderr, flush=True)
+        print_summary(prepare(data_dir), data_dir)
+    return load_data(data_dir)
+
+
+# --------------------------------------------------------------------------------------
+# the measurement
+# --------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from subllm import checkpoint as ckpt
+    from subllm.train import (
+        Dist,
+        TrainConfig,
+        autocast_dtype,
+        build_model_config,
+        check_config,
+        pick_device,
+        train,
+    )
+
+    spec_a, spec_b = parse_pair(args.pair)
+    models = {"a": model_settings(spec_a, args.seq_len), "b": model_settings(spec_b, args.seq_len)}
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.tokens // tokens_per_step
+    if steps < 1:
+        raise SubLLMError(
+            f"--tokens {args.tokens} is less than one step ({tokens_per_step} tokens = "
+            f"--batch-size {args.batch_size} x --seq-len {args.seq_len}); raise --tokens"
+        )
+    stops = eval_steps(steps, tokens_per_step, args.evals, args.eval_every_tokens)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    data = _ensure_data(Path(args.data))
+    if len(data.tokens("train")) < args.seq_len + 1:
+        raise SubLLMError(
+            f"the training split of {args.data} has {len(data.tokens('train'))} tokens, fewer "
+            f"than one sequence of --seq-len {args.seq_len}; lower --seq-len or prepare more data"
+        )
+    out = Path(args.out)
+    runs = {k: out / "runs" / name for k, name in RUN_NAMES.items()}
+    for run_dir in runs.values():
+        if ckpt.latest_checkpoint(run_dir) is not None:
+            raise SubLLMError(f"{run_dir} already holds a run; choose a new --out or remove it")
+
+    def train_config(key: str, stop_at: int | None = None, resume: bool = False) -> TrainConfig:
+        preset, overrides, _ = models[key]
+        return TrainConfig(
+            data=str(data.path), out=str(runs[key]), preset=preset, model=dict(overrides),
+            seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=1, max_steps=steps,
+            stop_at=stop_at, lr=args.lr,
+            min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
+            warmup=max(1, steps // 10) if args.warmup is None else args.warmup,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+            eval_every=0,  # each segment ends with one evaluation
+            eval_batches=args.eval_batches, save_every=0, keep_checkpoints=1, log_every=1,
+            seed=args.seed, device=args.device, dtype=args.dtype, resume=resume)
+
+    # every check that can fail before anything trains
+    configs = {}
+    for key in models:
+        cfg = train_config(key)
+        check_config(cfg)
+        configs[key] = build_model_config(cfg, data)
+    device = pick_device(args.device, Dist())
+    dtype = "bf16" if autocast_dtype(args.dtype, device) is not None else "fp32"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SubLLMError(f"cannot create --out {out} ({e.strerror}); choose a writable "
+                          "folder") from None
+
+    print(f"bench quality: A = {spec_a}, B = {spec_b}; {steps} steps of {args.batch_size} x "
+          f"{args.seq_len} = {steps * tokens_per_step:,} tokens each, validation after steps "
+          f"{', '.join(map(str, stops))}; runs in {out / 'runs'}", flush=True)
+    wall: dict[str, list[float]] = {"a": [], "b": []}
+    start = 0
+    for i, stop in enumerate(stops):
+        for key in ("a", "b") if i % 2 == 0 else ("b", "a"):
+            t0 = time.perf_counter()
+            result = train(train_config(key, stop_at=stop, resume=i > 0))
+            wall[key].append(time.perf_counter() - t0)
+            if result.get("interrupted"):
+                print(f"bench quality: interrupted; the partial runs are in {out / 'runs'}",
+                      file=sys.stderr, flush=True)
+                return 128 + int(result.get("signal") or 15)
+        print(f"bench quality: {stop * tokens_per_step:,} tokens (step {stop}/{steps}) done; "
+              f"segment {stop - start} steps", flush=True)
+        start = stop
+
+    report = build_report(args, train_config("a"), data, configs, runs, stops, wall,
+                          device.type, dtype)
+    paths = write_outputs(out, report)
+    print(summary_line(report))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def read_run(run_dir: Path, tokens_per_step: int, wall: list[float], stops: list[int]
+             ) -> tuple[list[dict[str, Any]], list[float]]:
+    """(validation points of one run with the training time up to each, every step's time)."""
+    from subllm.train import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    step_time = {r["step"]: tokens_per_step / r["tokens_per_s"] for r in records
+                 if "tokens_per_s" in r}
+    val = {r["step"]: r for r in records if "val_loss" in r}
+    missing = [s for s in stops if s not in val] + [s for s in range(1, stops[-1] + 1)
+                                                    if s not in step_time]
+    if missing:
+        raise SubLLMError(f"{run_dir / 'metrics.jsonl'} lacks step {missing[0]}; the run is "
+                          "incomplete, run the bench again with a new --out")
+    curve, elapsed, cum_wall, prev = [], 0.0, 0.0, 0
+    for stop, seg_wall in zip(stops, wall, strict=True):
+        elapsed += sum(step_time[s] for s in range(prev + 1, stop + 1))
+        cum_wall += seg_wall
+        r = val[stop]
+        curve.append({"step": stop, "tokens": stop * tokens_per_step, "train_s": elapsed,
+                      "wall_s": cum_wall, "val_loss": r["val_loss"],
+                      "val_perplexity": r["val_perplexity"],
+                      "val_kept_fractions": r.get("val_kept_fractions", [])})
+        prev = stop
+    return curve, [step_time[s] for s in range(1, stops[-1] + 1)]
+
+
+def loss_at_time(curve: list[dict[str, Any]], seconds: float) -> float | None:
+    """Validation loss linearly interpolated in training time; None outside the curve."""
+    pts = [(p["train_s"], p["val_loss"]) for p in curve]
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:], strict=False):
+        if t0 <= seconds <= t1:
+            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0) if t1 > t0 else l1
+    if pts and math.isclose(seconds, pts[-1][0]):
+        return pts[-1][1]
+    return None
+
+
+def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[str, Any],
+                 runs: dict[str, Path], stops: list[int], wall: dict[str, list[float]],
+                 device: str, dtype: str) -> dict[str, Any]:
+    """Everything measured, as one JSON-able dict; `cfg` is the TrainConfig both used."""
+    import torch
+
+    from subllm.data import val_batches
+    from subllm.model import SubLLM
+
+    specs = dict(zip(("a", "b"), parse_pair(args.pair), strict=True))
+    steps, tokens_per_step = cfg.max_steps, cfg.batch_size * cfg.seq_len
+    read = {k: read_run(runs[k], tokens_per_step, wall[k], stops) for k in runs}
+    curves = {k: curve for k, (curve, _) in read.items()}
+    summaries, final = {}, {}
+    for k, config in configs.items():
+        with torch.device("meta"):
+            n_params = SubLLM(config).num_params()
+        summaries[k] = {"spec": specs[k], "structure": config.structure, "parameters": n_params,
+                        "keep": keep_ratios(config),
+                        "block_compute_fraction": config.compute_fraction(),
+                        "run_dir": str(runs[k]), "config": config.to_dict()}
+        last = curves[k][-1]
+        final[k] = {"val_loss": last["val_loss"], "val_perplexity": last["val_perplexity"],
+                    "train_s": last["train_s"], "wall_s": last["wall_s"],
+                    "overhead_s": last["wall_s"] - last["train_s"],
+                    "tokens_per_s": last["tokens"] / last["train_s"],
+                    "median_step_s": statistics.median(read[k][1]),
+                    "eval_kept_fractions": last["val_kept_fractions"]}
+    a, b = final["a"], final["b"]
+    # equal time: the slower model's loss interpolated at the faster one's training time
+    t_eq = min(a["train_s"], b["train_s"])
+    equal_time = {"train_s": t_eq, "a_val_loss": loss_at_time(curves["a"], t_eq),
+                  "b_val_loss": loss_at_time(curves["b"], t_eq)}
+    equal_time["val_loss_ratio"] = _ratio(equal_time["b_val_loss"], equal_time["a_val_loss"])
+    ratios = {
+        "val_loss": b["val_loss"] / a["val_loss"],
+        "val_perplexity": b["val_perplexity"] / a["val_perplexity"],
+        "train_time": b["train_s"] / a["train_s"],
+        "wall_time": b["wall_s"] / a["wall_s"],
+        "tokens_per_s": b["tokens_per_s"] / a["tokens_per_s"],
+        "median_step_time": b["median_step_s"] / a["median_step_s"],
+        "val_loss_per_point": [pb["val_loss"] / pa["val_loss"]
+                               for pa, pb in zip(curves["a"], curves["b"], strict=True)],
+    }
+    target = {"loss_tolerance": LOSS_TOLERANCE,
+              "loss_within": ratios["val_loss"] <= 1 + LOSS_TOLERANCE,
+              "less_time": ratios["train_time"] < 1.0}
+    target["met"] = target["loss_within"] and target["less_time"]
+    warnings = []
+    for k in ("a", "b"):
+        keeps, kept = summaries[k]["keep"], final[k]["eval_kept_fractions"]
+        if keeps and kept and off_keep(kept, keeps):
+            warnings.append(
+                f"{RUN_NAMES[k]}'s eval-mode kept fractions "
+                + "/".join(f"{f:.3f}" for f in kept) + " are off its keep ratios "
+                + "/".join(f"{q:g}" for q in keeps) + f" (by more than {KEPT_TOLERANCE}): "
+                "its validation runs more (or fewer) tokens through the segments than training")
+    val = val_batches(data.tokens("val"), args.batch_size, args.seq_len, args.eval_batches)
+    machine = machine_info(device)
+    machine["threads"] = torch.get_num_threads()
+    windows = max(1, int(data.meta["tokens"]["train"]) // cfg.seq_len - 1)  # TrainBatches' epoch
+    return {
+        "bench": "quality", "command": _command_line(), "machine": machine,
+        "device": device, "dtype": dtype, "a": summaries["a"], "b": summaries["b"],
+        "settings": {
+            "data": str(data.path), "data_train_tokens": int(data.meta["tokens"]["train"]),
+            "data_val_tokens": int(data.meta["tokens"]["val"]),
+            "vocab_size": data.vocab_size, "data_sources": data.meta.get("sources"),
+            "tokens_asked": args.tokens, "tokens": steps * tokens_per_step, "steps": steps,
+            "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "tokens_per_step": tokens_per_step,
+            "epochs": steps * cfg.batch_size / windows,
+            "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup": cfg.warmup,
+            "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+            "eval_steps": stops,
+            "eval_batches": len(val), "val_tokens_per_eval": sum(int(x.numel()) for x in val),
+            "schedule": "interleaved at the evaluation points (A B, B A, ...), exact resume",
+            "timing": "train_s = sum of the training loop's step times (batch, forward, "
+                      "backward, clip, AdamW), without evaluation, checkpoints and model "
+                      "building; wall_s = all of a model's segments"},
+        "curves": curves, "final": final, "ratios": ratios, "equal_time": equal_time,
+        "target": target, "kept_tolerance": KEPT_TOLERANCE, "warnings": warnings,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------
+
+
+def _kept(fractions: list[float]) -> str:
+    return "/".join(f"{f:.3f}" for f in fractions) or "-"
+
+
+def summary_line(r: dict[str, Any]) -> str:
+    a, b, q, t = r["final"]["a"], r["final"]["b"], r["ratios"], r["target"]
+    verdict = "MET" if t["met"] else "MISSED"
+    return (f"val loss A {a['val_loss']:.4f}, B {b['val_loss']:.4f} (B/A {q['val_loss']:.4f}); "
+            f"train time A {a['train_s']:.1f} s, B {b['train_s']:.1f} s (B/A "
+            f"{q['train_time']:.3f}); B eval kept {_kept(b['eval_kept_fractions'])}; target "
+            f"(loss within {t['loss_tolerance']:.0%}, less time): {verdict}")
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    m, s, a, b = r["machine"], r["settings"], r["final"]["a"], r["final"]["b"]
+    q, t, eq = r["ratios"], r["target"], r["equal_time"]
+    lines = [
+        f"# subllm bench quality — A = {r['a']['spec']}, B = {r['b']['spec']}",
+        "",
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} torch "
+        f"threads), torch {m['torch']}; device {r['device']}, dtype {r['dtype']}.",
+        f"Command: `{r['command']}`",
+        "",
+        f"Data: {s['data']} ({s['data_train_tokens']:,} train / {s['data_val_tokens']:,} val "
+        f"tokens, vocab {s['vocab_size']}). Each model: {s['steps']} steps of "
+        f"{s['batch_size']} x {s['seq_len']} = {s['tokens']:,} tokens ({s['epochs']:.2f} "
+        f"epochs), AdamW lr {s['lr']:g} -> {s['min_lr']:g} (cosine, {s['warmup']} warm-up "
+        f"steps), weight decay {s['weight_decay']:g}, clip {s['grad_clip']:g}, seed "
+        f"{s['seed']}: the same batches in the same order for both. Validation: "
+        f"{s['eval_batches']} batches ({s['val_tokens_per_eval']:,} tokens), the same for both.",
+        "The trainings alternate at the validation points; `train s` = sum of the step times "
+        "(without evaluation and checkpoints), `wall s` = with them, `median step s` = the "
+        "median step time (less sensitive to other load on a shared machine). Ratios are B / A.",
+        "",
+    ]
+    for w in r["warnings"]:
+        lines += [f"**WARNING: {w}.**", ""]
+    lines += [
+        "| model | structure | parameters | val loss | perplexity | train s | wall s "
+        "| median step s | tokens/s | eval kept |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for k, f in (("a", a), ("b", b)):
+        lines.append(
+            f"| {RUN_NAMES[k]} {r[k]['spec']} | `{r[k]['structure']}` | {r[k]['parameters']:,} | "
+            f"{f['val_loss']:.4f} | {f['val_perplexity']:.2f} | {f['train_s']:.1f} | "
+            f"{f['wall_s']:.1f} | {f['median_step_s']:.3f} | {f['tokens_per_s']:,.0f} | "
+            f"{_kept(f['eval_kept_fractions'])}"
+            + (f" (keep {'/'.join(f'{x:g}' for x in r[k]['keep'])})" if r[k]["keep"] else "")
+            + " |")
+    lines += [
+        "",
+        f"**B/A: val loss {q['val_loss']:.4f}, perplexity {q['val_perplexity']:.4f}, training "
+        f"time {q['train_time']:.3f} (wall {q['wall_time']:.3f}, median step "
+        f"{q['median_step_time']:.3f}), tokens/s {q['tokens_per_s']:.3f}.** At equal "
+        f"training time ({eq['train_s']:.1f} s, the faster model's total; the other's loss "
+        f"interpolated linearly between validation points): "
+        f"A {_fmt(eq['a_val_loss'], '.4f')}, B {_fmt(eq['b_val_loss'], '.4f')}, B/A "
+        f"{_fmt(eq['val_loss_ratio'], '.4f')}.",
+        "",
+        f"Target (B's validation loss within {t['loss_tolerance']:.0%} of A's at equal tokens, "
+        f"in less time): loss {'met' if t['loss_within'] else 'missed'} "
+        f"({q['val_loss'] - 1:+.2%}), time {'met' if t['less_time'] else 'missed'} "
+        f"({q['train_time'] - 1:+.1%}): **{'MET' if t['met'] else 'MISSED'}**.",
+        "",
+        "| tokens | A val loss | B val loss | B/A | A ppl | B ppl | A train s | B train s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for pa, pb, ratio in zip(r["curves"]["a"], r["curves"]["b"], q["val_loss_per_point"],
+                             strict=True):
+        lines.append(f"| {pa['tokens']:,} | {pa['val_loss']:.4f} | {pb['val_loss']:.4f} | "
+                     f"{ratio:.4f} | {pa['val_perplexity']:.2f} | {pb['val_perplexity']:.2f} | "
+                     f"{pa['train_s']:.1f} | {pb['train_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Validation loss (perplexity on the right axis) against tokens and training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import LogLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, x_key, label in ((axes[0], "tokens", "training tokens"),
+                             (axes[1], "train_s", "training time (s, without evaluation)")):
+        for k, marker in (("a", "o"), ("b", "s")):
+            pts = r["curves"][k]
+            ax.plot([p[x_key] for p in pts], [p["val_loss"] for p in pts], marker=marker,
+                    ms=4, label=f"{RUN_NAMES[k]}: {Path(r[k]['spec']).name}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        ppl = ax.secondary_yaxis("right", functions=(
+            lambda x: np.exp(np.minimum(x, 700.0)), lambda y: np.log(np.maximum(y, 1e-300))))
+        ppl.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ppl.set_ylabel("perplexity" if ax is axes[1] else "")
+    axes[0].set_ylabel("validation loss (nats / token)")
+    axes[0].legend()
+    q = r["ratios"]
+    fig.suptitle(f"bench quality — {r['device']}, {r['settings']['tokens']:,} tokens each; "
+                 f"B/A loss {q['val_loss']:.4f}, time {q['train_time']:.3f}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
+    paths = [out / "quality.json", out / "quality.md", out / "quality_curves.png"]
+    _atomic_write(paths[0], json.dumps(report, indent=2))
+    _atomic_write(paths[1], render_markdown(report))
+    plot(report, paths[2])
+    return paths
