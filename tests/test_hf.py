@@ -268,13 +268,23 @@ def test_export_writes_a_standard_directory(exported) -> None:
 
 
 REMOTE = r"""
-import importlib.util, sys
-src = sys.argv[3]
-sys.path[:] = [p for p in sys.path if not p.startswith(src)]
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-for name in [m for m in sys.modules if m == "subllm" or m.startswith("subllm.")]:
-    del sys.modules[name]
-assert importlib.util.find_spec("subllm") is None, "subllm is still importable"
+import importlib.abc, sys
+
+
+class NoSubllm(importlib.abc.MetaPathFinder):
+    # as if subllm were not installed, however it is installed (editable, site-packages)
+    def find_spec(self, name, path=None, target=None):
+        if name == "subllm" or name.startswith("subllm."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoSubllm())
+try:
+    import subllm  # noqa: F401
+    raise SystemExit("subllm is still importable")
+except ModuleNotFoundError:
+    pass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -295,7 +305,7 @@ def test_export_loads_with_trust_remote_code_without_subllm(exported, tmp_path: 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(result_file), str(SRC)],
+    proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(result_file)],
                           capture_output=True, text=True, env=env, cwd=tmp_path,
                           stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
