@@ -14,6 +14,7 @@ import sys
 # (module, description) for every verb that works. Modules register their own parsers.
 VERB_MODULES = [
     "subllm.info",
+    "subllm.estimate",
     "subllm.bench",
     "subllm.data",
     "subllm.train",

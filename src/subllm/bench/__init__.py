@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "train": "subllm.bench.pair:TRAIN",
     "infer": "subllm.bench.pair:INFER",
     "quality": "subllm.bench.quality",
+    "estimate": "subllm.bench.estimate",
 }
 
 

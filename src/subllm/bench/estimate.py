@@ -1,0 +1,465 @@
+"""`subllm bench estimate`: the memory planner (`subllm estimate`) against measured peaks.
+
+Every case (model x sequence length x mode) is a real training step — forward with labels,
+backward, AdamW step, `zero_grad(set_to_none=True)`, twice so that the second step holds
+the optimizer state — in a fresh Python subprocess. Its measured peak is compared with
+`subllm.estimate.estimate_memory` for the same settings:
+
+  cpu   the peak resident set of the process (VmHWM) minus its resident set just before
+        the model was built (after torch, transformers and subllm were imported)
+  cuda  torch.cuda.max_memory_allocated minus what was allocated before the model
+
+Modes: standard, checkpointing (block-level, non-reentrant), mst (`subllm.mst.apply_mst`).
+Models: presets, a transformers config.json, or `hf-llama:dim=256,layers=4,vocab=128256`
+(a randomly initialised transformers LlamaForCausalLM; see `subllm bench mst`).
+
+The CPU allocator: glibc's malloc keeps freed memory of tensors below its dynamic mmap
+threshold (up to 32 MiB) in its heap, so a process's resident set can stay far above the
+tensors it holds (60 % above on the tiny preset at 2048 tokens). `--allocator release`
+(default) runs the cases with `MALLOC_MMAP_THRESHOLD_=131072`, glibc's initial threshold
+made fixed: every tensor above 128 KiB is returned to the system when freed, so the
+resident set follows the live tensors, as `max_memory_allocated` does on a GPU.
+`--allocator glibc` measures with the defaults, `both` does both (the table then shows
+the default allocator's resident peak and its excess beside the estimate's error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from subllm.bench.mst import (
+    _atomic_write,
+    _mem_available,
+    _rss_bytes,
+    _watch_rss,
+    check_model,
+    machine_info,
+    peak_rss_bytes,
+)
+from subllm.bench.pair import parse_ints
+from subllm.errors import SubLLMError
+
+HELP = "the memory planner (subllm estimate) against peaks measured in training steps"
+MODES = ("standard", "checkpointing", "mst")
+TARGET = 0.15  # issue 6: within 15 % of the measured peak on every case
+RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+HF_SPEC = "hf-llama:dim=256,layers=4,vocab=128256"
+HF_SMALL_VOCAB = "hf-llama:dim=256,layers=4,vocab=512"
+# The validation suite of docs/benchmarks.md: (model, lengths, modes, batch, dtype, precision)
+DEFAULT_SUITE: list[tuple[str, list[int], tuple[str, ...], int, str, str]] = [
+    ("llama-tiny", [1024, 4096], MODES, 1, "fp32", "mixed"),
+    ("subllm-tiny", [1024, 4096], MODES, 1, "fp32", "mixed"),
+    ("llama-small", [1024], MODES, 1, "fp32", "mixed"),
+    ("subllm-small", [1024], MODES, 1, "fp32", "mixed"),
+    (HF_SPEC, [1024, 2048], MODES, 1, "fp32", "mixed"),
+    # a small vocabulary: the blocks' backward, not the loss, holds the peak
+    (HF_SMALL_VOCAB, [4096], MODES, 1, "fp32", "mixed"),
+    ("llama-tiny", [1024], ("standard", "mst"), 4, "fp32", "mixed"),
+    ("subllm-tiny", [2048], MODES, 1, "bf16", "mixed"),
+    (HF_SPEC, [2048], ("standard", "mst"), 1, "bf16", "mixed"),
+    ("llama-tiny", [2048], ("standard", "checkpointing"), 1, "bf16", "pure"),
+]
+
+
+# --------------------------------------------------------------------------------------
+# flags
+# --------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=None,
+                   help="a preset, a transformers config.json or an hf-llama:... spec; "
+                        "repeat for several (default: the built-in suite of "
+                        "docs/benchmarks.md)")
+    p.add_argument("--seq-lens", default="1024,2048",
+                   help="with --model: comma-separated lengths (default 1024,2048)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"with --model: comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--batch-size", type=int, default=1, help="with --model (default 1)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="with --model: fp32, or bf16/fp16 per --precision")
+    p.add_argument("--precision", choices=("mixed", "pure"), default="mixed",
+                   help="with --dtype bf16/fp16: mixed = autocast over fp32 weights "
+                        "(default), pure = the model cast to the dtype")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--allocator", choices=("release", "glibc", "both"), default="release",
+                   help="CPU: run the cases with a malloc that returns freed tensors to the "
+                        "system (release, default), with glibc's defaults, or both")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of the cases (default 1: memory does not depend on "
+                        "it, and one thread keeps a shared machine's cases quick)")
+    p.add_argument("--case-timeout", type=float, default=1800.0,
+                   help="seconds before a case is abandoned (default 1800)")
+    p.add_argument("--out", default="bench-out/estimate",
+                   help="output folder (default bench-out/estimate)")
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise SubLLMError(f"--modes {text!r}: choose from {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.model:
+        lens = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
+        modes = parse_modes(args.modes)
+        suite = [(m, lens, tuple(modes), args.batch_size, args.dtype, args.precision)
+                 for m in args.model]
+    else:
+        suite = DEFAULT_SUITE
+    cases = []
+    for model, lens, modes, batch, dtype, precision in suite:
+        check_model(model)
+        for n in lens:
+            for mode in modes:
+                cases.append({"model": model, "seq_len": n, "mode": mode, "batch_size": batch,
+                              "dtype": dtype,
+                              "precision": "fp32" if dtype == "fp32" else precision,
+                              "device": args.device})
+    return cases
+
+
+# --------------------------------------------------------------------------------------
+# the estimate for a case
+# --------------------------------------------------------------------------------------
+
+
+def case_shape(spec: str) -> Any:
+    """The planner's ModelShape for a `--model` spec of this benchmark."""
+    from subllm.bench.mst import _parse_spec
+    from subllm.estimate import load_hf_config, resolve_shape, shape_from_hf_config
+
+    kind = check_model(spec)
+    if kind == "hf-spec":
+        return shape_from_hf_config({"model_type": "llama", **_parse_spec(spec)}, spec)
+    if kind == "hf-config":
+        return shape_from_hf_config(load_hf_config(spec), spec)
+    return resolve_shape(spec, spec)
+
+
+def predict(case: dict[str, Any]) -> dict[str, Any]:
+    from subllm.estimate import estimate_memory
+
+    dtype = case["dtype"]
+    return estimate_memory(
+        case_shape(case["model"]), case["seq_len"], case["batch_size"], dtype=dtype,
+        precision="mixed" if case["precision"] == "fp32" else case["precision"],
+        checkpointing=case["mode"] == "checkpointing", mst=case["mode"] == "mst",
+        optimizer="adamw", device=case["device"])
+
+
+# --------------------------------------------------------------------------------------
+# one case, in its own process
+# --------------------------------------------------------------------------------------
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Two AdamW training steps; returns the peak memory above the pre-model baseline."""
+    import torch
+    import transformers  # noqa: F401  (imported before the baseline, like everything else)
+
+    from subllm.bench.mst import build_model
+    from subllm.mst import apply_mst, enable_checkpointing
+    from subllm.train import TrainConfig, make_optimizer
+
+    device = torch.device(case["device"])
+    if device.type == "cpu":
+        limit = _mem_available()
+        if limit:
+            _watch_rss(limit)
+        baseline = _rss_bytes()
+    else:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    seq_len, batch = case["seq_len"], case["batch_size"]
+    model = build_model(case["model"], seq_len)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["dtype"])
+    if case["precision"] == "pure":
+        model = model.to(low)
+    model = model.to(device).train()
+    if case["mode"] == "checkpointing":
+        enable_checkpointing(model)
+    elif case["mode"] == "mst":
+        apply_mst(model, checkpointing=True)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    autocast = case["precision"] == "mixed"
+    losses, times = [], []
+    for step in range(2):  # the second step holds AdamW's state as well
+        if hasattr(model, "set_step"):
+            model.set_step(step)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=low or torch.float32, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        del loss
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = peak_rss_bytes()
+    return {"ok": True, "measured_bytes": peak - baseline, "baseline_bytes": baseline,
+            "loss": losses[-1], "step_times_s": times}
+
+
+def measure(case: dict[str, Any], allocator: str, threads: int | None,
+            timeout: float) -> dict[str, Any]:
+    """Run one case in a fresh interpreter (never raises)."""
+    env = dict(os.environ)
+    for key in RELEASE_ENV:
+        env.pop(key, None)
+    if allocator == "release":
+        env.update(RELEASE_ENV)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory(prefix="subllm-bench-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "subllm.bench.estimate", "--worker", json.dumps(case),
+               str(result_file)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+        if proc.returncode == 0 and result_file.is_file():
+            return {**json.loads(result_file.read_text()), "wall_s": wall}
+        if proc.returncode < 0:
+            error = f"killed by signal {-proc.returncode} (out of memory?)"
+        else:
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            error = f"exit code {proc.returncode}: {tail[0]}"
+        return {"ok": False, "error": error, "wall_s": wall}
+
+
+# --------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f} %"
+
+
+def _abs_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def _case_label(c: dict[str, Any]) -> str:
+    prec = {"fp32": "fp32", "mixed": f"{c['dtype']} autocast", "pure": f"pure {c['dtype']}"}
+    return prec[c["precision"]] + (f", batch {c['batch_size']}" if c["batch_size"] != 1 else "")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["summary"]
+    measured = ("torch.cuda.max_memory_allocated" if report["device"] == "cuda" else
+                "peak resident set (VmHWM) of the case's fresh process minus its resident set "
+                "before the model was built")
+    alloc = ""
+    if report["device"] == "cpu":
+        alloc = (" Allocator: `MALLOC_MMAP_THRESHOLD_=131072` (freed tensors go back to the "
+                 "system)" if "release" in report["allocators"] else
+                 " Allocator: glibc defaults")
+        if report["allocators"] == ["release", "glibc"]:
+            alloc += "; `glibc` columns: the same case with glibc's defaults."
+        else:
+            alloc += "."
+    lines = [
+        "# subllm bench estimate — the memory planner against measured peaks",
+        "",
+        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} torch "
+        f"threads per case), torch {m['torch']}, transformers {m['transformers']}; device "
+        f"{report['device']}.",
+        f"Command: `{report['command']}`",
+        "",
+        f"Each case: 2 training steps (forward with labels, backward, AdamW, zero_grad) in a "
+        f"fresh process; measured = {measured}.{alloc} Error = (estimate - measured) / "
+        f"measured; target |error| <= {100 * TARGET:.0f} %.",
+        "",
+    ]
+    both = report["allocators"] == ["release", "glibc"]
+    head = ("| model | precision | seq len | mode | estimate (GiB) | measured (GiB) | error "
+            "| peak phase |")
+    rule = "|---|---|---:|---|---:|---:|---:|---|"
+    if both:
+        head += " glibc (GiB) | glibc error |"
+        rule += "---:|---:|"
+    lines += [head, rule]
+    for c in report["cases"]:
+        row = (f"| {c['model']} | {_case_label(c)} | {c['seq_len']} | {c['mode']} | "
+               f"{_gib(c['estimate_bytes'])} | "
+               + (_gib(c["measured_bytes"]) if c["ok"] else f"failed: {c.get('error')}")
+               + f" | {_pct(c.get('error'))} | {c['estimate_phase']} |")
+        if both:
+            g = c.get("glibc", {})
+            row += (f" {_gib(g.get('measured_bytes'))} | {_pct(g.get('error'))} |")
+        lines.append(row)
+    lines += [
+        "",
+        f"Cases: {s['cases']} ({s['failed']} failed); max |error| "
+        f"{_abs_pct(s['max_abs_error'])} (mean {_abs_pct(s['mean_abs_error'])}); within "
+        f"{100 * TARGET:.0f} %: {s['within_target']} of {s['cases'] - s['failed']}."
+        + (f" With glibc's defaults: max |error| {_abs_pct(s['glibc_max_abs_error'])}."
+           if s.get("glibc_max_abs_error") is not None else ""),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 5.2))
+    markers = {"standard": "o", "checkpointing": "s", "mst": "^"}
+    ok = [c for c in report["cases"] if c["ok"]]
+    for mode, mk in markers.items():
+        pts = [(c["measured_bytes"] / 2**30, c["estimate_bytes"] / 2**30) for c in ok
+               if c["mode"] == mode]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), marker=mk, label=mode, zorder=3)
+    glibc = [(c["glibc"]["measured_bytes"] / 2**30, c["estimate_bytes"] / 2**30) for c in ok
+             if c.get("glibc", {}).get("ok")]
+    if glibc:
+        ax.scatter(*zip(*glibc, strict=True), marker="x", color="grey",
+                   label="glibc defaults (measured)", zorder=2)
+    vals = [v for c in ok for v in (c["measured_bytes"], c["estimate_bytes"])]
+    if vals:
+        lo, hi = min(vals) / 2**30 / 1.3, max(vals) / 2**30 * 1.3
+        xs = [lo, hi]
+        ax.plot(xs, xs, color="black", lw=1, label="estimate = measured")
+        ax.fill_between(xs, [x * (1 - TARGET) for x in xs], [x * (1 + TARGET) for x in xs],
+                        color="green", alpha=0.12, label=f"±{100 * TARGET:.0f} %")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured peak (GiB)")
+    ax.set_ylabel("estimated peak (GiB)")
+    ax.set_title(f"subllm estimate vs measured — {report['device']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    errs = [abs(c["error"]) for c in cases if c["ok"]]
+    glibc = [abs(c["glibc"]["error"]) for c in cases if c.get("glibc", {}).get("ok")]
+    return {
+        "cases": len(cases), "failed": sum(not c["ok"] for c in cases),
+        "max_abs_error": max(errs) if errs else None,
+        "mean_abs_error": sum(errs) / len(errs) if errs else None,
+        "within_target": sum(e <= TARGET for e in errs), "target": TARGET,
+        "glibc_max_abs_error": max(glibc) if glibc else None,
+    }
+
+
+def _command_line() -> str:
+    return " ".join(["subllm", *sys.argv[1:]]) if sys.argv and "pytest" not in sys.argv[0] \
+        else "subllm bench estimate (called from Python)"
+
+
+# --------------------------------------------------------------------------------------
+# the verb
+# --------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size <= 0:
+        raise SubLLMError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.threads is not None and args.threads <= 0:
+        raise SubLLMError(f"--threads must be positive, got {args.threads}")
+    if args.case_timeout <= 0:
+        raise SubLLMError("--case-timeout must be positive")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SubLLMError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    cases = build_cases(args)
+    allocators = ["release"]
+    if args.device == "cpu":
+        allocators = {"release": ["release"], "glibc": ["glibc"],
+                      "both": ["release", "glibc"]}[args.allocator]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for case in cases:
+        est = predict(case)
+        row: dict[str, Any] = {**case, "estimate_bytes": est["peak_bytes"],
+                               "estimate_phase": est["phase"],
+                               "estimate_breakdown": est["breakdown"]}
+        for i, alloc in enumerate(allocators):
+            r = measure(case, alloc, args.threads, args.case_timeout)
+            if r["ok"]:
+                r["error"] = (est["peak_bytes"] - r["measured_bytes"]) / r["measured_bytes"]
+            if i == 0:
+                row.update(r)
+            else:
+                row[alloc] = r
+        print(f"  {case['model']:<12.40} {_case_label(case):<18} L={case['seq_len']:<6} "
+              f"{case['mode']:<13} estimate {_gib(row['estimate_bytes'])} GiB  " + (
+                  f"measured {_gib(row['measured_bytes'])} GiB  error {_pct(row['error'])}"
+                  if row["ok"] else f"failed: {row['error']}")
+              + (f"  (glibc {_gib(row['glibc'].get('measured_bytes'))} GiB)"
+                 if "glibc" in row else ""), flush=True)
+        results.append(row)
+
+    import torch
+
+    machine = machine_info(args.device)
+    machine["threads"] = args.threads if args.device == "cpu" else torch.get_num_threads()
+    report = {"bench": "estimate", "command": _command_line(), "device": args.device,
+              "allocators": allocators,
+              "allocator_env": RELEASE_ENV if "release" in allocators else {},
+              "machine": machine, "cases": results, "summary": _summary(results)}
+    _atomic_write(out / "estimate.json", json.dumps(report, indent=2))
+    _atomic_write(out / "estimate.md", render_markdown(report))
+    render_plot(report, out / "estimate.png")
+    s = report["summary"]
+    print(f"max |error| {_abs_pct(s['max_abs_error'])} over {s['cases'] - s['failed']} cases "
+          f"({s['within_target']} within {100 * TARGET:.0f} %); wrote {out / 'estimate.json'}, "
+          f"{out / 'estimate.md'}, {out / 'estimate.png'}")
+    return 0
+
+
+def _worker_main(argv: list[str]) -> int:
+    case, result_path = json.loads(argv[0]), Path(argv[1])
+    _atomic_write(result_path, json.dumps(run_case(case)))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    print("usage: subllm bench estimate ... (this module's own entry point is the case worker)",
+          file=sys.stderr)
+    sys.exit(2)
+

@@ -1,0 +1,872 @@
+"""`subllm estimate`: predicted peak memory of a training step, and the longest sequence that fits.
+
+The planner walks a training step (forward with labels, backward, optimizer step) through
+the points where the peak can be — the end of the forward pass and the loss, the loss's
+backward, each block's backward (its MLP, its second norm, its attention), the embedding's
+backward, the optimizer step — and adds up the tensors alive at each; the peak is the
+largest sum, reported with its breakdown. It is analytical and needs no model in memory,
+so a search over the sequence length is instant. `subllm bench estimate` compares it with
+peaks measured in real training steps (docs/benchmarks.md).
+
+What it assumes. Every per-token figure was read off the tensors the autograd graph of our
+blocks and of transformers' Llama keeps (torch 2.13, transformers 5), and the planner's
+sum matches the CPU allocator's live bytes in real steps to within 4 % (tests/test_estimate.py):
+
+- **Attention** is `scaled_dot_product_attention` with a fused kernel: flash or
+  memory-efficient on a GPU (bf16/fp16; fp32 with grouped KV heads may fall back to the
+  math kernel there, which is not modelled); on a CPU torch >= 2.3 runs its own flash
+  kernel for every case we train, grouped KV heads and masks included. It keeps q, k, v,
+  its output and an fp32 logsumexp per head and query: O(L) per block, nothing L x L.
+- **Per block** (d = hidden size, f = ffn size, per token): fp32 keeps 6 d-vectors (block
+  input, each RMSNorm's normalised value and output, the residual after attention), q, k,
+  v, the attention output, and SwiGLU's 4 f-vectors, all 4 bytes. Mixed precision keeps
+  the residual stream and the normalised values in fp32, but each projection keeps its
+  own 2-byte cast of its norm's output (3 before q/k/v, 2 before gate/up) and q/k/v,
+  attention and SwiGLU are 2 bytes. Pure 2-byte precision keeps each norm's fp32 copy of
+  its input and everything else in 2 bytes. Backward adds, at the SwiGLU product, the
+  product's gradient and the two it produces, and at each RMSNorm five fp32 temporaries.
+- **SUBLLM**: a block inside a segment holds ceil(keep * n) tokens of the n entering the
+  segment (nested segments multiply); each segment also keeps its full-length input and
+  the two kept-length operands of its bypass. Only the activations scale.
+- **Activation checkpointing** (non-reentrant, per block) keeps each block's input; in
+  backward one block at a time is recomputed, so one block's activations exist then.
+- **MsT** (DESIGN 4, `subllm.mst.apply_mst` defaults) = checkpointing + the MLP in
+  ceil(ffn / d) mini-sequences never shorter than 1024 tokens (rows under 2048 tokens
+  are not split) + the LM head and cross-entropy in chunks of
+  max(ceil(rows / ceil(vocab / d)), 256) rows; the fp32 gradients for the hidden states
+  and the head weight are formed in the forward pass and held until backward.
+- **Standard loss**: the fp32 log-softmax of all logits is kept; its backward holds three
+  (rows x vocab) fp32 tensors at once. Rows are batch * (length - 1) for our models (the
+  logits are shifted first) and batch * length for transformers'. A transformers model in
+  training mode also builds a KV cache during the forward pass unless checkpointing is on.
+- **Precision** (`dtype`): `fp32`; `bf16` / `fp16` with `precision="mixed"` (default) =
+  autocast over fp32 weights, as `subllm train --dtype bf16` and transformers' Trainer
+  with `bf16=True` run: fp32 weights, gradients and optimizer state, plus the 2-byte
+  copies autocast makes of every linear weight (all alive at the end of the forward
+  pass); `precision="pure"` = the model cast to the dtype (`model.to(torch.bfloat16)`):
+  weights, gradients, optimizer state and activations in 2 bytes.
+- **Optimizer**: AdamW / Adam keep two state tensors per parameter, SGD (momentum) one.
+  Gradients exist from the backward pass to the optimizer step
+  (`zero_grad(set_to_none=True)`). On a CPU torch's AdamW goes parameter by parameter
+  with two temporaries of the parameter; on a GPU we assume the fused AdamW
+  (`fused=True`, as `subllm train`), which has none.
+- **Runtime overhead** (not tensors): on a CPU the resident memory a training step adds
+  besides its tensors (see CPU_RUNTIME_OVERHEAD); on a GPU cuBLAS's workspaces. The CUDA
+  context is outside `torch.cuda.max_memory_allocated` and outside the estimate; the fit
+  search keeps `reserve` bytes (default 1 GiB) for it and for the allocator's
+  fragmentation.
+- **CPU resident memory** is predicted for an allocator that returns freed memory (e.g.
+  `MALLOC_MMAP_THRESHOLD_=131072`); glibc's default malloc keeps freed tensors below 32
+  MiB in its heap, and the resident peak can then be 1.3-2.5x the estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from subllm.errors import SubLLMError
+
+GiB = 2**30
+MiB = 2**20
+DTYPES = ("fp32", "bf16", "fp16")
+PRECISIONS = ("mixed", "pure")
+OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd": 1}  # state tensors per parameter
+DEVICES = ("cuda", "cpu")
+# Resident memory a training step adds on a CPU besides its tensors: library code paged in
+# on first use, thread stacks, the Python objects of the model and its autograd graph.
+# Measured on this project's machine (torch 2.13) as the resident peak of `llama-tiny` at
+# 64 tokens, whose tensors the planner counts exactly, minus those tensors: 26-28 MiB in
+# fp32 (MsT included), 38 MiB under bf16 autocast, whose matmuls run in oneDNN kernels
+# compiled and cached per problem shape (1.75 MiB per linear layer and token count in a
+# micro-benchmark). Each further token count a SUBLLM nesting level brings adds new
+# shapes: 11 MiB per level (subllm-tiny: 57 MiB against llama-tiny's 31-38; half of the
+# difference goes with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0).
+CPU_RUNTIME_OVERHEAD = {"fp32": 28 * MiB, "mixed": 38 * MiB, "pure": 38 * MiB}
+CPU_2BYTE_LEVEL_OVERHEAD = 11 * MiB
+# cuBLAS + cuBLASLt workspaces allocated through torch's caching allocator (32 MiB each on
+# Hopper with torch's defaults); not validated on a GPU here.
+CUDA_RUNTIME_OVERHEAD = 64 * MiB
+CUDA_DEFAULT_RESERVE = 1 * GiB  # CUDA context + allocator fragmentation, for the fit search
+MLP_MIN_CHUNK = 1024  # subllm.mst.apply_mst defaults
+LOSS_MIN_CHUNK = 256
+GRANULE = 256
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "attention",
+              "logits_loss", "weight_copies", "transient", "runtime_overhead")
+COMPONENT_HELP = {
+    "weights": "model parameters",
+    "gradients": "parameter gradients accumulated so far",
+    "optimizer_state": "AdamW moments / SGD momentum",
+    "activations": "tensors saved for backward: block inputs, norms, MLP, residuals, "
+                   "SUBLLM segments",
+    "attention": "tensors SDPA keeps: q, k, v, output, logsumexp (O(L), fused kernel)",
+    "logits_loss": "logits, log-probabilities and their gradients (or MsT's chunk "
+                   "buffers)",
+    "weight_copies": "2-byte copies of the linear weights made by autocast",
+    "transient": "temporaries of the phase (backward gradients of a block's MLP, "
+                 "optimizer temporaries, ...)",
+    "runtime_overhead": "cuBLAS workspaces",
+}
+CPU_OVERHEAD_HELP = "code, oneDNN kernels and thread stacks a training step pages in"
+
+
+# --------------------------------------------------------------------------------------
+# the model's shape
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a model (ours or a transformers Llama-family one)."""
+
+    name: str
+    source: str  # "subllm" or "transformers"
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    tie_embeddings: bool
+    structure: str  # "T" * n_layers for a LLaMA
+    keep: tuple[float, ...] = ()  # keep ratio per nesting depth
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    max_seq_len: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def n_segments(self) -> int:
+        return self.structure.count("(")
+
+    def block_params(self) -> int:
+        d, q, kv, f = self.dim, self.q_dim, self.kv_dim, self.ffn_dim
+        n = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d  # projections, MLP, two norms
+        if self.qkv_bias:
+            n += q + 2 * kv
+        if self.o_bias:
+            n += d
+        if self.mlp_bias:
+            n += 2 * f + d
+        return n
+
+    def linear_params(self) -> int:
+        """Parameters autocast casts: every linear weight (the LM head included)."""
+        d, q, kv, f = self.dim, self.q_dim, self.kv_dim, self.ffn_dim
+        per_block = d * q + 2 * d * kv + q * d + 3 * d * f
+        return self.n_layers * per_block + self.vocab_size * d
+
+    def param_count(self) -> int:
+        n = self.vocab_size * self.dim  # embedding
+        n += self.n_layers * self.block_params()
+        n += 2 * self.dim * self.n_segments  # subsampler scorers (d -> 1) and bypass scales
+        n += self.dim  # final norm
+        if not self.tie_embeddings:
+            n += self.vocab_size * self.dim
+        return n
+
+    def largest_param(self) -> int:
+        return max(self.vocab_size * self.dim, self.dim * self.ffn_dim,
+                   self.dim * self.q_dim)
+
+    def level_lengths(self, length: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """Row length seen by each block, and (entering, kept) row lengths per segment in
+        the order of their `(`: ceil(keep * n) as in training-mode top-k."""
+        from subllm.config import Segment, parse_structure
+
+        blocks: dict[int, int] = {}
+        segs: dict[int, tuple[int, int]] = {}
+
+        def walk(items: list, n: int) -> None:
+            for item in items:
+                if isinstance(item, Segment):
+                    keep = self.keep[item.depth - 1]
+                    k = math.ceil(round(n * keep, 6))
+                    segs[item.index] = (n, k)
+                    walk(item.children, k)
+                else:
+                    blocks[item] = n
+
+        walk(parse_structure(self.structure), length)
+        return ([blocks[i] for i in range(self.n_layers)],
+                [segs[i] for i in range(len(segs))])
+
+    def describe(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["keep"] = list(self.keep)
+        d["parameters"] = self.param_count()
+        return d
+
+
+def shape_from_config(config: Any, name: str = "") -> ModelShape:
+    """A ModelShape from a `subllm.ModelConfig`."""
+    from subllm.config import ModelConfig
+
+    if not isinstance(config, ModelConfig):
+        raise SubLLMError(f"expected a subllm ModelConfig, got {type(config).__name__}")
+    return ModelShape(
+        name=name or ("subllm" if config.is_subllm else "llama"), source="subllm",
+        vocab_size=config.vocab_size, dim=config.dim, n_layers=config.n_layers,
+        n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
+        head_dim=config.resolved_head_dim, ffn_dim=config.ffn_dim,
+        tie_embeddings=config.tie_embeddings, structure=config.structure,
+        keep=tuple(config.keep_per_depth) if config.is_subllm else (),
+        max_seq_len=config.max_seq_len,
+    )
+
+
+def _hf_int(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise SubLLMError(f"{where}: {key!r} must be a positive integer, got {v!r}")
+    return v
+
+
+def shape_from_hf_config(cfg: Any, name: str = "") -> ModelShape:
+    """A ModelShape from a transformers config (a `config.json` dict or a PretrainedConfig)
+    of the Llama family: LlamaConfig, MistralConfig, Qwen2Config fields."""
+    if not isinstance(cfg, dict):
+        if hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        else:
+            raise SubLLMError(f"expected a transformers config or a dict, got "
+                              f"{type(cfg).__name__}")
+    where = name or "Hugging Face config"
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
+        cfg = cfg["text_config"]
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in HF_MODEL_TYPES:
+        raise SubLLMError(
+            f"{where}: model_type {model_type!r} is not supported; the planner knows the "
+            f"Llama-family layouts {', '.join(HF_MODEL_TYPES)}"
+        )
+    d = _hf_int(cfg, "hidden_size", where)
+    heads = _hf_int(cfg, "num_attention_heads", where)
+    kv = _hf_int(cfg, "num_key_value_heads", where, heads)
+    head_dim = cfg.get("head_dim") or d // heads
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise SubLLMError(f"{where}: 'head_dim' must be a positive integer, got {head_dim!r}")
+    if heads % kv:
+        raise SubLLMError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                          f"num_key_value_heads={kv}")
+    layers = _hf_int(cfg, "num_hidden_layers", where)
+    sliding = cfg.get("sliding_window") if (model_type == "mistral" or
+                                            cfg.get("use_sliding_window")) else None
+    return ModelShape(
+        name=name or model_type, source="transformers",
+        vocab_size=_hf_int(cfg, "vocab_size", where), dim=d, n_layers=layers,
+        n_heads=heads, n_kv_heads=kv, head_dim=head_dim,
+        ffn_dim=_hf_int(cfg, "intermediate_size", where),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        structure="T" * layers,
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        sliding_window=sliding if isinstance(sliding, int) and sliding > 0 else None,
+        max_seq_len=cfg.get("max_position_embeddings"),
+        extra={"model_type": model_type},
+    )
+
+
+def load_hf_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise SubLLMError(f"Hugging Face config {str(p)!r} does not exist")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SubLLMError(f"cannot parse {str(p)!r}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise SubLLMError(f"{str(p)!r} is not a JSON object of config fields")
+    return cfg
+
+
+def resolve_shape(model: Any, name: str = "") -> ModelShape:
+    """A ModelShape from a ModelShape, a subllm ModelConfig, a transformers config (object
+    or dict), or a string: a preset name, a subllm YAML/JSON config, a transformers
+    config.json (detected by its `hidden_size` field)."""
+    from subllm.config import PRESETS, ModelConfig
+
+    if isinstance(model, ModelShape):
+        return model
+    if isinstance(model, ModelConfig):
+        return shape_from_config(model, name)
+    if isinstance(model, dict) or hasattr(model, "to_dict"):
+        return shape_from_hf_config(model, name)
+    if isinstance(model, str):
+        if model in PRESETS:
+            return shape_from_config(ModelConfig.preset(model), model)
+        p = Path(model)
+        if p.suffix == ".json" and p.is_file():
+            cfg = load_hf_config(p)
+            if "hidden_size" in cfg:
+                return shape_from_hf_config(cfg, name or p.stem)
+        return shape_from_config(ModelConfig.load(model), name or model)
+    raise SubLLMError(f"cannot plan for a {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# byte sizes of the tensors a step keeps
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Bytes:
+    """Bytes per element of the tensor kinds a step keeps, for one precision setting."""
+
+    weight: int  # parameters, gradients, optimizer state
+    act: int  # outputs of linear layers and attention
+    resid: int  # residual stream (block inputs and outputs)
+    mode: str  # "fp32" | "mixed" | "pure"
+
+
+def _bytes(dtype: str, precision: str) -> _Bytes:
+    if dtype == "fp32":
+        return _Bytes(4, 4, 4, "fp32")
+    if precision == "mixed":
+        return _Bytes(4, 2, 4, "mixed")
+    return _Bytes(2, 2, 2, "pure")
+
+
+@dataclass(frozen=True)
+class _BlockBytes:
+    """Bytes per token one standard block keeps for backward, in three parts."""
+
+    attn_half: int  # block input, first norm (normalised value, output or its casts)
+    mlp_half: int  # residual after attention, second norm, SwiGLU's four tensors
+    attention: int  # what SDPA keeps: q, k, v, output, fp32 logsumexp
+    mlp_intermediate: int  # the SwiGLU part of mlp_half (4 x ffn)
+    mlp_half_chunked: int  # mlp_half under MsT's chunked MLP (no SwiGLU tensors kept)
+
+    @property
+    def total(self) -> int:
+        return self.attn_half + self.mlp_half + self.attention
+
+
+def _block_saved(s: ModelShape, b: _Bytes) -> _BlockBytes:
+    """What one standard block keeps for backward, per token it sees."""
+    d, f, q, kv = s.dim, s.ffn_dim, s.q_dim, s.kv_dim
+    attention = b.act * (2 * q + 2 * kv) + 4 * s.n_heads
+    swiglu = 4 * f * b.act  # gate, silu(gate), up, their product
+    if b.mode == "fp32":
+        # input, normalised, output | residual, normalised, output (+ an fp32 rsqrt each)
+        attn_half, mlp_half, chunked = 3 * 4 * d, 3 * 4 * d + swiglu, 3 * 4 * d
+    elif b.mode == "mixed":
+        # fp32 input and normalised value + one 2-byte cast of the norm output per
+        # projection (q, k, v) | fp32 residual and normalised value + casts for gate, up.
+        # Chunked, the MLP keeps the fp32 norm output instead (its chunks cast it).
+        attn_half, mlp_half, chunked = 8 * d + 3 * 2 * d, 8 * d + 2 * 2 * d + swiglu, 12 * d
+    else:
+        # each norm keeps an fp32 copy of its input and 2-byte normalised value and output
+        attn_half, mlp_half, chunked = 8 * d, 8 * d + swiglu, 8 * d
+    return _BlockBytes(attn_half + 4, mlp_half + 4, attention, swiglu, chunked + 4)
+
+
+def _final_saved(s: ModelShape, b: _Bytes, chunked_loss: bool) -> int:
+    """Per token: the final norm (its input, normalised value, and the output the LM head
+    keeps unless the loss is chunked)."""
+    d = s.dim
+    if b.mode == "fp32":
+        return 4 * d + 4 * d + (0 if chunked_loss else 4 * d)
+    if b.mode == "mixed":
+        return 4 * d + 4 * d + (0 if chunked_loss else 2 * d)
+    return 4 * d + 2 * d + (0 if chunked_loss else 2 * d)
+
+
+def _segment_saved(s: ModelShape, b: _Bytes, n_in: int, n_kept: int) -> int:
+    """Bytes (per row) a SUBLLM segment keeps outside its blocks: its full-length input
+    (kept by the scorer and the gathers; plus the scorer's 2-byte cast under autocast),
+    the two kept-length operands of the bypass product, and small per-token indices,
+    scores and weights."""
+    d = s.dim
+    x_out = b.resid * d + (2 * d if b.mode == "mixed" else 0)
+    return n_in * (x_out + 24) + n_kept * (2 * b.resid * d + 12)
+
+
+def _rope_bytes(s: ModelShape, b: _Bytes) -> int:
+    """Per token and nesting level: the cos and sin tables (residual dtype)."""
+    return 2 * s.head_dim * b.resid
+
+
+def _segment_first_blocks(s: ModelShape) -> list[int]:
+    """Index of the first block inside each segment, in the order of their `(`."""
+    from subllm.config import Segment, parse_structure
+
+    out: dict[int, int] = {}
+
+    def walk(items: list) -> None:
+        for item in items:
+            if isinstance(item, Segment):
+                out[item.index] = item.blocks()[0]
+                walk(item.children)
+
+    walk(parse_structure(s.structure))
+    return [out[j] for j in range(len(out))]
+
+
+def _mlp_chunks(s: ModelShape, row_len: int) -> int:
+    """subllm.mst.MiniSequenceMLP.n_chunks with the default chunk count and floor."""
+    return max(1, min(max(1, math.ceil(s.ffn_dim / s.dim)), row_len // MLP_MIN_CHUNK))
+
+
+# --------------------------------------------------------------------------------------
+# the phases of a step
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Inputs of one estimate (see estimate_memory)."""
+
+    shape: ModelShape
+    seq_len: int
+    batch_size: int = 1
+    dtype: str = "fp32"
+    precision: str = "mixed"
+    checkpointing: bool = False
+    mst: bool = False
+    optimizer: str = "adamw"
+    device: str = "cuda"
+
+
+def _phases(p: Plan) -> dict[str, dict[str, int]]:
+    """Bytes alive, by component, at every point of a step where the peak can be."""
+    s, B, L = p.shape, p.batch_size, p.seq_len
+    b = _bytes(p.dtype, p.precision)
+    ckpt = p.checkpointing or p.mst
+    n_params = s.param_count()
+    weights = n_params * b.weight
+    grads_full = n_params * b.weight
+    opt_state = OPTIMIZERS[p.optimizer] * n_params * b.weight
+    rows, segs = s.level_lengths(p.seq_len)
+    if p.device == "cpu":
+        overhead = CPU_RUNTIME_OVERHEAD[b.mode]
+        if b.mode != "fp32":  # oneDNN kernels for each further token count
+            overhead += CPU_2BYTE_LEVEL_OVERHEAD * (len(set(rows)) - 1)
+    else:
+        overhead = CUDA_RUNTIME_OVERHEAD
+    lin_copies = 2 * s.linear_params() if b.mode == "mixed" else 0
+    block_w_copy = 2 * (s.linear_params() - s.vocab_size * s.dim) // max(s.n_layers, 1) \
+        if b.mode == "mixed" else 0
+    head_w_copy = 2 * s.vocab_size * s.dim if b.mode == "mixed" else 0
+    block_grad = s.block_params() * b.weight
+    head_grad = (s.vocab_size * s.dim + s.dim) * b.weight  # LM head (or tied) + final norm
+
+    bb = _block_saved(s, b)
+    T = B * L
+    d, f, a, r = s.dim, s.ffn_dim, b.act, b.resid
+
+    # what each block keeps between its forward and its backward
+    kept_act = [B * n * (d * r if ckpt else bb.attn_half + bb.mlp_half) for n in rows]
+    kept_attn = [0 if ckpt else B * n * bb.attention for n in rows]
+    mask = B * L * L if s.sliding_window and L > s.sliding_window else 0  # transformers'
+    seg_bytes = [B * _segment_saved(s, b, n_in, n_k) for n_in, n_k in segs]
+    rope = B * (L + sum(n_k for _, n_k in segs)) * _rope_bytes(s, b) + 8 * T  # + token ids
+    final = T * _final_saved(s, b, p.mst)
+    all_act = sum(kept_act) + sum(seg_bytes) + rope + final
+    all_attn = sum(kept_attn) + mask
+
+    phases: dict[str, dict[str, int]] = {}
+
+    def add(name: str, **parts: int) -> None:
+        row = {c: 0 for c in COMPONENTS}
+        row.update(weights=weights, optimizer_state=opt_state, runtime_overhead=overhead)
+        for k, v in parts.items():
+            row[k] += int(v)
+        phases[name] = row
+
+    # ---- the loss ------------------------------------------------------------------
+    V = s.vocab_size
+    if p.mst:
+        n = B * (L - 1)  # targets (labels shifted, last position ignored)
+        m = max(1, math.ceil(V / d))
+        c = min(n, max(1, math.ceil(n / m), LOSS_MIN_CHUNK))
+        h_bytes = 4 if b.mode != "pure" else 2  # the final norm's output dtype
+        w_copy = 2 * V * d if b.mode == "mixed" else 0  # the head weight in the compute dtype
+        # the final norm's output and its copy of the rows with targets, fp32 gradient
+        # buffers for them and for the head weight
+        base = T * d * h_bytes + n * d * h_bytes + w_copy
+        # per chunk: fp32 logits + logsumexp's temporary, or 2-byte products before a cast
+        chunk = max(2 * 4 * c * V, (4 + 2) * c * V + (2 * V * d if b.mode != "fp32" else 0))
+        loop = base + 4 * n * d + 4 * V * d + chunk
+        end = base + 2 * (4 * n * d + 4 * V * d)  # the buffers and their scaled copies
+        add("loss forward (MsT chunks)", activations=all_act, attention=all_attn,
+            logits_loss=max(loop, end), weight_copies=lin_copies - head_w_copy)
+        held = n * d * h_bytes + V * d * b.weight  # the scaled gradients, until backward
+        add("loss backward (MsT)", activations=all_act, attention=all_attn,
+            logits_loss=2 * held)
+    else:
+        shifted = s.source == "subllm"
+        lrows = B * (L - 1) if shifted else T
+        fwd = T * V * a  # logits
+        if shifted and B > 1:
+            fwd += lrows * V * a  # logits[:, :-1].flatten(0, 1) copies
+        if a != 4:
+            fwd += lrows * V * 4  # .float()
+        fwd += lrows * V * 4  # log-probabilities
+        # alive until the model returns: the final norm's output where nothing keeps it
+        # (under autocast only its cast is kept), and transformers' KV cache (models in
+        # training mode build one unless use_cache=False or checkpointing is on; keys
+        # after RoPE and values, promoted to fp32 under autocast)
+        fwd_other = T * d * 4 if b.mode == "mixed" else 0
+        if s.source == "transformers" and not ckpt:
+            fwd_other += s.n_layers * T * s.kv_dim * 2 * (4 if b.mode != "pure" else 2)
+        add("loss forward", activations=all_act + fwd_other, attention=all_attn,
+            logits_loss=fwd, weight_copies=lin_copies)
+        add("loss backward", activations=all_act, attention=all_attn,
+            logits_loss=3 * lrows * V * 4,
+            weight_copies=head_w_copy if ckpt else lin_copies)
+
+    # ---- the blocks, last to first -----------------------------------------------------
+    # a segment's own tensors are freed once backward has gone through its first block
+    first_block = _segment_first_blocks(s)
+    grads = head_grad
+    best: dict[str, int] | None = None
+    below_act, below_attn = sum(kept_act), sum(kept_attn)
+    for i in range(s.n_layers - 1, -1, -1):
+        n = rows[i]
+        t = B * n
+        below_act -= kept_act[i]
+        below_attn -= kept_attn[i]
+        live_segs = sum(sb for j, sb in enumerate(seg_bytes) if first_block[j] <= i)
+        other = below_act + live_segs + rope + mask
+        # standard: autocast's copies of this block's and earlier blocks' weights are still
+        # held by their nodes; checkpointing recomputes (and re-casts) this block only
+        copies = block_w_copy * (1 if ckpt else i + 1)
+        chunks = _mlp_chunks(s, n) if p.mst else 1
+        attn_half = t * bb.attn_half
+        attention = below_attn + t * bb.attention
+        if chunks > 1:
+            # one chunk recomputed: its gate, silu and up outputs and, at the product's
+            # backward, the three gradients there; the input gradients of the chunks done
+            # so far wait in the split's buffer
+            tc = B * math.ceil(n / chunks)
+            mlp_half = t * bb.mlp_half_chunked
+            mlp_tmp = 6 * tc * f * a + t * d * r * (chunks - 1) // chunks
+            if a != r:  # the 2-byte cast of the MLP's output gradient, sliced per chunk
+                mlp_tmp += t * d * a
+            mlp_w_grads = 3 * d * f * b.weight  # accumulated over the chunks done
+        else:
+            # at the SwiGLU product's backward: its incoming gradient and the two it
+            # produces exist, the product itself is freed
+            mlp_half = t * bb.mlp_half
+            mlp_tmp = 2 * t * f * a
+            mlp_w_grads = d * f * b.weight  # the down projection's
+        w_grad_tmp = 2 * d * f if b.mode != "fp32" else 0  # a 2-byte weight gradient
+        moments = [
+            # MLP backward: the incoming residual gradient + the MLP's temporaries
+            dict(activations=other + attn_half + mlp_half, attention=attention,
+                 transient=t * d * r + mlp_tmp + w_grad_tmp, gradients=mlp_w_grads),
+            # the second norm's backward (after the MLP's): its fp32 input (or fp32 copy of
+            # it) is still kept; the residual gradient, the MLP branch's, and five fp32
+            # temporaries of RMSNorm's backward (through the cast, x * rsqrt, mean, pow)
+            dict(activations=other + attn_half + t * (4 * d + 4), attention=attention,
+                 transient=t * d * r + t * d * a + 5 * t * d * 4),
+            # attention backward: the MLP half is freed; gradients of the attention output,
+            # q, k and v exist besides the residual gradient
+            dict(activations=other + attn_half, attention=attention,
+                 transient=t * d * r + t * (2 * s.q_dim + 2 * s.kv_dim) * a),
+        ]
+        for moment in moments:
+            row = {c: 0 for c in COMPONENTS}
+            row.update(weights=weights, optimizer_state=opt_state, runtime_overhead=overhead,
+                       gradients=grads, weight_copies=copies)
+            for k, v in moment.items():
+                row[k] += int(v)
+            if best is None or sum(row.values()) > sum(best.values()):
+                best = row
+        grads += block_grad
+    assert best is not None
+    phases["backward (blocks)"] = best
+
+    # ---- embedding, optimizer ----------------------------------------------------------
+    emb_tmp = V * d * b.weight if s.tie_embeddings else 0  # dense grad before accumulation
+    add("backward (embedding)", gradients=grads_full, transient=emb_tmp + T * d * r)
+    opt_tmp = 0
+    if p.device == "cpu" and p.optimizer in ("adamw", "adam"):
+        opt_tmp = 2 * s.largest_param() * b.weight  # sqrt and division, one parameter
+    add("optimizer step", gradients=grads_full, transient=opt_tmp)
+    return phases
+
+
+def estimate_memory(
+    model: Any,
+    seq_len: int,
+    batch_size: int = 1,
+    dtype: str = "fp32",
+    checkpointing: bool = False,
+    mst: bool = False,
+    optimizer: str = "adamw",
+    device: str = "cuda",
+    precision: str = "mixed",
+    name: str = "",
+) -> dict[str, Any]:
+    """Predicted peak memory of one training step (forward with labels + backward +
+    optimizer step), in bytes.
+
+    model: a preset name, a subllm ModelConfig or config file, a transformers config
+    (PretrainedConfig, dict, or config.json path) of the Llama family, or a ModelShape.
+    dtype: fp32, or bf16/fp16 with `precision` "mixed" (autocast over fp32 weights) or
+    "pure" (the model cast to the dtype). mst implies checkpointing.
+
+    Returns {"peak_bytes", "phase" (where the peak is), "breakdown" (bytes by component at
+    the peak), "phases" (every phase's components), "model", "settings"}.
+    """
+    shape = resolve_shape(model, name)
+    _check_settings(seq_len, batch_size, dtype, precision, optimizer, device)
+    plan = Plan(shape, seq_len, batch_size, dtype, precision if dtype != "fp32" else "mixed",
+                checkpointing or mst, mst, optimizer, device)
+    phases = _phases(plan)
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    breakdown = phases[peak_phase]
+    return {
+        "peak_bytes": sum(breakdown.values()),
+        "phase": peak_phase,
+        "breakdown": dict(breakdown),
+        "phases": {k: {"total": sum(v.values()), **v} for k, v in phases.items()},
+        "model": shape.describe(),
+        "settings": {"seq_len": seq_len, "batch_size": batch_size, "dtype": dtype,
+                     "precision": plan.precision if dtype != "fp32" else "fp32",
+                     "checkpointing": plan.checkpointing, "mst": mst,
+                     "optimizer": optimizer, "device": device},
+    }
+
+
+def _check_settings(seq_len: int, batch_size: int, dtype: str, precision: str,
+                    optimizer: str, device: str) -> None:
+    for flag, v in (("seq-len", seq_len), ("batch-size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise SubLLMError(f"--{flag} must be a positive integer, got {v!r}")
+    if seq_len < 2:
+        raise SubLLMError(f"--seq-len must be at least 2 (next-token targets), got {seq_len}")
+    if dtype not in DTYPES:
+        raise SubLLMError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise SubLLMError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZERS:
+        raise SubLLMError(f"--optimizer {optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+    if device not in DEVICES:
+        raise SubLLMError(f"--device {device!r}: choose from {', '.join(DEVICES)}")
+
+
+def longest_fit(model: Any, budget_bytes: int, batch_size: int = 1, granule: int = GRANULE,
+                max_len: int = 1 << 24, **settings: Any) -> dict[str, Any]:
+    """Longest sequence (a multiple of `granule`) whose estimated peak is <= budget_bytes:
+    doubling from `granule`, then bisection. The answer L satisfies estimate(L) <= budget
+    < estimate(L + granule) unless L == max_len (everything up to max_len fits) or L == 0
+    (not even `granule` tokens fit)."""
+    shape = resolve_shape(model)
+    if granule <= 0 or max_len < granule:
+        raise SubLLMError("longest_fit: need 0 < granule <= max_len")
+
+    def peak(n: int) -> int:
+        return estimate_memory(shape, n, batch_size, **settings)["peak_bytes"]
+
+    probes = 0
+    lo, hi = 0, None  # lo fits (0: nothing yet), hi does not
+    n = granule
+    while hi is None:
+        n = min(n, max_len // granule * granule)
+        probes += 1
+        if peak(n) > budget_bytes:
+            hi = n
+        elif n >= max_len // granule * granule:
+            return {"seq_len": n, "capped": True, "probes": probes, "granule": granule}
+        else:
+            lo, n = n, n * 2
+    while hi - lo > granule:
+        mid = (lo + hi) // 2 // granule * granule
+        probes += 1
+        if peak(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return {"seq_len": lo, "capped": False, "probes": probes, "granule": granule}
+
+
+# --------------------------------------------------------------------------------------
+# the verb
+# --------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
+          "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40,
+          "TIB": 2**40}
+
+
+def parse_memory(text: str, flag: str = "--gpu-memory") -> int:
+    """'80GB', '80 GiB', '512MB', '1.5G' -> bytes. Binary units (1 GB = 2**30 bytes), the
+    way GPUs are sold and nvidia-smi counts."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text or "")
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+        raise SubLLMError(f"{flag} {text!r}: write a positive size such as 80GB, 24GiB or "
+                          "512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _fmt(n: float) -> str:
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.1f} MiB"
+
+
+def format_estimate(res: dict[str, Any]) -> str:
+    m, st = res["model"], res["settings"]
+    prec = st["precision"]
+    prec_txt = {"fp32": "fp32", "mixed": f"{st['dtype']} autocast, fp32 weights",
+                "pure": f"pure {st['dtype']} (weights, grads, optimizer state)"}[prec]
+    mode = "MsT + checkpointing" if st["mst"] else (
+        "activation checkpointing" if st["checkpointing"] else "standard")
+    lines = [
+        f"model        {m['name']} ({m['source']}): {m['parameters']:,} parameters, "
+        f"dim {m['dim']}, {m['n_layers']} blocks, vocab {m['vocab_size']}"
+        + (f", structure {m['structure']} keep {m['keep']}" if "(" in m["structure"] else ""),
+        f"step         batch {st['batch_size']} x {st['seq_len']} tokens, {prec_txt}, "
+        f"{mode}, {st['optimizer']}, {st['device']}",
+        f"peak         {_fmt(res['peak_bytes'])}  (at: {res['phase']})",
+    ]
+    for comp in COMPONENTS:
+        v = res["breakdown"][comp]
+        if v:
+            text = CPU_OVERHEAD_HELP if (comp == "runtime_overhead" and st["device"] == "cpu") \
+                else COMPONENT_HELP[comp]
+            lines.append(f"  {comp:<17}{_fmt(v):>12}  {text}")
+    fit = res.get("fit")
+    if fit:
+        def length(f: dict[str, Any]) -> str:
+            if f["seq_len"] == 0:
+                return f"none (not even {f['granule']} tokens)"
+            return f"{f['seq_len']:,}" + (" or more (search cap)" if f["capped"] else "")
+
+        lines.append(f"fits {_fmt(fit['budget_bytes'])}"
+                     + (f" ({_fmt(fit['reserve_bytes'])} kept for the CUDA context)"
+                        if fit["reserve_bytes"] else "")
+                     + f": longest sequence at batch {st['batch_size']}: {length(fit)}"
+                     + ("" if fit["seq_len"] == 0
+                        else f" tokens (multiples of {fit['granule']})"))
+        others = fit.get("by_mode", {})
+        if others:
+            lines.append("             the same step " + ", ".join(
+                f"{mode}: {length(f)}" for mode, f in others.items()))
+        if fit.get("over_context"):
+            lines.append(f"             note: beyond the model's context "
+                         f"({m['max_seq_len']:,} positions)")
+    if st["device"] == "cpu":
+        lines.append("note         resident memory with glibc's default malloc can be well "
+                     "above this (it keeps freed tensors under 32 MiB); "
+                     "MALLOC_MMAP_THRESHOLD_=131072 returns them")
+    return "\n".join(lines)
+
+
+def _load_model_arg(args: argparse.Namespace) -> ModelShape:
+    from subllm.config import ModelConfig
+
+    if args.preset is not None:
+        return shape_from_config(ModelConfig.preset(args.preset), args.preset)
+    if args.config is not None:
+        p = Path(args.config)
+        if p.suffix == ".json" and p.is_file():
+            try:
+                looks_hf = "hidden_size" in json.loads(p.read_text())
+            except (ValueError, TypeError):
+                looks_hf = False
+            if looks_hf:
+                raise SubLLMError(f"--config {args.config!r} is a transformers config.json; "
+                                  "pass it as --hf-config")
+        return shape_from_config(ModelConfig.from_file(args.config), p.stem)
+    cfg = load_hf_config(args.hf_config)
+    p = Path(args.hf_config)
+    return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = _load_model_arg(args)
+    settings = dict(dtype=args.dtype, checkpointing=args.checkpointing, mst=args.mst,
+                    optimizer=args.optimizer, device=args.device, precision=args.precision)
+    res = estimate_memory(shape, args.seq_len, args.batch_size, **settings)
+    if args.gpu_memory is not None:
+        budget = parse_memory(args.gpu_memory)
+        if args.reserve is None:
+            reserve = CUDA_DEFAULT_RESERVE if args.device == "cuda" else 0
+        elif args.reserve.strip() in ("0", "0B"):
+            reserve = 0
+        else:
+            reserve = parse_memory(args.reserve, "--reserve")
+        if reserve >= budget:
+            raise SubLLMError(f"--reserve {_fmt(reserve)} leaves nothing of --gpu-memory "
+                              f"{_fmt(budget)}")
+        fit = longest_fit(shape, budget - reserve, args.batch_size, **settings)
+        fit.update(budget_bytes=budget, reserve_bytes=reserve,
+                   over_context=bool(shape.max_seq_len and fit["seq_len"] > shape.max_seq_len))
+        # the other training modes, for comparison
+        this = "mst" if args.mst else ("checkpointing" if args.checkpointing else "standard")
+        fit["by_mode"] = {
+            mode: longest_fit(shape, budget - reserve, args.batch_size,
+                              **{**settings, "checkpointing": mode == "checkpointing",
+                                 "mst": mode == "mst"})
+            for mode in ("standard", "checkpointing", "mst") if mode != this}
+        res["fit"] = fit
+    print(json.dumps(res, indent=2) if args.json else format_estimate(res))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "estimate", help="predicted peak training memory and the longest sequence that fits",
+        description="Predict the peak memory of a training step (forward with labels, "
+                    "backward, optimizer step) from the model's shape, broken down into "
+                    "weights, gradients, optimizer state, activations, attention, "
+                    "logits/loss and temporaries; with --gpu-memory, the longest sequence "
+                    "that fits. Assumptions: `subllm estimate` help in "
+                    "src/subllm/estimate.py and README (Memory planner).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a subllm preset, e.g. subllm-1.3b")
+    src.add_argument("--config", help="a subllm YAML/JSON model config file")
+    src.add_argument("--hf-config", help="a transformers config.json (Llama, Mistral, Qwen2), "
+                                         "e.g. examples/hf-configs/llama-3-8b.json")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="fp32, or bf16/fp16 (see --precision); default fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="mixed",
+                   help="with --dtype bf16/fp16: mixed = autocast over fp32 weights, "
+                        "gradients and optimizer state (default; `subllm train --dtype bf16`, "
+                        "transformers Trainer bf16=True); pure = the model cast to the dtype")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="block-level activation checkpointing")
+    p.add_argument("--mst", action="store_true",
+                   help="Mini-Sequence Transformer (chunked MLP and loss; implies "
+                        "checkpointing), as subllm.mst.apply_mst")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
+                   help="adamw/adam: 2 states per parameter; sgd: momentum, 1 (default adamw)")
+    p.add_argument("--device", choices=DEVICES, default="cuda",
+                   help="cuda (default: fused AdamW, cuBLAS workspace) or cpu (resident "
+                        "memory: per-parameter AdamW temporaries, runtime overhead)")
+    p.add_argument("--gpu-memory", default=None,
+                   help="memory to fit, e.g. 80GB: also print the longest sequence that fits")
+    p.add_argument("--reserve", default=None,
+                   help="part of --gpu-memory not available to tensors (default 1GB on "
+                        "cuda for the CUDA context and fragmentation, 0 on cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
