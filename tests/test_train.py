@@ -331,3 +331,27 @@ def test_checkpoints_keep_newest_and_ignore_incomplete(tmp_path: Path) -> None:
     assert loaded.keys() == state.keys() and torch.equal(loaded["head.weight"], w)
     assert loaded["head.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
     assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))["step"] == 3
+
+
+def test_eval_and_generate_take_an_exported_directory(work: Path, straight: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """`subllm export` output works where a run does: same validation loss, same text."""
+    hf = work / "straight-hf"
+    assert main(["export", "--checkpoint", str(straight), "--out", str(hf), "--force"]) == 0
+    capsys.readouterr()
+    results = []
+    for source in (straight, hf):
+        assert main(["eval", "--checkpoint", str(source), "--data", str(work / "data"),
+                     "--json", "--device", "cpu", "--batches", "2", "--seq-len", "64",
+                     "--batch-size", "4"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["step"] is None and results[0]["step"] == 8
+    assert abs(results[1]["val_loss"] - results[0]["val_loss"]) < 1e-6
+    assert results[1]["kept_fractions"] == results[0]["kept_fractions"]
+    texts = []
+    for source in (straight, hf):
+        assert main(["generate", "--checkpoint", str(source), "--prompt", "the model",
+                     "--max-new-tokens", "10", "--temperature", "1", "--seed", "3",
+                     "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0].strip()) > len("the model")

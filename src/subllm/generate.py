@@ -100,10 +100,33 @@ GENERATE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def load_any(checkpoint: str | Path, device: torch.device
+             ) -> tuple[torch.nn.Module, Path, dict[str, Any], int | None]:
+    """(model in eval mode, its tokenizer.json, its run settings, its step) of a `subllm
+    train` run or checkpoint, or of a Hugging Face SubLLM directory (`subllm export` /
+    `subllm convert`; no run settings, step None)."""
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        path = ckpt.resolve_checkpoint(path)
+        return (ckpt.load_model(path, device), path / "tokenizer.json",
+                ckpt.load_train_config(path), ckpt.step_of(path))
+    from subllm.convert import load_pretrained
+    from subllm.model import SubLLM
+
+    config, state, tokenizer = load_pretrained(path)
+    if tokenizer is None:
+        raise SubLLMError(f"{path} has no tokenizer.json; export or convert it with its "
+                          "tokenizer (subllm convert --tokenizer FILE)")
+    model = SubLLM(config)
+    model.load_state_dict(state)
+    return model.to(device).eval(), tokenizer, {}, None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     s, _ = resolve_flags(args, args._parser, GENERATE_DEFAULTS)
     if s["checkpoint"] is None:
-        raise SubLLMError("give --checkpoint RUN_DIR (the --out of a `subllm train` run)")
+        raise SubLLMError("give --checkpoint RUN_DIR (the --out of a `subllm train` run, or a "
+                          "Hugging Face SubLLM directory from `subllm export`/`convert`)")
     if s["prompt"] is not None and s["prompt_file"] is not None:
         raise SubLLMError("give either --prompt or --prompt-file, not both")
     if s["temperature"] < 0:
@@ -117,14 +140,13 @@ def run_generate(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or str(e)
             raise SubLLMError(f"cannot read --prompt-file {s['prompt_file']} ({reason})") from None
-    path = ckpt.resolve_checkpoint(s["checkpoint"])
     device = _device(s["device"])
     from subllm.data import eot_id_of
 
-    tokenizer = _load_tokenizer(path / "tokenizer.json")
-    eot = eot_id_of(tokenizer, path / "tokenizer.json")
+    model, tokenizer_path, _, _ = load_any(s["checkpoint"], device)
+    tokenizer = _load_tokenizer(tokenizer_path)
+    eot = eot_id_of(tokenizer, tokenizer_path)
     ids = encode_prompt(tokenizer, prompt, eot)
-    model = ckpt.load_model(path, device)
     ctx = model.config.max_seq_len
     if len(ids) > ctx:
         raise SubLLMError(
@@ -165,15 +187,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     from subllm.data import load_data, sha256_file, val_batches
     from subllm.train import Dist, autocast_dtype, evaluate
 
-    path = ckpt.resolve_checkpoint(checkpoint)
-    run = ckpt.load_train_config(path)
+    dev = _device(device)
+    model, tokenizer_path, run, step = load_any(checkpoint, dev)
+    path = tokenizer_path.parent
     data = load_data(data_dir if data_dir is not None else run.get("data", "data/default"))
-    if data.meta["tokenizer_sha256"] != sha256_file(path / "tokenizer.json"):
+    if data.meta["tokenizer_sha256"] != sha256_file(tokenizer_path) and not _same_vocab(
+            data.path / "tokenizer.json", tokenizer_path):  # an export rewrites the file
         raise SubLLMError(
             f"{data.path} was tokenized with a different tokenizer than {path}; pass the "
             "--data directory the model was trained on (or one prepared with its tokenizer)"
         )
-    model_cfg = ckpt.load_model_config(path)
+    model_cfg = model.config.to_dict()
     if data.vocab_size > model_cfg["vocab_size"]:
         raise SubLLMError(
             f"the tokenizer of {data.path} has {data.vocab_size} tokens, more than the "
@@ -185,21 +209,26 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
             f"--seq-len {seq_len} exceeds the model's context ({model_cfg['max_seq_len']}); "
             "lower --seq-len"
         )
-    dev = _device(device)
-    model = ckpt.load_model(path, dev)
     eval_set = val_batches(data.tokens("val"), batch_size or int(run.get("batch_size", 16)),
                            seq_len, batches)
     result = evaluate(model, eval_set, dev, autocast_dtype(dtype, dev), Dist())
-    return {"checkpoint": str(path), "step": ckpt.step_of(path), "data": str(data.path),
+    return {"checkpoint": str(path), "step": step, "data": str(data.path),
             "val_loss": result["loss"], "perplexity": result["perplexity"],
             "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
             "keep": model.config.keep_per_depth if model.config.is_subllm else []}
 
 
+def _same_vocab(a: Path, b: Path) -> bool:
+    from subllm.data import load_tokenizer
+
+    return a.is_file() and load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
+
+
 def run_eval(args: argparse.Namespace) -> int:
     s, _ = resolve_flags(args, args._parser, EVAL_DEFAULTS)
     if s["checkpoint"] is None:
-        raise SubLLMError("give --checkpoint RUN_DIR (the --out of a `subllm train` run)")
+        raise SubLLMError("give --checkpoint RUN_DIR (the --out of a `subllm train` run, or a "
+                          "Hugging Face SubLLM directory from `subllm export`/`convert`)")
     r = evaluate_checkpoint(s["checkpoint"], s["data"], s["batches"], s["batch_size"],
                             s["seq_len"], s["device"], s["dtype"])
     if s["json"]:
@@ -209,7 +238,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if r["kept_fractions"]:
         kept = (f" | eval kept fractions {', '.join(f'{k:.3f}' for k in r['kept_fractions'])}"
                 f" (keep {', '.join(f'{k:g}' for k in r['keep'])} per depth)")
-    print(f"{r['checkpoint']} (step {r['step']}) on {r['data']}: val loss {r['val_loss']:.4f} | "
+    at = f" (step {r['step']})" if r["step"] is not None else ""
+    print(f"{r['checkpoint']}{at} on {r['data']}: val loss {r['val_loss']:.4f} | "
           f"perplexity {r['perplexity']:.2f} | {r['tokens']:,} tokens{kept}")
     return 0
 
@@ -225,7 +255,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
     g.add_argument("--checkpoint", metavar="RUN_DIR",
-                   help="run directory (its newest checkpoint) or a checkpoints/step-* directory")
+                   help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
+                   "or a Hugging Face SubLLM directory (subllm export / convert)")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", metavar="TEXT", help="text to continue (default: none)")
     prompt.add_argument("--prompt-file", metavar="F", help="read the prompt from a file")
@@ -245,7 +276,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
     e.add_argument("--checkpoint", metavar="RUN_DIR",
-                   help="run directory (its newest checkpoint) or a checkpoints/step-* directory")
+                   help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
+                   "or a Hugging Face SubLLM directory (subllm export / convert)")
     e.add_argument("--data", metavar="DATA_DIR", help="prepared data (default: the run's)")
     e.add_argument("--batches", type=positive_int, metavar="N", help="validation batches (50)")
     e.add_argument("--batch-size", type=positive_int, metavar="N", help="default: the run's")
