@@ -225,6 +225,12 @@ def eot_id_of(tokenizer: Any, path: str | Path = "the tokenizer") -> int:
     )
 
 
+def same_vocab(a: str | Path, b: str | Path) -> bool:
+    """Whether two tokenizer.json files map the same tokens to the same ids (a re-saved
+    tokenizer, e.g. by `subllm export`, differs in bytes but not in this)."""
+    return Path(a).is_file() and load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -184,14 +184,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
                         seq_len: int | None = None, device: str = "auto",
                         dtype: str = "auto") -> dict[str, Any]:
     """Validation loss, perplexity, tokens and eval-mode kept fractions of a checkpoint."""
-    from subllm.data import load_data, sha256_file, val_batches
+    from subllm.data import load_data, same_vocab, sha256_file, val_batches
     from subllm.train import Dist, autocast_dtype, evaluate
 
     dev = _device(device)
     model, tokenizer_path, run, step = load_any(checkpoint, dev)
     path = tokenizer_path.parent
     data = load_data(data_dir if data_dir is not None else run.get("data", "data/default"))
-    if data.meta["tokenizer_sha256"] != sha256_file(tokenizer_path) and not _same_vocab(
+    if data.meta["tokenizer_sha256"] != sha256_file(tokenizer_path) and not same_vocab(
             data.path / "tokenizer.json", tokenizer_path):  # an export rewrites the file
         raise SubLLMError(
             f"{data.path} was tokenized with a different tokenizer than {path}; pass the "
@@ -216,12 +216,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
             "val_loss": result["loss"], "perplexity": result["perplexity"],
             "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
             "keep": model.config.keep_per_depth if model.config.is_subllm else []}
-
-
-def _same_vocab(a: Path, b: Path) -> bool:
-    from subllm.data import load_tokenizer
-
-    return a.is_file() and load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -33,7 +33,14 @@ import yaml
 from tqdm import tqdm
 
 from subllm import checkpoint as ckpt
-from subllm.data import DEFAULT_DATA_DIR, TokenData, TrainBatches, load_data, val_batches
+from subllm.data import (
+    DEFAULT_DATA_DIR,
+    TokenData,
+    TrainBatches,
+    load_data,
+    same_vocab,
+    val_batches,
+)
 from subllm.errors import SubLLMError
 from subllm.flags import (
     non_negative_float,
@@ -532,7 +539,7 @@ def _train(cfg: TrainConfig, dd: Dist, demo: bool) -> dict[str, Any]:
         init_config, init_state, init_tokenizer = load_pretrained(cfg.init_from)
         config = init_model_config(cfg, data, init_config)
         cfg = dataclasses.replace(cfg, model=config.to_dict(), keep=None)
-        if init_tokenizer is not None and not _same_vocab(init_tokenizer, data.tokenizer_path):
+        if init_tokenizer is not None and not same_vocab(init_tokenizer, data.tokenizer_path):
             _say(dd, f"warning: {data.path} was tokenized with another tokenizer than the "
                  f"model in {cfg.init_from}; its token ids mean different things there")
     else:
@@ -866,12 +873,6 @@ def run_train(args: argparse.Namespace) -> int:
     if result.get("interrupted"):
         return 128 + int(result["signal"] or signal.SIGTERM)
     return 0
-
-
-def _same_vocab(a: Path, b: Path) -> bool:
-    from subllm.data import load_tokenizer
-
-    return load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
 
 
 def _config_value(args: argparse.Namespace, key: str) -> Any:

@@ -43,6 +43,7 @@ from subllm.bench.mst import (
     check_model,
     machine_info,
     peak_rss_bytes,
+    save_figure,
 )
 from subllm.bench.pair import parse_ints
 from subllm.errors import SubLLMError
@@ -362,10 +363,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:

@@ -371,6 +371,18 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG under a temporary name, then rename it into place."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -434,10 +446,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _ratios(cases: list[dict[str, Any]], base: str = "standard",

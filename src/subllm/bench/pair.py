@@ -42,6 +42,7 @@ from subllm.bench.mst import (
     _watch_rss,
     machine_info,
     peak_rss_bytes,
+    save_figure,
 )
 from subllm.errors import SubLLMError
 
@@ -243,10 +244,7 @@ def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.mst import _atomic_write, machine_info
+from subllm.bench.mst import _atomic_write, machine_info, save_figure
 from subllm.bench.pair import (
     KEPT_TOLERANCE,
     _command_line,
@@ -473,10 +472,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"bench quality — {r['device']}, {r['settings']['tokens']:,} tokens each; "
                  f"B/A loss {q['val_loss']:.4f}, time {q['train_time']:.3f}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
