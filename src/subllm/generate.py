@@ -57,23 +57,30 @@ def encode_prompt(tokenizer: Any, prompt: str, eot_id: int) -> list[int]:
     return ids or [eot_id]  # an empty prompt starts a new document
 
 
+def prompt_ids(tokenizer_path: str | Path, prompt: str, ctx: int) -> tuple[Any, int, list[int]]:
+    """(tokenizer, end-of-text id, the prompt's token ids), refusing a prompt longer than
+    the context `ctx`."""
+    from subllm.data import eot_id_of
+
+    tokenizer = _load_tokenizer(Path(tokenizer_path))
+    eot = eot_id_of(tokenizer, tokenizer_path)
+    ids = encode_prompt(tokenizer, prompt, eot)
+    if len(ids) > ctx:
+        raise SubLLMError(
+            f"the prompt has {len(ids)} tokens, more than the model's context of {ctx}; "
+            "shorten the prompt"
+        )
+    return tokenizer, eot, ids
+
+
 @torch.no_grad()
 def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
                 max_new_tokens: int = 100, device: torch.device | str = "cpu",
                 temperature: float = 0.8, top_k: int | None = 50, seed: int = 0,
                 out: TextIO | None = None) -> str:
     """Continue `prompt`; returns the new text (and streams it to `out` when given)."""
-    from subllm.data import eot_id_of
-
-    tokenizer = _load_tokenizer(Path(tokenizer_path))
-    eot = eot_id_of(tokenizer, tokenizer_path)
-    ids = encode_prompt(tokenizer, prompt, eot)
+    tokenizer, eot, ids = prompt_ids(tokenizer_path, prompt, model.config.max_seq_len)
     ctx = model.config.max_seq_len
-    if len(ids) > ctx:
-        raise SubLLMError(
-            f"the prompt has {len(ids)} tokens, more than the model's context of {ctx}; "
-            "shorten the prompt"
-        )
     max_new_tokens = min(max_new_tokens, ctx - len(ids))
     stream = TextStream(tokenizer, out)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -141,18 +148,9 @@ def run_generate(args: argparse.Namespace) -> int:
             reason = getattr(e, "strerror", None) or str(e)
             raise SubLLMError(f"cannot read --prompt-file {s['prompt_file']} ({reason})") from None
     device = _device(s["device"])
-    from subllm.data import eot_id_of
-
     model, tokenizer_path, _, _ = load_any(s["checkpoint"], device)
-    tokenizer = _load_tokenizer(tokenizer_path)
-    eot = eot_id_of(tokenizer, tokenizer_path)
-    ids = encode_prompt(tokenizer, prompt, eot)
     ctx = model.config.max_seq_len
-    if len(ids) > ctx:
-        raise SubLLMError(
-            f"the prompt has {len(ids)} tokens, more than the model's context of {ctx}; "
-            "shorten the prompt"
-        )
+    tokenizer, eot, ids = prompt_ids(tokenizer_path, prompt, ctx)
     max_new = s["max_new_tokens"]
     if len(ids) + max_new > ctx:
         max_new = ctx - len(ids)
