@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ from subllm.bench.mst import (
     save_figure,
 )
 from subllm.bench.pair import parse_ints
+from subllm.bench.worker import run_worker, worker_entry
 from subllm.errors import SubLLMError
 
 HELP = "the memory planner (subllm estimate) against peaks measured in training steps"
@@ -229,24 +228,7 @@ def measure(case: dict[str, Any], allocator: str, threads: int | None,
         env.update(RELEASE_ENV)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.TemporaryDirectory(prefix="subllm-bench-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "subllm.bench.estimate", "--worker", json.dumps(case),
-               str(result_file)]
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-        wall = time.perf_counter() - t0
-        if proc.returncode == 0 and result_file.is_file():
-            return {**json.loads(result_file.read_text()), "wall_s": wall}
-        if proc.returncode < 0:
-            error = f"killed by signal {-proc.returncode} (out of memory?)"
-        else:
-            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-            error = f"exit code {proc.returncode}: {tail[0]}"
-        return {"ok": False, "error": error, "wall_s": wall}
+    return run_worker("subllm.bench.estimate", case, timeout, env=env)
 
 
 # --------------------------------------------------------------------------------------
@@ -448,16 +430,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_main(argv: list[str]) -> int:
-    case, result_path = json.loads(argv[0]), Path(argv[1])
-    _atomic_write(result_path, json.dumps(run_case(case)))
-    return 0
-
-
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: subllm bench estimate ... (this module's own entry point is the case worker)",
-          file=sys.stderr)
-    sys.exit(2)
-
+    worker_entry(run_case, "estimate")

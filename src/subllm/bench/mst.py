@@ -23,14 +23,12 @@ import json
 import os
 import platform
 import re
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from subllm.bench.worker import run_worker, worker_entry
 from subllm.errors import SubLLMError
 
 HELP = "time and peak memory of a training step: standard / checkpointing / MsT"
@@ -280,26 +278,8 @@ def _mem_available() -> int | None:
 
 def measure(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one case in a fresh interpreter and return its result (never raises)."""
-    with tempfile.TemporaryDirectory(prefix="subllm-bench-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "subllm.bench.mst", "--worker", json.dumps(case),
-               str(result_file)]
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {**case, "ok": False, "error": f"timed out after {timeout:.0f} s"}
-        wall = time.perf_counter() - t0
-        if proc.returncode == 0 and result_file.is_file():
-            return {**case, **json.loads(result_file.read_text()), "wall_s": wall}
-        if proc.returncode == _OVER_BUDGET_EXIT:
-            error = "over the memory limit (stopped by the resident-set watchdog)"
-        elif proc.returncode < 0:
-            error = f"killed by signal {-proc.returncode} (out of memory?)"
-        else:
-            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-            error = f"exit code {proc.returncode}: {tail[0]}"
-        return {**case, "ok": False, "error": error, "wall_s": wall}
+    over = {_OVER_BUDGET_EXIT: "over the memory limit (stopped by the resident-set watchdog)"}
+    return {**case, **run_worker("subllm.bench.mst", case, timeout, exit_reasons=over)}
 
 
 # --------------------------------------------------------------------------------------
@@ -527,16 +507,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_main(argv: list[str]) -> int:
-    case, result_path = json.loads(argv[0]), Path(argv[1])
-    result = run_case(case)
-    _atomic_write(result_path, json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: subllm bench mst ... (this module's own entry point is the case worker)",
-          file=sys.stderr)
-    sys.exit(2)
+    worker_entry(run_case, "mst")

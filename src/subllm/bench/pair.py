@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from subllm.bench.mst import (
     peak_rss_bytes,
     save_figure,
 )
+from subllm.bench.worker import run_worker, worker_entry
 from subllm.errors import SubLLMError
 
 DEFAULT_PAIR = "llama-small,subllm-small"
@@ -194,19 +194,7 @@ def _env_threads(threads: int | None) -> dict[str, str]:
 
 def measure_memory(case: dict[str, Any], timeout: float, threads: int | None) -> dict[str, Any]:
     """Run one memory case in a fresh interpreter; never raises."""
-    with tempfile.TemporaryDirectory(prefix="subllm-bench-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "subllm.bench.pair", "--worker", json.dumps(case),
-               str(result_file)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                  env=_env_threads(threads))
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-        if proc.returncode == 0 and result_file.is_file():
-            return json.loads(result_file.read_text())
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        return {"ok": False, "error": f"exit code {proc.returncode}: {tail[0]}"}
+    return run_worker("subllm.bench.pair", case, timeout, env=_env_threads(threads))
 
 
 def _write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: str,
@@ -1084,18 +1072,8 @@ def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "peak_mem_bytes": peak, "baseline_mem_bytes": baseline}
 
 
-def _worker_main(argv: list[str]) -> int:
-    case, result_path = json.loads(argv[0]), Path(argv[1])
-    _atomic_write(result_path, json.dumps(run_memory_case(case)))
-    return 0
-
-
 TRAIN = PairBench(TRAIN_HELP, __doc__ or "", add_train_arguments, run_train)
 INFER = PairBench(INFER_HELP, __doc__ or "", add_infer_arguments, run_infer)
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: subllm bench train|infer ... (this module's own entry point is the "
-          "memory worker)", file=sys.stderr)
-    sys.exit(2)
+    worker_entry(run_memory_case, "train|infer")
