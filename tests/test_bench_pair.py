@@ -16,7 +16,7 @@ from subllm.bench.pair import (
     segment_parents,
 )
 from subllm.cli import main
-from subllm.config import ModelConfig
+from subllm.model.config import ModelConfig
 
 TINY = {"vocab_size": 300, "dim": 32, "n_layers": 5, "n_heads": 4, "ffn_dim": 64,
         "max_seq_len": 64}

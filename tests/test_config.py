@@ -3,7 +3,7 @@ import math
 import pytest
 
 from subllm import ConfigError, ModelConfig, SubLLMError, parse_structure
-from subllm.config import PAPER_STRUCTURE, PRESETS, Segment
+from subllm.model.config import PAPER_STRUCTURE, PRESETS, Segment
 
 
 def test_parse_structure_tree():
@@ -107,7 +107,7 @@ def test_config_file_roundtrip(tmp_path):
 def test_keep_count_is_ceil():
     import torch
 
-    from subllm.model import _keep_count
+    from subllm.model.subsample import _keep_count
 
     for keep in (0.64, 0.5, 0.3, 1.0, 0.01):
         for n in (1, 7, 100, 2048, 4095):

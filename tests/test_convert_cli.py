@@ -1,7 +1,7 @@
 """`subllm convert` (--from-hf, --from-official) and `subllm train --init-from`.
 
 The authors' model is checked against `reference_logits` below: a from-scratch forward
-pass of their architecture (DESIGN 2 and 3, eval mode) that reads their state-dict keys
+pass of their architecture (docs/design.md §2 and §3, eval mode) that reads their state-dict keys
 directly and imports nothing of subllm's model code.
 """
 
@@ -26,8 +26,8 @@ from transformers import (
 )
 
 import subllm  # noqa: F401  (registers the SubLLM Auto classes)
-from subllm import checkpoint as ckpt
 from subllm.cli import main
+from subllm.train import checkpoint as ckpt
 
 WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
 TRAIN_FLAGS = ["--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--eval-every", "0",
@@ -203,9 +203,9 @@ def test_train_init_from_conflicts(sub_dir: Path, data: Path, tmp_path: Path,
 
 def test_train_init_from_refuses_small_vocab_and_non_subllm(
         llama_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from subllm.config import ModelConfig
-    from subllm.hf.export import save_hf_model
+    from subllm.interop.export import save_hf_model
     from subllm.model import SubLLM
+    from subllm.model.config import ModelConfig
 
     small = tmp_path / "small"
     save_hf_model(SubLLM(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_dim=32,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from subllm.data import (
+from subllm.errors import SubLLMError
+from subllm.train.data import (
     TrainBatches,
     default_corpus_files,
     load_data,
@@ -19,7 +20,6 @@ from subllm.data import (
     token_dtype,
     val_batches,
 )
-from subllm.errors import SubLLMError
 
 WORDS = ("alpha beta gamma delta model token train sample layer keep score ratio "
          "über naïve 数据 ✓").split()

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from subllm.cli import main
-from subllm.config import ModelConfig
 from subllm.errors import SubLLMError
-from subllm.estimate import (
+from subllm.model.config import ModelConfig
+from subllm.planner import (
     GRANULE,
     ModelShape,
     estimate_memory,
@@ -169,7 +169,7 @@ def _live_peak(model, ids, optimizer, autocast: bool) -> int:
 ])
 def test_phase_model_matches_live_tensor_bytes(source, mode, dtype, batch):
     """The planner's peak (without the runtime overhead) equals the allocator's live peak."""
-    from subllm.mst import apply_mst, enable_checkpointing
+    from subllm.model.mst import apply_mst, enable_checkpointing
     from subllm.train import TrainConfig, make_optimizer
 
     torch.manual_seed(0)

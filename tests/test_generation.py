@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from subllm import ModelConfig, SubLLM, SubLLMError
-from subllm.generation import filter_logits
+from subllm.model.decode import filter_logits
 
 
 def model(seed=0, structure="T(TT(T)T)T", max_seq_len=96):

@@ -17,10 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import subllm
 from subllm.cli import main
-from subllm.config import ModelConfig
 from subllm.hf import SubLLMConfig, SubLLMForCausalLM
-from subllm.hf.export import CODE_FILES, save_hf_model, standalone_source
+from subllm.interop.export import model_code_files, save_hf_model
 from subllm.model import SubLLM
+from subllm.model.config import ModelConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -216,16 +216,15 @@ def test_a_transformers_cache_is_refused() -> None:
 
 
 def test_exported_code_has_only_relative_subllm_imports() -> None:
-    package = SRC / "subllm"
-    for dest, src in CODE_FILES.items():
-        text = standalone_source((package / src).read_text(), src)
-        assert not re.search(r"^\s*(from|import) subllm\b", text, re.MULTILINE), dest
-        assert re.search(r"^\s*from \.subllm_model import", text, re.MULTILINE) or dest != (
-            "modeling_subllm.py")
+    for src in model_code_files():
+        text = src.read_text()
+        assert not re.search(r"^\s*(from|import) subllm\b", text, re.MULTILINE), src.name
+        assert re.search(r"^\s*from \.subllm import", text, re.MULTILINE) or src.name != (
+            "hf.py")
 
 
 def _tokenizer_file(tmp: Path) -> Path:
-    from subllm.data import train_tokenizer
+    from subllm.train.data import train_tokenizer
 
     words = "the a model token train data loss step sample value layer keep ratio".split()
     texts = [" ".join(words[(i * j) % len(words)] for j in range(30)) for i in range(200)]
@@ -247,7 +246,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SubLLMForC
 def test_export_writes_a_standard_directory(exported) -> None:
     out, wrapper, tok_file = exported
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "README.md", *CODE_FILES):
+                 "tokenizer_config.json", "README.md", *(p.name for p in model_code_files())):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "subllm" and config["auto_map"]["AutoModelForCausalLM"]
@@ -331,7 +330,7 @@ def test_export_cli_errors_are_one_line_and_write_nothing(tmp_path: Path,
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists()
     # a run directory with a checkpoint, and an occupied --out
-    from subllm.checkpoint import save_checkpoint
+    from subllm.train.checkpoint import save_checkpoint
 
     model = SubLLM(tiny_config())
     save_checkpoint(tmp_path / "run", 5, model.state_dict(), {}, model.config.to_dict(), {})

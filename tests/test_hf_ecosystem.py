@@ -19,10 +19,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-import subllm.model
+import subllm.model.bypass
+import subllm.model.subllm
+import subllm.model.subsample
 from subllm.errors import SubLLMError
 from subllm.hf import SubLLMConfig, SubLLMForCausalLM, SubLLMScheduleCallback
-from subllm.mst import MiniSequenceMLP, apply_mst
+from subllm.model.mst import MiniSequenceMLP, apply_mst
 
 STEPS = 20
 # TrainingArguments' name for activation checkpointing (transformers 5.x renamed it)
@@ -127,13 +129,13 @@ def test_apply_mst_on_the_wrapper_keeps_outputs_and_trains_with_checkpointing(tm
 
     # Trainer's gradient_checkpointing=True reaches SubLLM's per-block checkpointing
     calls = []
-    inner_checkpoint = subllm.model.checkpoint
+    inner_checkpoint = subllm.model.subllm.checkpoint
 
     def counted(*args, **kwargs):
         calls.append(1)
         return inner_checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(subllm.model, "checkpoint", counted)
+    monkeypatch.setattr(subllm.model.subllm, "checkpoint", counted)
     _, losses = train(model, tmp_path, callbacks=[SubLLMScheduleCallback()],
                       **{CHECKPOINTING_ARG: True})
     assert_loss_falls(losses)
@@ -147,7 +149,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
     # Training-mode coin flips (pairing, bypass limit) would differ between the runs, and the
     # score balancer's gradient uses batch statistics of the scores by design (so micro-
     # batches of 2 give it other statistics than a batch of 4): switch all of them off.
-    monkeypatch.setattr(subllm.model, "_coin", lambda p: False)
+    for module in (subllm.model.subsample, subllm.model.bypass):
+        monkeypatch.setattr(module, "coin", lambda p: False)
     data = PatternData(n=4, length=24)
     for i, row in enumerate(data.rows):
         row[:3] = torch.tensor([3 + i, 4, 5])
@@ -228,8 +231,8 @@ def test_lora_trains_only_adapters_and_merges_to_the_same_logits(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, SubLLMForCausalLM]:
-    from subllm.data import train_tokenizer
-    from subllm.hf.export import save_hf_model
+    from subllm.interop.export import save_hf_model
+    from subllm.train.data import train_tokenizer
 
     tmp = tmp_path_factory.mktemp("export")
     words = "the quick brown fox jumps over a lazy dog while tiny models read".split()
@@ -331,7 +334,7 @@ def remote_copy(exported, tmp_path, monkeypatch):
     shutil.copytree(out, tmp_path / name)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        modeling = importlib.import_module(f"{name}.modeling_subllm")
+        modeling = importlib.import_module(f"{name}.hf")
         remote = modeling.SubLLMForCausalLM.from_pretrained(tmp_path / name).eval()
         yield remote, out, model
     finally:
@@ -344,7 +347,7 @@ def test_apply_mst_and_lm_eval_on_the_remote_code_copy(remote_copy):
 
     remote, out, model = remote_copy
     assert not isinstance(remote, SubLLMForCausalLM)
-    assert not isinstance(remote.model, subllm.model.SubLLM)
+    assert not isinstance(remote.model, subllm.model.subllm.SubLLM)
     lm = HFLM(pretrained=remote, tokenizer=AutoTokenizer.from_pretrained(out), batch_size=2)
     check_loglikelihood(lm, model)
 

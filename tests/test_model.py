@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from subllm import ModelConfig, SubLLM
-from subllm.model import _BalanceScores
+from subllm.model.subsample import _BalanceScores
 
 NESTED = "T(TT(T)T)T"
 
@@ -245,7 +245,7 @@ def _train_bypass_against(pull: float, limit_prob: float) -> tuple[list[float], 
 
 @pytest.mark.parametrize("pull", [0.0, 2.0])
 def test_bypass_scale_stays_within_schedule(pull):
-    """c is held in [c_min(step), 1] by gradient-sign flips on 60% of steps (DESIGN 3.4),
+    """c is held in [c_min(step), 1] by gradient-sign flips on 60% of steps (design.md §3.4),
     while the loss pulls it hard towards `pull` (0: below c_min; 2: above 1) and c_min
     falls from 0.9 to 0.2. Adam's momentum lets c overshoot the boundary by a few steps
     (lr = 5e-3 each) before the flips bring it back; without the flips it runs away."""

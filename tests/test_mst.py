@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-import subllm.mst as mst
+import subllm.model.mst as mst
 from subllm.errors import SubLLMError
-from subllm.mst import MiniSequenceMLP, apply_mst, chunked_cross_entropy
+from subllm.model.mst import MiniSequenceMLP, apply_mst, chunked_cross_entropy
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -342,8 +342,8 @@ def test_apply_mst_unsupported_model():
 
 @pytest.mark.parametrize("structure", ["TTT", "T(T(T)T)T"])
 def test_apply_mst_subllm_matches_unpatched(structure, ce_chunk_calls):
-    from subllm.config import ModelConfig
     from subllm.model import SubLLM
+    from subllm.model.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=500, dim=64, n_layers=structure.count("T"), n_heads=4,
                       ffn_dim=176, structure=structure, keep=0.5, max_seq_len=1024,

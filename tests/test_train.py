@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from subllm import checkpoint as ckpt
 from subllm.cli import main
 from subllm.train import TrainConfig, lr_at
+from subllm.train import checkpoint as ckpt
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
@@ -106,8 +106,8 @@ def test_prepare_train_eval_generate_end_to_end(work: Path, capsys: pytest.Captu
 
 
 def test_text_stream_decodes_incrementally() -> None:
-    from subllm.data import train_tokenizer
-    from subllm.generate import TextStream
+    from subllm.train.data import train_tokenizer
+    from subllm.train.evaluate import TextStream
 
     tok = train_tokenizer(iter(["hello world"] * 10), vocab_size=262)
     ids = tok.encode("héllo ✓").ids
@@ -146,7 +146,7 @@ def test_resume_is_exact(work: Path, straight: Path) -> None:
 KILL_DURING_SAVE = """
 import sys, time
 from pathlib import Path
-import subllm.checkpoint as c
+import subllm.train.checkpoint as c
 original = c._write_weights
 def slow(path, state):
     original(path, state)
@@ -303,8 +303,8 @@ def test_weight_decay_only_on_matrices() -> None:
 def test_flags_win_over_the_config_file(work: Path) -> None:
     import argparse
 
+    from subllm.commands.train import add_arguments as add_train_arguments
     from subllm.flags import resolve_flags
-    from subllm.train import add_train_arguments
 
     p = argparse.ArgumentParser()
     add_train_arguments(p)

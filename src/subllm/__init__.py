@@ -1,15 +1,56 @@
-"""subllm: SUBLLM and Mini-Sequence Transformer for efficient long-sequence language models."""
+"""subllm: SUBLLM and Mini-Sequence Transformer for efficient long-sequence language models.
 
-from subllm.config import PRESETS, ModelConfig, parse_structure
-from subllm.convert import from_hf_llama, to_hf_llama
+The package imports nothing heavy on `import subllm`: the names below resolve on first
+use (PEP 562), so the CLI starts without torch or transformers. transformers' Auto
+classes learn `model_type="subllm"` as soon as transformers loads (`subllm.autoregister`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from subllm import autoregister
 from subllm.errors import ConfigError, SubLLMError
-from subllm.hf import SubLLMConfig, SubLLMForCausalLM  # registers the Auto classes
-from subllm.model import KVCache, ModelOutput, SubLLM
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS", "ConfigError", "KVCache", "ModelConfig", "ModelOutput", "SubLLM", "SubLLMConfig",
-    "SubLLMError", "SubLLMForCausalLM",
-    "from_hf_llama", "parse_structure", "to_hf_llama", "__version__",
-]
+# public name -> module that defines it
+_LAZY = {
+    "PRESETS": "subllm.model.config",
+    "ModelConfig": "subllm.model.config",
+    "parse_structure": "subllm.model.config",
+    "SubLLM": "subllm.model.subllm",
+    "ModelOutput": "subllm.model.subllm",
+    "KVCache": "subllm.model.kv_cache",
+    "apply_mst": "subllm.model.mst",
+    "SubLLMConfig": "subllm.hf",
+    "SubLLMForCausalLM": "subllm.hf",
+    "from_hf_llama": "subllm.interop.llama",
+    "to_hf_llama": "subllm.interop.llama",
+}
+
+__all__ = ["ConfigError", "SubLLMError", "__version__", *_LAZY]
+
+autoregister.install()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'subllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:
+    from subllm.hf import SubLLMConfig, SubLLMForCausalLM
+    from subllm.interop.llama import from_hf_llama, to_hf_llama
+    from subllm.model.config import PRESETS, ModelConfig, parse_structure
+    from subllm.model.kv_cache import KVCache
+    from subllm.model.mst import apply_mst
+    from subllm.model.subllm import ModelOutput, SubLLM

@@ -1,8 +1,10 @@
-"""`subllm <verb>`: the command-line tool.
+"""`subllm <verb>`: the command-line tool, a table of verbs imported on use.
 
-Each verb lives next to the code it drives and contributes its parser through a
-`register(subparsers)` function; this file only assembles them and turns user errors
-into one line on stderr with a non-zero exit.
+Each verb is a module of `subllm.commands` with `add_arguments(parser)` and `run(args)`;
+only the verb being run is imported, and command modules import the heavy code (torch,
+transformers) inside `run`, after the flags are parsed and checked. So `subllm --help`
+and a bad flag cost a fraction of a second. User errors (`SubLLMError`) become one line
+on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -11,41 +13,67 @@ import argparse
 import importlib
 import sys
 
-# (module, description) for every verb that works. Modules register their own parsers.
-VERB_MODULES = [
-    "subllm.info",
-    "subllm.estimate",
-    "subllm.bench",
-    "subllm.data",
-    "subllm.train",
-    "subllm.generate",
-    "subllm.hf.export",
-    "subllm.convert",
-]
+# verb -> (module in subllm.commands, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("info", "parameters, structure and compute of a preset or config"),
+    "estimate": ("estimate", "predicted peak training memory and the longest sequence that fits"),
+    "bench": ("bench", "benchmarks: speed and memory, written as JSON + Markdown + PNG"),
+    "prepare": ("prepare", "tokenize a corpus for training"),
+    "train": ("train", "train a SUBLLM or LLaMA model (no arguments: the built-in demo)"),
+    "generate": ("generate", "stream text from a trained checkpoint"),
+    "eval": ("eval", "validation loss and perplexity of a checkpoint"),
+    "export": ("export", "write a checkpoint as a Hugging Face model directory"),
+    "convert": ("convert", "turn a Llama or a SUBLLM-release checkpoint into a Hugging Face "
+                           "SubLLM directory"),
+}
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line (no usage dump) and exits 2."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def _verb_of(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in VERBS else None
+        if arg in ("-h", "--help"):
+            return None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; the verb named in `argv` (all verbs when None) gets its flags."""
+    parser = Parser(
         prog="subllm",
         description="Train and run SUBLLM / LLaMA models and Mini-Sequence Transformer patches.",
     )
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for name in VERB_MODULES:
-        importlib.import_module(name).register(sub)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    chosen = _verb_of(argv) if argv is not None else None
+    for verb, (module_name, help_text) in VERBS.items():
+        if argv is not None and verb != chosen:
+            sub.add_parser(verb, help=help_text, add_help=False)
+            continue
+        module = importlib.import_module(f"subllm.commands.{module_name}")
+        p = sub.add_parser(verb, help=help_text, description=module.DESCRIPTION,
+                           formatter_class=getattr(module, "FORMATTER",
+                                                   argparse.HelpFormatter))
+        if getattr(module, "TAKES_REST", False):  # a verb with sub-verbs builds only one
+            rest = argv[argv.index(verb) + 1:] if argv is not None else None
+            module.add_arguments(p, rest)
+        else:
+            module.add_arguments(p)
+        p.set_defaults(func=module.run, _parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from subllm.errors import SubLLMError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -1,12 +1,6 @@
-"""The one exception type for mistakes a user can make (bad config, file, flag)."""
+"""The user-facing exception types; they live with the model (`subllm.model.errors`), which
+must import nothing from outside its own package."""
 
+from subllm.model.errors import ConfigError, SubLLMError
 
-class SubLLMError(ValueError):
-    """A user-facing error: the message says what is wrong and how to fix it.
-
-    The CLI prints it as one line and exits non-zero; library callers can catch it.
-    """
-
-
-class ConfigError(SubLLMError):
-    """An invalid model or training configuration."""
+__all__ = ["ConfigError", "SubLLMError"]

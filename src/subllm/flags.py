@@ -121,45 +121,65 @@ def explicit_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             if getattr(args, dest, None) is not None}
 
 
+def file_settings(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    extra_keys: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings of the YAML file `args.config` (read once, checked like flags), keyed by
+    attribute name, and its extra sections such as `model`. No file: two empty dicts.
+
+    An unknown key is an error that names the nearest valid one.
+    """
+    config_path = getattr(args, "config", None)
+    if config_path is None:
+        return {}, {}
+    actions = _flag_actions(parser)
+    path = Path(config_path)
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SubLLMError(
+            f"config file {path} must be a mapping of flag names to values "
+            f"(e.g. `max-steps: 100`), got {type(data).__name__}"
+        )
+    valid = sorted({a.option_strings[-1][2:] for a in actions.values()} | set(extra_keys))
+    settings: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        dest = key.replace("-", "_")
+        if key in extra_keys or dest in extra_keys:
+            extras[dest] = value
+            continue
+        if dest not in actions:
+            near = difflib.get_close_matches(key.replace("_", "-"), valid, n=1, cutoff=0.5)
+            hint = f"did you mean `{near[0]}`?" if near else f"valid keys: {', '.join(valid)}"
+            raise SubLLMError(f"unknown key `{key}` in config file {path}; {hint}")
+        settings[dest] = _convert(actions[dest], key, value, path)
+    return settings, extras
+
+
 def resolve_flags(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     defaults: dict[str, Any],
     base: dict[str, Any] | None = None,
     extra_keys: tuple[str, ...] = (),
+    from_file: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge defaults < base < YAML (`args.config`) < typed flags.
 
     Returns (settings keyed by attribute name, the YAML's extra sections such as `model`).
-    An unknown key is an error that names the nearest valid one.
+    `from_file`: what `file_settings` already read, so the file is read once.
     """
     actions = _flag_actions(parser)
     settings = dict(defaults)
     if base:
         settings.update({k: v for k, v in base.items() if k in actions})
-    extras: dict[str, Any] = {}
-    config_path = getattr(args, "config", None)
-    if config_path is not None:
-        path = Path(config_path)
-        data = read_yaml(path)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise SubLLMError(
-                f"config file {path} must be a mapping of flag names to values "
-                f"(e.g. `max-steps: 100`), got {type(data).__name__}"
-            )
-        valid = sorted({a.option_strings[-1][2:] for a in actions.values()} | set(extra_keys))
-        for raw_key, value in data.items():
-            key = str(raw_key)
-            dest = key.replace("-", "_")
-            if key in extra_keys or dest in extra_keys:
-                extras[dest] = value
-                continue
-            if dest not in actions:
-                near = difflib.get_close_matches(key.replace("_", "-"), valid, n=1, cutoff=0.5)
-                hint = f"did you mean `{near[0]}`?" if near else f"valid keys: {', '.join(valid)}"
-                raise SubLLMError(f"unknown key `{key}` in config file {path}; {hint}")
-            settings[dest] = _convert(actions[dest], key, value, path)
+    found, extras = from_file if from_file is not None else file_settings(args, parser,
+                                                                           extra_keys)
+    settings.update(found)
     settings.update(explicit_flags(args, parser))
     return settings, extras

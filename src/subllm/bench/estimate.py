@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from subllm.atomic import write_atomic
 from subllm.bench.mst import (
-    _atomic_write,
     _mem_available,
     _rss_bytes,
     _watch_rss,
@@ -137,7 +137,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 def case_shape(spec: str) -> Any:
     """The planner's ModelShape for a `--model` spec of this benchmark."""
     from subllm.bench.mst import _parse_spec
-    from subllm.estimate import load_hf_config, resolve_shape, shape_from_hf_config
+    from subllm.planner import load_hf_config, resolve_shape, shape_from_hf_config
 
     kind = check_model(spec)
     if kind == "hf-spec":
@@ -148,7 +148,7 @@ def case_shape(spec: str) -> Any:
 
 
 def predict(case: dict[str, Any]) -> dict[str, Any]:
-    from subllm.estimate import estimate_memory
+    from subllm.planner import estimate_memory
 
     dtype = case["dtype"]
     return estimate_memory(
@@ -169,8 +169,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     import transformers  # noqa: F401  (imported before the baseline, like everything else)
 
     from subllm.bench.mst import build_model
-    from subllm.mst import apply_mst, enable_checkpointing
-    from subllm.train import TrainConfig, make_optimizer
+    from subllm.model.mst import apply_mst, enable_checkpointing
+    from subllm.train.config import TrainConfig
+    from subllm.train.loop import make_optimizer
 
     device = torch.device(case["device"])
     if device.type == "cpu":
@@ -420,8 +421,8 @@ def run(args: argparse.Namespace) -> int:
               "allocators": allocators,
               "allocator_env": RELEASE_ENV if "release" in allocators else {},
               "machine": machine, "cases": results, "summary": _summary(results)}
-    _atomic_write(out / "estimate.json", json.dumps(report, indent=2))
-    _atomic_write(out / "estimate.md", render_markdown(report))
+    write_atomic(out / "estimate.json", json.dumps(report, indent=2))
+    write_atomic(out / "estimate.md", render_markdown(report))
     render_plot(report, out / "estimate.png")
     s = report["summary"]
     print(f"max |error| {_abs_pct(s['max_abs_error'])} over {s['cases'] - s['failed']} cases "

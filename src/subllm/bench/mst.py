@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from subllm.atomic import write_atomic
 from subllm.bench.worker import run_worker, worker_entry
 from subllm.errors import SubLLMError
 
@@ -137,7 +138,7 @@ def check_model(spec: str) -> str:
         return "hf-config"
     if path.suffix == ".json" and path.is_file():
         return "hf-config"
-    from subllm.config import PRESETS
+    from subllm.model.config import PRESETS
 
     if spec in PRESETS:
         return "preset"
@@ -153,8 +154,8 @@ def build_model(spec: str, seq_len: int) -> Any:
 
     kind = check_model(spec)
     if kind == "preset":
-        from subllm.config import ModelConfig
         from subllm.model import SubLLM
+        from subllm.model.config import ModelConfig
 
         cfg = ModelConfig.preset(spec)
         cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len))
@@ -222,7 +223,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     model = build_model(case["model"], seq_len).to(device)
     model.train()
     mode = case["mode"]
-    from subllm.mst import apply_mst, enable_checkpointing
+    from subllm.model.mst import apply_mst, enable_checkpointing
 
     if mode == "checkpointing":
         enable_checkpointing(model)
@@ -343,12 +344,6 @@ def machine_info(device: str) -> dict[str, Any]:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def save_figure(fig, path: Path) -> None:
@@ -500,8 +495,8 @@ def run(args: argparse.Namespace) -> int:
         report["budget"] = {"bytes": budget, "max_len": args.max_search_len,
                             "longest": longest, "probes": probes}
 
-    _atomic_write(out / "mst.json", json.dumps(report, indent=2))
-    _atomic_write(out / "mst.md", render_markdown(report))
+    write_atomic(out / "mst.json", json.dumps(report, indent=2))
+    write_atomic(out / "mst.md", render_markdown(report))
     render_plot(report, out / "mst_memory.png")
     print(f"wrote {out / 'mst.json'}, {out / 'mst.md'}, {out / 'mst_memory.png'}")
     return 0

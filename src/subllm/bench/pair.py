@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from subllm.atomic import write_atomic
 from subllm.bench.mst import (
-    _atomic_write,
     _gb,
     _mem_available,
     _rss_bytes,
@@ -92,7 +92,7 @@ def parse_pair(text: str) -> tuple[str, str]:
 
 def load_config(spec: str, max_len: int) -> Any:
     """A preset or config file as a ModelConfig whose context holds `max_len` tokens."""
-    from subllm.config import ModelConfig
+    from subllm.model.config import ModelConfig
 
     config = ModelConfig.load(spec)  # raises ConfigError (a SubLLMError) naming the problem
     return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, max_len))
@@ -200,8 +200,8 @@ def measure_memory(case: dict[str, Any], timeout: float, threads: int | None) ->
 def _write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: str,
                    plot: Callable[[dict[str, Any], Path], None]) -> list[Path]:
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_ratios.png"]
-    _atomic_write(paths[0], json.dumps(report, indent=2))
-    _atomic_write(paths[1], markdown)
+    write_atomic(paths[0], json.dumps(report, indent=2))
+    write_atomic(paths[1], markdown)
     plot(report, paths[2])
     return paths
 
@@ -299,7 +299,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_train_model(config: Any, device: str, mst: bool, checkpointing: bool) -> Any:
     from subllm.model import SubLLM
-    from subllm.mst import apply_mst, enable_checkpointing
+    from subllm.model.mst import apply_mst, enable_checkpointing
 
     model = SubLLM(config)
     if mst:
@@ -312,7 +312,8 @@ def build_train_model(config: Any, device: str, mst: bool, checkpointing: bool) 
 def _optimizer(model: Any, device: str) -> Any:
     import torch
 
-    from subllm.train import TrainConfig, make_optimizer
+    from subllm.train.config import TrainConfig
+    from subllm.train.loop import make_optimizer
 
     return make_optimizer(model, TrainConfig(lr=1e-4), torch.device(device))
 
@@ -346,7 +347,7 @@ def time_train_pair(models: dict[str, Any], optimizers: dict[str, Any], ids: Any
 
 
 def _mfu(config: Any, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
-    from subllm.info import training_flops_per_token
+    from subllm.planner import training_flops_per_token
 
     flops = training_flops_per_token(config, seq_len)["total"]
     return flops * tokens_per_s / (peak_tflops * 1e12)
@@ -502,7 +503,7 @@ def stdlib_byte_stream(vocab_size: int, max_bytes: int = 4_000_000) -> Any:
     import numpy as np
     import torch
 
-    from subllm.data import default_corpus_files
+    from subllm.train.data import default_corpus_files
 
     chunks, total = [], 0
     for path in default_corpus_files():
@@ -527,7 +528,7 @@ def token_streams(args: argparse.Namespace, vocab_size: int) -> tuple[Any, Any, 
     import torch
 
     if args.data is not None:
-        from subllm.data import load_data
+        from subllm.train.data import load_data
 
         data = load_data(args.data)
         if data.vocab_size > vocab_size:
@@ -575,7 +576,8 @@ def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, 
     score balancer brings its kept fractions to the keep ratios; returns the record."""
     import torch
 
-    from subllm.train import TrainConfig, lr_at, make_optimizer
+    from subllm.train.config import TrainConfig
+    from subllm.train.loop import lr_at, make_optimizer
 
     tc = TrainConfig(lr=lr, min_lr=lr / 10, warmup=max(1, steps // 10), max_steps=steps,
                      weight_decay=0.1)
@@ -721,7 +723,7 @@ def _load_b(args: argparse.Namespace, max_len: int) -> tuple[Any, Any, str]:
     """(config, model or None, description) of B from --checkpoint-b or the pair."""
     if args.checkpoint_b is None:
         return None, None, ""
-    from subllm import checkpoint as ckpt
+    from subllm.train import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint(args.checkpoint_b)
     model = ckpt.load_model(path, args.device)
@@ -741,7 +743,7 @@ def _a_shaped_like(config_a: Any, config_b: Any) -> Any:
             f"--checkpoint-b has {config_b.n_layers} blocks but A ({config_a.structure}) has "
             f"{config_a.n_layers}; use a LLaMA preset for A"
         )
-    from subllm.config import ModelConfig
+    from subllm.model.config import ModelConfig
 
     return ModelConfig.from_dict(d)
 
@@ -882,7 +884,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def segment_parents(config: Any) -> list[int | None]:
     """Index of the segment directly enclosing each segment (None: top level)."""
-    from subllm.config import Segment
+    from subllm.model.config import Segment
 
     parents: list[int | None] = [None] * len(config.segments)
 
@@ -1029,8 +1031,8 @@ def render_infer_markdown(report: dict[str, Any]) -> str:
 def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from subllm.config import ModelConfig
     from subllm.model import SubLLM
+    from subllm.model.config import ModelConfig
 
     device = case["device"]
     if device == "cpu":

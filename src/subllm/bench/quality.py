@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.mst import _atomic_write, machine_info, save_figure
+from subllm.atomic import write_atomic
+from subllm.bench.mst import machine_info, save_figure
 from subllm.bench.pair import (
     KEPT_TOLERANCE,
     _command_line,
@@ -52,7 +53,7 @@ RUN_NAMES = {"a": "A", "b": "B"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from subllm.data import DEFAULT_DATA_DIR
+    from subllm.train.config import DEFAULT_DATA_DIR
 
     p.add_argument("--pair", default=DEFAULT_PAIR,
                    help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR}); "
@@ -102,7 +103,7 @@ def model_settings(spec: str, seq_len: int) -> tuple[str, dict[str, Any], Any]:
     A file becomes a full override of a preset's fields; its vocab_size is dropped so that
     both models get the data's vocabulary. The context is raised to --seq-len if needed.
     """
-    from subllm.config import PRESETS, ModelConfig
+    from subllm.model.config import PRESETS, ModelConfig
 
     config = ModelConfig.load(spec)  # ConfigError (a SubLLMError) naming the problem
     if spec in PRESETS:
@@ -135,7 +136,8 @@ def eval_steps(steps: int, tokens_per_step: int, evals: int | None,
 
 def _ensure_data(data_dir: Path) -> Any:
     """Load the data directory; the default one is prepared on first use (as `subllm train`)."""
-    from subllm.data import DEFAULT_DATA_DIR, load_data, prepare, print_summary
+    from subllm.train.config import DEFAULT_DATA_DIR
+    from subllm.train.data import load_data, prepare, print_summary
 
     if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
         print(f"preparing the default corpus (Python standard library) into {data_dir}",
@@ -152,16 +154,10 @@ def _ensure_data(data_dir: Path) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from subllm import checkpoint as ckpt
-    from subllm.train import (
-        Dist,
-        TrainConfig,
-        autocast_dtype,
-        build_model_config,
-        check_config,
-        pick_device,
-        train,
-    )
+    from subllm.train import checkpoint as ckpt
+    from subllm.train.config import TrainConfig, build_model_config, check_config
+    from subllm.train.loop import train
+    from subllm.train.runtime import Dist, autocast_dtype, pick_device
 
     spec_a, spec_b = parse_pair(args.pair)
     models = {"a": model_settings(spec_a, args.seq_len), "b": model_settings(spec_b, args.seq_len)}
@@ -243,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 def read_run(run_dir: Path, tokens_per_step: int, wall: list[float], stops: list[int]
              ) -> tuple[list[dict[str, Any]], list[float]]:
     """(validation points of one run with the training time up to each, every step's time)."""
-    from subllm.train import read_metrics
+    from subllm.train.runtime import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl")
     step_time = {r["step"]: tokens_per_step / r["tokens_per_s"] for r in records
@@ -284,8 +280,8 @@ def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[st
     """Everything measured, as one JSON-able dict; `cfg` is the TrainConfig both used."""
     import torch
 
-    from subllm.data import val_batches
     from subllm.model import SubLLM
+    from subllm.train.data import val_batches
 
     specs = dict(zip(("a", "b"), parse_pair(args.pair), strict=True))
     steps, tokens_per_step = cfg.max_steps, cfg.batch_size * cfg.seq_len
@@ -477,7 +473,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
 def write_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
     paths = [out / "quality.json", out / "quality.md", out / "quality_curves.png"]
-    _atomic_write(paths[0], json.dumps(report, indent=2))
-    _atomic_write(paths[1], render_markdown(report))
+    write_atomic(paths[0], json.dumps(report, indent=2))
+    write_atomic(paths[1], render_markdown(report))
     plot(report, paths[2])
     return paths

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from subllm.atomic import write_atomic
+
 
 def run_worker(module: str, case: dict[str, Any], timeout: float,
                env: dict[str, str] | None = None,
@@ -46,10 +48,8 @@ def run_worker(module: str, case: dict[str, Any], timeout: float,
 
 def worker_entry(run_case: Callable[[dict[str, Any]], dict[str, Any]], name: str) -> NoReturn:
     """`python -m subllm.bench.NAME --worker CASE_JSON RESULT_FILE`: run one case."""
-    from subllm.bench.mst import _atomic_write
-
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        _atomic_write(Path(sys.argv[3]), json.dumps(run_case(json.loads(sys.argv[2]))))
+        write_atomic(Path(sys.argv[3]), json.dumps(run_case(json.loads(sys.argv[2]))))
         sys.exit(0)
     print(f"usage: subllm bench {name} ... (this module's own entry point is the case worker)",
           file=sys.stderr)

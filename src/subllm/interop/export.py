@@ -1,69 +1,53 @@
-"""`subllm export`: a training checkpoint -> a standard Hugging Face model directory.
+"""Writing Hugging Face model directories: `subllm export` and `subllm convert` output.
 
 The directory holds config.json (with `auto_map`), model.safetensors, generation_config.json,
 the tokenizer (tokenizer.json + tokenizer_config.json, for `AutoTokenizer`), a model card,
-and the modeling code: `configuration_subllm.py`, `modeling_subllm.py` and the core modules
-they use, copied from this package with `from subllm.x import` rewritten to relative
-imports. So it loads with `AutoModelForCausalLM.from_pretrained(dir)` after `import subllm`,
-and with `trust_remote_code=True` where subllm is not installed.
+and the modeling code: the files of `subllm.model`, copied verbatim (they import only one
+another, relatively; `auto_map` names `hf_config.SubLLMConfig` and
+`hf.SubLLMForCausalLM`). So it loads with `AutoModelForCausalLM.from_pretrained(dir)`
+after `import subllm`, and with `trust_remote_code=True` where subllm is not installed.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
-import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+import subllm.model
 from subllm.errors import SubLLMError
+from subllm.interop.tokenizer import EOT_CANDIDATES, eot_id_of, load_tokenizer
+from subllm.model.hf import SubLLMForCausalLM
+from subllm.model.hf_config import SubLLMConfig
+from subllm.model.subllm import SubLLM
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-
-# file name in the exported directory -> source file, relative to the subllm package
-CODE_FILES = {
-    "configuration_subllm.py": "hf/configuration_subllm.py",
-    "modeling_subllm.py": "hf/modeling_subllm.py",
-    "subllm_errors.py": "errors.py",
-    "subllm_config.py": "config.py",
-    "subllm_modules.py": "modules.py",
-    "subllm_model.py": "model.py",
-    "subllm_generation.py": "generation.py",
-    "subllm_mst.py": "mst.py",
-}
+# The model package, copied verbatim: its files import only one another (relatively).
+MODEL_DIR = Path(subllm.model.__file__).resolve().parent
 AUTO_MAP = {
-    "AutoConfig": "configuration_subllm.SubLLMConfig",
-    "AutoModelForCausalLM": "modeling_subllm.SubLLMForCausalLM",
+    "AutoConfig": "hf_config.SubLLMConfig",
+    "AutoModelForCausalLM": "hf.SubLLMForCausalLM",
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What `subllm generate` samples with; written as the exported model's generation defaults.
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50}
 
-_HF_IMPORT = re.compile(r"\bfrom subllm\.hf\.(\w+) import\b")
-_CORE_IMPORT = re.compile(r"\bfrom subllm\.(\w+) import\b")
-_LEFTOVER = re.compile(r"^\s*(import subllm\b|from subllm\b)", re.MULTILINE)
 
-
-def standalone_source(text: str, name: str = "<source>") -> str:
-    """A module's source with its subllm imports made relative to the exported directory."""
-    text = _HF_IMPORT.sub(r"from .\1 import", text)
-    text = _CORE_IMPORT.sub(r"from .subllm_\1 import", text)
-    if _LEFTOVER.search(text):  # a form the rewrite does not handle: fail at export time
-        raise RuntimeError(f"{name}: an absolute subllm import is left after the rewrite")
-    for target in re.findall(r"from \.(\w+) import", text):
-        if f"{target}.py" not in CODE_FILES:
-            raise RuntimeError(f"{name} imports .{target}, which export does not copy")
-    return text
+def model_code_files() -> list[Path]:
+    """The model package's modules (`__init__.py` aside: transformers loads the files
+    named in `auto_map` and follows their relative imports)."""
+    return sorted(p for p in MODEL_DIR.glob("*.py") if p.name != "__init__.py")
 
 
 def write_code(directory: Path) -> None:
-    for dest, src in CODE_FILES.items():
-        text = (PACKAGE_DIR / src).read_text()
-        (directory / dest).write_text(standalone_source(text, src))
+    for src in model_code_files():
+        shutil.copyfile(src, directory / src.name)
 
 
 def _model_card(model_config: Any, info: dict[str, Any]) -> str:
@@ -98,10 +82,6 @@ def _model_card(model_config: Any, info: dict[str, Any]) -> str:
 
 def _write_tokenizer(tokenizer_file: Path, directory: Path, model_config: Any) -> int:
     """Save the `tokenizers` file as an AutoTokenizer directory; returns the eot id."""
-    from transformers import PreTrainedTokenizerFast
-
-    from subllm.data import EOT_CANDIDATES, eot_id_of, load_tokenizer
-
     raw = load_tokenizer(tokenizer_file)
     eot_id = eot_id_of(raw, tokenizer_file)
     if raw.get_vocab_size() > model_config.vocab_size:
@@ -154,11 +134,6 @@ def save_hf_model(
     Written into a temporary sibling directory and renamed into place, so `out` is either
     complete or untouched. `dtype` ("fp32", "bf16", "fp16") converts the saved weights.
     """
-    from transformers import GenerationConfig
-
-    from subllm.hf.configuration_subllm import SubLLMConfig
-    from subllm.hf.modeling_subllm import SubLLMForCausalLM
-
     out = check_out_dir(out, force)
     if dtype is not None and dtype not in DTYPES:
         raise SubLLMError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -197,43 +172,67 @@ def save_hf_model(
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str | None = None,
-                      force: bool = False) -> Path:
-    """Export a `subllm train` run (its newest checkpoint) or one checkpoint directory."""
-    from subllm.checkpoint import load_model, resolve_checkpoint, step_of
-
-    ckpt = resolve_checkpoint(checkpoint)
-    check_out_dir(out, force)
-    model = load_model(ckpt)
-    tokenizer = ckpt / "tokenizer.json"
-    info = {"exported from": str(ckpt), "training step": step_of(ckpt)}
-    return save_hf_model(model, out, tokenizer if tokenizer.is_file() else None,
-                         dtype=dtype, force=force, info=info)
+# What `AutoTokenizer.from_pretrained` reads from a model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
 
 
-def run_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
-    files = sorted(p.name for p in out.iterdir())
-    print(f"exported {args.checkpoint} -> {out} ({', '.join(files)})")
-    print(f"load it: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)"
-          " (or `import subllm` first)")
-    return 0
+def tokenizer_files(directory: Path) -> list[Path]:
+    return [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="write a checkpoint as a Hugging Face model directory",
-        description="Write a `subllm train` checkpoint as a Hugging Face model directory "
-        "(safetensors, config with auto_map, tokenizer, generation config and modeling code) "
-        "that loads with AutoModelForCausalLM, with or without subllm installed.",
-    )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="a `subllm train` --out directory (its newest checkpoint) or a "
-                   "checkpoints/step-* directory")
-    p.add_argument("--out", required=True, metavar="HF_DIR", help="directory to write")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="convert the weights (default: as "
-                   "trained, fp32)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=run_export)
+def _check_tokenizer_vocab(directory: Path, vocab_size: int) -> None:
+    if not (directory / "tokenizer.json").is_file():
+        return  # a sentencepiece-only tokenizer: nothing cheap to count
+    n = load_tokenizer(directory / "tokenizer.json").get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise SubLLMError(f"the tokenizer in {directory} has {n} tokens but the model's "
+                          f"vocab_size is {vocab_size}; pass the model's own tokenizer")
 
+
+def write_converted(model: SubLLM, out: str | Path, *, tokenizer: str | Path | None = None,
+                    token_ids: Mapping[str, Any] | None = None,
+                    generation_config: Path | None = None, dtype: str | None = None,
+                    force: bool = False, info: dict[str, Any] | None = None) -> Path:
+    """Write `model` as a Hugging Face SubLLM directory (`subllm.hf.export.save_hf_model`).
+
+    tokenizer: a `tokenizers` tokenizer.json file, or a directory whose tokenizer files
+    (TOKENIZER_FILES) are copied. token_ids: bos/eos/pad ids for config.json and the
+    generation config (unless the tokenizer file sets them); generation_config: a
+    generation_config.json to use instead of ours. `out` is written whole or not at all.
+    """
+    from subllm.interop.export import check_out_dir, replace_dir, save_hf_model
+
+    out = check_out_dir(out, force)
+    tok = Path(tokenizer) if tokenizer is not None else None
+    if tok is not None and not tok.exists():
+        raise SubLLMError(f"--tokenizer {tok} does not exist")
+    copy_from = tok if tok is not None and tok.is_dir() else None
+    if copy_from is not None:
+        if not tokenizer_files(copy_from):
+            raise SubLLMError(f"--tokenizer {copy_from} holds no tokenizer files (looked for "
+                              f"{', '.join(TOKENIZER_FILES)})")
+        _check_tokenizer_vocab(copy_from, model.config.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    try:
+        save_hf_model(model, staging, tok if copy_from is None else None, dtype=dtype,
+                      force=True, info=info)
+        for f in tokenizer_files(copy_from) if copy_from is not None else []:
+            shutil.copyfile(f, staging / f.name)
+        if generation_config is not None:
+            shutil.copyfile(generation_config, staging / "generation_config.json")
+        ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+        if ids and (copy_from is not None or tok is None):  # a tokenizer file sets its own
+            targets = ["config.json"] + (["generation_config.json"]
+                                         if generation_config is None else [])
+            for name in targets:
+                d = json.loads((staging / name).read_text())
+                d.update(ids)
+                (staging / name).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        replace_dir(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,4 +1,4 @@
-"""Model configuration, structure strings and presets (DESIGN 2, 3.1)."""
+"""Model configuration, structure strings and presets (docs/design.md §2, §3.1)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subllm.errors import ConfigError
+from .errors import ConfigError
 
 # --------------------------------------------------------------------------------------
 # Structure strings: "T" is a block, "(" a subsampling module, ")" upsampling + bypass.
@@ -129,20 +129,20 @@ class ModelConfig:
     tie_embeddings: bool = False
     head_dim: int | None = None  # None: dim // n_heads
     init_std: float = 0.02
-    # Bypass (DESIGN 3.4): initial scale, and the schedule of its lower limit c_min.
+    # Bypass (design.md §3.4): initial scale, and the schedule of its lower limit c_min.
     bypass_init: float = 0.5
     bypass_min_start: float = 0.9
     bypass_min_end: float = 0.2
     bypass_min_steps: int = 20000
     bypass_limit_prob: float = 0.6
-    # Score balancer (DESIGN 3.5).
+    # Score balancer (design.md §3.5).
     balancer_prob_start: float = 1.0
     balancer_prob_end: float = 0.25
     balancer_prob_steps: int = 8000
     balancer_strength: float = 0.04
-    # Band around `keep` for the measured fraction of positive scores. DESIGN says 0.05;
-    # the balancer only acts outside the band, so scores settle at its edge: 0.02 keeps the
-    # eval-mode kept fraction within 0.05 of keep.
+    # Band around `keep` for the measured fraction of positive scores (0.05 in our first
+    # design): the balancer only acts outside the band, so scores settle at its edge; 0.02
+    # keeps the eval-mode kept fraction within 0.05 of keep (docs/design.md §3.5).
     balancer_margin: float = 0.02
     balancer_rms_min: float = 1.25
     balancer_rms_max: float = 5.0
@@ -191,7 +191,7 @@ class ModelConfig:
         return block_token_fractions(self.tree, self.keep_per_depth)
 
     def compute_fraction(self) -> float:
-        """Block compute relative to a LLaMA of the same size (DESIGN 3.1)."""
+        """Block compute relative to a LLaMA of the same size (design.md §3.1)."""
         return sum(self.block_fractions().values()) / self.n_layers
 
     # ---- validation ---------------------------------------------------------------

@@ -1,12 +1,12 @@
 """`SubLLMConfig`: the Hugging Face configuration of a SUBLLM / LLaMA model.
 
 Standard fields carry `transformers`' names (`hidden_size`, `num_hidden_layers`, ...), so
-tools that read a config.json generically (lm-eval, vLLM-style planners, our own
-`subllm estimate --hf-config`) understand it; the SUBLLM-specific fields carry the names of
-`subllm.config.ModelConfig`. `to_model_config()` / `from_model_config()` convert.
+tools that read a config.json generically (lm-eval, planners, our own `subllm estimate
+--hf-config`) understand it; the SUBLLM-specific fields carry the names of `ModelConfig`.
+`to_model_config()` / `from_model_config()` convert.
 
-This file is also copied into exported model directories (`subllm export`) and must then
-import nothing from subllm but the modules copied beside it.
+It imports only `transformers.PretrainedConfig` (no torch model code), so registering it
+with `AutoConfig` is cheap; see `subllm.autoregister`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from subllm.config import ModelConfig
+from .config import ModelConfig
 
 # SubLLMConfig field -> ModelConfig field, where the names differ.
 HF_TO_OURS = {

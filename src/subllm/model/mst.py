@@ -1,4 +1,4 @@
-"""Mini-Sequence Transformer (MsT): chunked MLP and chunked LM-head cross-entropy (DESIGN 4).
+"""Mini-Sequence Transformer (MsT): chunked MLP and chunked LM-head cross-entropy (design.md §4).
 
 Long-sequence training runs out of memory on two activations that grow with the
 sequence length times a wide dimension: the (L x ffn) MLP intermediates and the
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from subllm.errors import SubLLMError
+from .errors import SubLLMError
 
 __all__ = [
     "HF_FAMILIES",
@@ -46,7 +46,7 @@ __all__ = [
 
 
 def default_loss_chunks(vocab_size: int, dim: int) -> int:
-    """DESIGN 4: M = ceil(vocab / d) chunks, so a chunk's logits are about the size of L x d."""
+    """design.md §4: M = ceil(vocab / d) chunks, so a chunk's logits are about the size of L x d."""
     return max(1, math.ceil(vocab_size / dim))
 
 
@@ -184,7 +184,7 @@ def chunked_cross_entropy(
     `num_items_in_batch` when given (Hugging Face's normaliser under gradient
     accumulation); "sum" returns the sum. `softcap` applies cap * tanh(logits / cap)
     (Gemma-2's final-logit soft-capping). Chunking: up to `chunks` pieces (default
-    ceil(vocab / d), DESIGN 4) but none shorter than `min_chunk_tokens`, or exactly
+    ceil(vocab / d), design.md §4) but none shorter than `min_chunk_tokens`, or exactly
     pieces of `chunk_size` tokens. The floor exists because every chunk adds its
     (vocab x d) weight-gradient update: at d=256, vocab=128256 on a CPU, 17-token chunks
     (the bare rule at 8k tokens) made the loss 1.7x slower than 256-token ones.
@@ -271,7 +271,7 @@ def chunked_cross_entropy(
 
 
 def default_mlp_chunks(ffn_dim: int, dim: int) -> int:
-    """The paper's rule (DESIGN 4): M = ceil(ffn / d)."""
+    """The paper's rule (design.md §4): M = ceil(ffn / d)."""
     return max(1, math.ceil(ffn_dim / dim))
 
 
@@ -288,7 +288,7 @@ def _mlp_sizes(mlp: nn.Module) -> tuple[int, int] | None:
 
 
 class MiniSequenceMLP(nn.Module):
-    """Run an MLP on chunks of the sequence (DESIGN 4, the paper's "mini-sequences").
+    """Run an MLP on chunks of the sequence (design.md §4, the paper's "mini-sequences").
 
     x: (B, L, d) is split along L into M chunks (default M = ceil(ffn / d)), never into
     chunks shorter than `min_chunk_tokens` (short inputs run in one piece). When
@@ -565,10 +565,6 @@ def _is_subllm(model: Any) -> bool:
     `isinstance` fails there, so that copy is recognised by its class name and the
     attributes used here.
     """
-    from subllm.model import SubLLM
-
-    if isinstance(model, SubLLM):
-        return True
     return (
         isinstance(model, nn.Module)
         and any(cls.__name__ == "SubLLM" for cls in type(model).__mro__)

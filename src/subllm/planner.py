@@ -1,4 +1,8 @@
-"""`subllm estimate`: predicted peak memory of a training step, and the longest sequence that fits.
+"""The planner: parameter, FLOP and memory counts of a model shape, in one place.
+
+`subllm estimate` (peak training memory and the longest sequence that fits), `subllm info`
+(parameters, compute fraction, FLOPs per token) and the MFU of `subllm bench train` read
+their figures here. Light on purpose: no torch at import time.
 
 The planner walks a training step (forward with labels, backward, optimizer step) through
 the points where the peak can be — the end of the forward pass and the loss, the loss's
@@ -30,7 +34,7 @@ sum matches the CPU allocator's live bytes in real steps to within 4 % (tests/te
   the two kept-length operands of its bypass. Only the activations scale.
 - **Activation checkpointing** (non-reentrant, per block) keeps each block's input; in
   backward one block at a time is recomputed, so one block's activations exist then.
-- **MsT** (DESIGN 4, `subllm.mst.apply_mst` defaults) = checkpointing + the MLP in
+- **MsT** (design.md §4, `subllm.mst.apply_mst` defaults) = checkpointing + the MLP in
   ceil(ffn / d) mini-sequences never shorter than 1024 tokens (rows under 2048 tokens
   are not split) + the LM head and cross-entropy in chunks of
   max(ceil(rows / ceil(vocab / d)), 256) rows; the fp32 gradients for the hidden states
@@ -62,7 +66,6 @@ sum matches the CPU allocator's live bytes in real steps to within 4 % (tests/te
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -72,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from subllm.errors import SubLLMError
+from subllm.model.config import PRESETS, ModelConfig, Segment, parse_structure
 
 GiB = 2**30
 MiB = 2**20
@@ -191,7 +195,6 @@ class ModelShape:
     def level_lengths(self, length: int) -> tuple[list[int], list[tuple[int, int]]]:
         """Row length seen by each block, and (entering, kept) row lengths per segment in
         the order of their `(`: ceil(keep * n) as in training-mode top-k."""
-        from subllm.config import Segment, parse_structure
 
         blocks: dict[int, int] = {}
         segs: dict[int, tuple[int, int]] = {}
@@ -220,7 +223,6 @@ class ModelShape:
 
 def shape_from_config(config: Any, name: str = "") -> ModelShape:
     """A ModelShape from a `subllm.ModelConfig`."""
-    from subllm.config import ModelConfig
 
     if not isinstance(config, ModelConfig):
         raise SubLLMError(f"expected a subllm ModelConfig, got {type(config).__name__}")
@@ -307,7 +309,6 @@ def resolve_shape(model: Any, name: str = "") -> ModelShape:
     """A ModelShape from a ModelShape, a subllm ModelConfig, a transformers config (object
     or dict), or a string: a preset name, a subllm YAML/JSON config, a transformers
     config.json (detected by its `hidden_size` field)."""
-    from subllm.config import PRESETS, ModelConfig
 
     if isinstance(model, ModelShape):
         return model
@@ -412,7 +413,6 @@ def _rope_bytes(s: ModelShape, b: _Bytes) -> int:
 
 def _segment_first_blocks(s: ModelShape) -> list[int]:
     """Index of the first block inside each segment, in the order of their `(`."""
-    from subllm.config import Segment, parse_structure
 
     out: dict[int, int] = {}
 
@@ -725,7 +725,7 @@ def parse_memory(text: str, flag: str = "--gpu-memory") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     if abs(n) >= GiB:
         return f"{n / GiB:.2f} GiB"
     return f"{n / MiB:.1f} MiB"
@@ -744,14 +744,14 @@ def format_estimate(res: dict[str, Any]) -> str:
         + (f", structure {m['structure']} keep {m['keep']}" if "(" in m["structure"] else ""),
         f"step         batch {st['batch_size']} x {st['seq_len']} tokens, {prec_txt}, "
         f"{mode}, {st['optimizer']}, {st['device']}",
-        f"peak         {_fmt(res['peak_bytes'])}  (at: {res['phase']})",
+        f"peak         {fmt_bytes(res['peak_bytes'])}  (at: {res['phase']})",
     ]
     for comp in COMPONENTS:
         v = res["breakdown"][comp]
         if v:
             text = CPU_OVERHEAD_HELP if (comp == "runtime_overhead" and st["device"] == "cpu") \
                 else COMPONENT_HELP[comp]
-            lines.append(f"  {comp:<17}{_fmt(v):>12}  {text}")
+            lines.append(f"  {comp:<17}{fmt_bytes(v):>12}  {text}")
     fit = res.get("fit")
     if fit:
         def length(f: dict[str, Any]) -> str:
@@ -759,8 +759,8 @@ def format_estimate(res: dict[str, Any]) -> str:
                 return f"none (not even {f['granule']} tokens)"
             return f"{f['seq_len']:,}" + (" or more (search cap)" if f["capped"] else "")
 
-        lines.append(f"fits {_fmt(fit['budget_bytes'])}"
-                     + (f" ({_fmt(fit['reserve_bytes'])} kept for the CUDA context)"
+        lines.append(f"fits {fmt_bytes(fit['budget_bytes'])}"
+                     + (f" ({fmt_bytes(fit['reserve_bytes'])} kept for the CUDA context)"
                         if fit["reserve_bytes"] else "")
                      + f": longest sequence at batch {st['batch_size']}: {length(fit)}"
                      + ("" if fit["seq_len"] == 0
@@ -779,94 +779,99 @@ def format_estimate(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _load_model_arg(args: argparse.Namespace) -> ModelShape:
-    from subllm.config import ModelConfig
-
-    if args.preset is not None:
-        return shape_from_config(ModelConfig.preset(args.preset), args.preset)
-    if args.config is not None:
-        p = Path(args.config)
-        if p.suffix == ".json" and p.is_file():
-            try:
-                looks_hf = "hidden_size" in json.loads(p.read_text())
-            except (ValueError, TypeError):
-                looks_hf = False
-            if looks_hf:
-                raise SubLLMError(f"--config {args.config!r} is a transformers config.json; "
-                                  "pass it as --hf-config")
-        return shape_from_config(ModelConfig.from_file(args.config), p.stem)
-    cfg = load_hf_config(args.hf_config)
-    p = Path(args.hf_config)
-    return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
+# --------------------------------------------------------------------------------------
+# Parameter and FLOP counts (`subllm info`, MFU in `subllm bench train`)
+# --------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    shape = _load_model_arg(args)
-    settings = dict(dtype=args.dtype, checkpointing=args.checkpointing, mst=args.mst,
-                    optimizer=args.optimizer, device=args.device, precision=args.precision)
-    res = estimate_memory(shape, args.seq_len, args.batch_size, **settings)
-    if args.gpu_memory is not None:
-        budget = parse_memory(args.gpu_memory)
-        if args.reserve is None:
-            reserve = CUDA_DEFAULT_RESERVE if args.device == "cuda" else 0
-        elif args.reserve.strip() in ("0", "0B"):
-            reserve = 0
-        else:
-            reserve = parse_memory(args.reserve, "--reserve")
-        if reserve >= budget:
-            raise SubLLMError(f"--reserve {_fmt(reserve)} leaves nothing of --gpu-memory "
-                              f"{_fmt(budget)}")
-        fit = longest_fit(shape, budget - reserve, args.batch_size, **settings)
-        fit.update(budget_bytes=budget, reserve_bytes=reserve,
-                   over_context=bool(shape.max_seq_len and fit["seq_len"] > shape.max_seq_len))
-        # the other training modes, for comparison
-        this = "mst" if args.mst else ("checkpointing" if args.checkpointing else "standard")
-        fit["by_mode"] = {
-            mode: longest_fit(shape, budget - reserve, args.batch_size,
-                              **{**settings, "checkpointing": mode == "checkpointing",
-                                 "mst": mode == "mst"})
-            for mode in ("standard", "checkpointing", "mst") if mode != this}
-        res["fit"] = fit
-    print(json.dumps(res, indent=2) if args.json else format_estimate(res))
-    return 0
+def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Approximate training FLOPs per input token (forward + backward = 3x forward).
+
+    Each block's matmuls cost 6 * params * (fraction of tokens it sees); causal attention
+    (scores and weighted sum) costs 6 * f^2 * L * n_heads * head_dim for a block seeing a
+    fraction f of the L tokens (its sequence is f * L long, and f of the tokens visit it).
+    """
+    L = seq_len or config.max_seq_len
+    d, hd = config.dim, config.resolved_head_dim
+    attn_params = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
+    block_params = attn_params + 3 * d * config.ffn_dim
+    fracs = config.block_fractions()
+    linear = sum(6 * block_params * f for f in fracs.values())
+    attention = sum(6 * f * f * L * config.n_heads * hd for f in fracs.values())
+    head = 6 * d * config.vocab_size
+    return {"blocks_linear": linear, "attention": attention, "lm_head": head,
+            "total": linear + attention + head, "seq_len": L}
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "estimate", help="predicted peak training memory and the longest sequence that fits",
-        description="Predict the peak memory of a training step (forward with labels, "
-                    "backward, optimizer step) from the model's shape, broken down into "
-                    "weights, gradients, optimizer state, activations, attention, "
-                    "logits/loss and temporaries; with --gpu-memory, the longest sequence "
-                    "that fits. Assumptions: `subllm estimate` help in "
-                    "src/subllm/estimate.py and README (Memory planner).")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a subllm preset, e.g. subllm-1.3b")
-    src.add_argument("--config", help="a subllm YAML/JSON model config file")
-    src.add_argument("--hf-config", help="a transformers config.json (Llama, Mistral, Qwen2), "
-                                         "e.g. examples/hf-configs/llama-3-8b.json")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="fp32, or bf16/fp16 (see --precision); default fp32")
-    p.add_argument("--precision", choices=PRECISIONS, default="mixed",
-                   help="with --dtype bf16/fp16: mixed = autocast over fp32 weights, "
-                        "gradients and optimizer state (default; `subllm train --dtype bf16`, "
-                        "transformers Trainer bf16=True); pure = the model cast to the dtype")
-    p.add_argument("--checkpointing", action="store_true",
-                   help="block-level activation checkpointing")
-    p.add_argument("--mst", action="store_true",
-                   help="Mini-Sequence Transformer (chunked MLP and loss; implies "
-                        "checkpointing), as subllm.mst.apply_mst")
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
-                   help="adamw/adam: 2 states per parameter; sgd: momentum, 1 (default adamw)")
-    p.add_argument("--device", choices=DEVICES, default="cuda",
-                   help="cuda (default: fused AdamW, cuBLAS workspace) or cpu (resident "
-                        "memory: per-parameter AdamW temporaries, runtime overhead)")
-    p.add_argument("--gpu-memory", default=None,
-                   help="memory to fit, e.g. 80GB: also print the longest sequence that fits")
-    p.add_argument("--reserve", default=None,
-                   help="part of --gpu-memory not available to tensors (default 1GB on "
-                        "cuda for the CUDA context and fragmentation, 0 on cpu)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=run)
+def describe(config: ModelConfig, name: str = "", seq_len: int | None = None) -> dict[str, Any]:
+    """What `subllm info` prints: parameters (counted on a meta-device model), segments,
+    compute fraction and training FLOPs per token."""
+    import torch
+
+    from subllm.model.subllm import SubLLM
+
+    with torch.device("meta"):  # sizes only: no memory is allocated
+        model = SubLLM(config)
+    n_scorer = sum(p.numel() for p in model.subsamplers.parameters())
+    n_bypass = sum(p.numel() for p in model.bypasses.parameters())
+    segments = []
+    for seg in config.segments:
+        blocks = seg.blocks()
+        frac = 1.0
+        for d in range(seg.depth):
+            frac *= config.keep_per_depth[d]
+        segments.append({"index": seg.index, "depth": seg.depth, "blocks": [blocks[0], blocks[-1]],
+                         "keep": config.segment_keep(seg), "token_fraction": frac})
+    flops = training_flops_per_token(config, seq_len)
+    llama_flops = training_flops_per_token(
+        ModelConfig(**{**config.to_dict(), "structure": "T" * config.n_layers}), seq_len)
+    return {
+        "name": name,
+        "parameters": model.num_params(),
+        "parameters_subsampling": n_scorer,
+        "parameters_bypass": n_bypass,
+        "structure": config.structure,
+        "segments": segments,
+        "block_compute_fraction": config.compute_fraction(),
+        "training_flops_per_token": flops["total"],
+        "training_flops_per_token_vs_llama": flops["total"] / llama_flops["total"],
+        "flops_seq_len": flops["seq_len"],
+        "config": config.to_dict(),
+    }
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3f} {unit}"
+    return str(int(n))
+
+
+def format_info(d: dict[str, Any]) -> str:
+    c = d["config"]
+    lines = [
+        f"model         {d['name'] or '(config)'}",
+        f"parameters    {d['parameters']:,} ({_fmt_count(d['parameters'])})"
+        + (f"  incl. subsampling {d['parameters_subsampling']:,} + bypass "
+           f"{d['parameters_bypass']:,}" if d["segments"] else ""),
+        f"shape         dim {c['dim']}, {c['n_layers']} blocks, {c['n_heads']} heads "
+        f"({c['n_kv_heads']} KV), ffn {c['ffn_dim']}, vocab {c['vocab_size']}, "
+        f"context {c['max_seq_len']}",
+        f"structure     {d['structure']}",
+    ]
+    if not d["segments"]:
+        lines.append("segments      none (a LLaMA)")
+    for s in d["segments"]:
+        lines.append(
+            f"segment {s['index']}     depth {s['depth']}, "
+            f"blocks {s['blocks'][0]}-{s['blocks'][1]}, "
+            f"keep {s['keep']:g} -> {100 * s['token_fraction']:.1f}% of tokens"
+        )
+    lines.append(f"block compute {d['block_compute_fraction']:.3f} of a LLaMA of the same size")
+    lines.append(
+        f"train FLOPs   ~{d['training_flops_per_token'] / 1e9:.2f} GFLOP per token at "
+        f"{d['flops_seq_len']} tokens ({d['training_flops_per_token_vs_llama']:.3f} of LLaMA)"
+    )
+    return "\n".join(lines)
+
+

@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from subllm.errors import SubLLMError
+from subllm.model.config import ModelConfig
+from subllm.model.subllm import SubLLM
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -213,9 +215,6 @@ def load_train_config(checkpoint: str | Path) -> dict[str, Any]:
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A SubLLM with the checkpoint's weights, in eval mode."""
-    from subllm.config import ModelConfig
-    from subllm.model import SubLLM
-
     config = ModelConfig.from_dict(load_model_config(checkpoint))
     model = SubLLM(config)
     model.load_state_dict(load_weights(checkpoint))

@@ -1,19 +1,24 @@
-"""`SubLLMForCausalLM`: our model as a `transformers` PreTrainedModel.
+"""Our model as a Hugging Face model: `SubLLMConfig` and `SubLLMForCausalLM`.
 
-It wraps `subllm.model.SubLLM` (held as `self.model`, so weight names are `model.layers.0.
-self_attn.q_proj.weight`, ... as in `LlamaForCausalLM`) and adds what the Hugging Face
-ecosystem expects: `from_pretrained` / `save_pretrained` (safetensors), `generate()`,
-`labels` -> loss (with `num_items_in_batch` for `Trainer`'s gradient accumulation),
-`gradient_checkpointing_enable()`, PEFT, and `subllm.mst.apply_mst`.
+`SubLLMConfig` (hf_config.py) is the configuration.
 
-`generate()` runs on our KV cache (DESIGN 3.7), not on `transformers`' `DynamicCache`:
-a SUBLLM's inner blocks cache only the tokens their segment kept, per row, which no
-`transformers` cache layout expresses. The cache comes back from `forward` as
-`past_key_values`, and `prepare_inputs_for_generation` feeds the model only the tokens
-the cache has not seen.
+`SubLLMForCausalLM` wraps `SubLLM` (held as `self.model`, so weight names are
+`model.layers.0.self_attn.q_proj.weight`, ... as in `LlamaForCausalLM`) and adds what the
+Hugging Face ecosystem expects: `from_pretrained` / `save_pretrained` (safetensors),
+`generate()`, `labels` -> loss (with `num_items_in_batch` for `Trainer`'s gradient
+accumulation), `gradient_checkpointing_enable()`, PEFT, and `apply_mst`.
 
-This file is also copied into exported model directories (`subllm export`) and must then
-import nothing from subllm but the modules copied beside it.
+`generate()` runs on our KV cache (docs/design.md §3.7), not on `transformers`'
+`DynamicCache`: a SUBLLM's inner blocks cache only the tokens their segment kept, per
+row, which no `transformers` cache layout expresses. The cache comes back from `forward`
+as `past_key_values` (`cache` from transformers 5.24 on, which renamed it; both names are
+accepted), and `prepare_inputs_for_generation` feeds the model only the tokens the cache
+has not seen.
+
+Like every file of this package, this one imports only its siblings (relative imports):
+`subllm export` copies the package verbatim into a model directory, which then loads with
+`trust_remote_code=True` where subllm is not installed. Registration with the Auto
+classes happens in `subllm.hf`, not here.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from subllm.config import ModelConfig
-from subllm.hf.configuration_subllm import SubLLMConfig
-from subllm.model import Bypass, KVCache, ScoreBalancer, SubLLM
+from .bypass import Bypass
+from .config import ModelConfig
+from .hf_config import SubLLMConfig
+from .kv_cache import KVCache
+from .subllm import SubLLM
+from .subsample import ScoreBalancer
+
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else (
+    "past_key_values")
 
 
 @dataclass
@@ -46,7 +58,7 @@ class SubLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _can_compile_fullgraph = False  # the subsamplers' kept counts are data-dependent shapes
 
@@ -96,6 +108,7 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: KVCache | None = None,
+        cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -107,7 +120,9 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         """Causal LM forward. Positions come from `attention_mask` (left padding: a row's
         first real token is position 0), so `position_ids` must be None or equal those.
         With `labels` (aligned with the inputs, -100 ignored) the loss is returned; with
-        `use_cache` (eval mode) the KV cache comes back as `past_key_values`."""
+        `use_cache` (eval mode) the KV cache comes back as `past_key_values` (`cache`)."""
+        if cache is not None:
+            past_key_values = cache
         for name in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(name, None):
                 raise ValueError(f"SubLLMForCausalLM does not return {name[len('output_'):]}")
@@ -136,7 +151,7 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         result = SubLLMCausalLMOutput(
             loss=out.loss,
             logits=out.logits,
-            past_key_values=out.cache if use_cache else None,
+            **{CACHE_FIELD: out.cache if use_cache else None},
             kept=tuple(out.kept) or None,
             entered=tuple(out.entered) or None,
         )
@@ -167,9 +182,10 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         return False  # we bring our own cache (see the module docstring)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      cache=None,
                                       inputs_embeds=None, use_cache=None, logits_to_keep=None,
                                       **kwargs):
-        cache = past_key_values
+        cache = cache if cache is not None else past_key_values
         model_inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
         if cache is not None and cache.seen > 0:
             model_inputs["input_ids"] = input_ids[:, cache.seen:]
@@ -177,7 +193,7 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
             model_inputs["input_ids"] = input_ids
-        model_inputs["past_key_values"] = cache
+        model_inputs[CACHE_FIELD] = cache
         if logits_to_keep is not None:
             model_inputs["logits_to_keep"] = logits_to_keep
         return model_inputs

@@ -1,6 +1,6 @@
 """`SubLLMScheduleCallback`: SUBLLM's step-driven schedules under `transformers.Trainer`.
 
-A SUBLLM's training depends on the step (DESIGN 3.6): the bypass scale's lower limit c_min
+A SUBLLM's training depends on the step (design.md §3.6): the bypass scale's lower limit c_min
 and the score balancer's probability follow schedules over the first steps. `subllm train`
 calls `model.set_step(step)` before every optimizer step; `transformers.Trainer` knows
 nothing of it, so without this callback the model stays at step 0 for the whole run.
@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from subllm.errors import SubLLMError
-from subllm.mst import _is_subllm
+from subllm.model.mst import _is_subllm
 
 
 def subllm_modules(model: Any) -> list[nn.Module]:

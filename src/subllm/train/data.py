@@ -12,8 +12,6 @@ The .bin files are flat arrays (uint16 when the vocabulary fits, else uint32) re
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import random
@@ -27,16 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from subllm.errors import SubLLMError
+from subllm.interop.tokenizer import EOT_TOKEN, eot_id_of, load_tokenizer, sha256_file
+from subllm.train.config import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 
-EOT_TOKEN = "<|endoftext|>"
-# End-of-text tokens we recognise in a tokenizer the user brings.
-EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
-DEFAULT_DATA_DIR = Path("data/default")
-DEFAULT_VAL_FRACTION = 0.02
-DEFAULT_VOCAB_SIZE = 8192
 META_FORMAT = 1
 _BINARY_SNIFF_BYTES = 8192
 _ENCODE_BATCH_DOCS = 256
@@ -183,8 +178,6 @@ def iter_documents(files: list[Path], text_field: str, stats: CorpusStats) -> It
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int, length: int | None = None) -> Any:
     """A byte-level BPE tokenizer (GPT-2 style) with `<|endoftext|>` as its special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -196,47 +189,6 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, length: int | None = 
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     return tokenizer
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise SubLLMError(f"tokenizer file {path} does not exist; pass a tokenizer.json")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception subclasses
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SubLLMError(
-            f"{path} is not a Hugging Face tokenizer.json ({first}); "
-            "pass the tokenizer.json of a `tokenizers` tokenizer"
-        ) from None
-
-
-def eot_id_of(tokenizer: Any, path: str | Path = "the tokenizer") -> int:
-    for token in EOT_CANDIDATES:
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return int(token_id)
-    raise SubLLMError(
-        f"{path} has no end-of-text token (looked for {', '.join(EOT_CANDIDATES)}); "
-        f"add `{EOT_TOKEN}` as a special token or let prepare train a tokenizer"
-    )
-
-
-def same_vocab(a: str | Path, b: str | Path) -> bool:
-    """Whether two tokenizer.json files map the same tokens to the same ids (a re-saved
-    tokenizer, e.g. by `subllm export`, differs in bytes but not in this)."""
-    return Path(a).is_file() and load_tokenizer(a).get_vocab() == load_tokenizer(b).get_vocab()
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -571,37 +523,6 @@ def val_batches(
 # CLI
 
 
-def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
-    from subllm.flags import fraction, positive_int
-
-    p.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
-    p.add_argument("--out", metavar="DATA_DIR",
-                   help=f"output directory (default {DEFAULT_DATA_DIR})")
-    p.add_argument("--input", nargs="+", metavar="PATH", dest="input",
-                   help="files or directories (.txt, .jsonl, any text; walked recursively); "
-                   "default: the running Python's standard-library source")
-    p.add_argument("--text-field", metavar="NAME",
-                   help="text field of .jsonl records (default text)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--vocab-size", type=positive_int, metavar="N",
-                       help=f"train a byte-level BPE of this size (default {DEFAULT_VOCAB_SIZE})")
-    group.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead")
-    p.add_argument("--val-fraction", type=fraction, metavar="F",
-                   help=f"fraction of documents for validation (default {DEFAULT_VAL_FRACTION})")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of the train/val split (default 0)")
-
-
-PREPARE_DEFAULTS: dict[str, Any] = {
-    "out": str(DEFAULT_DATA_DIR),
-    "input": None,
-    "text_field": "text",
-    "vocab_size": None,  # DEFAULT_VOCAB_SIZE unless a tokenizer is given
-    "tokenizer": None,
-    "val_fraction": DEFAULT_VAL_FRACTION,
-    "seed": 0,
-}
-
-
 def print_summary(meta: dict[str, Any], out_dir: str | Path) -> None:
     skipped = ", ".join(f"{v} {k}" for k, v in meta["skipped"].items() if v) or "none"
     print(
@@ -611,26 +532,3 @@ def print_summary(meta: dict[str, Any], out_dir: str | Path) -> None:
     )
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    from subllm.flags import resolve_flags
-
-    s, _ = resolve_flags(args, args._parser, PREPARE_DEFAULTS)
-    if s["tokenizer"] is not None and s["vocab_size"] is not None:
-        raise SubLLMError("give either vocab-size or tokenizer, not both")
-    meta = prepare(
-        s["out"], inputs=s["input"], text_field=s["text_field"],
-        vocab_size=s["vocab_size"] or DEFAULT_VOCAB_SIZE, tokenizer=s["tokenizer"],
-        val_fraction=s["val_fraction"], seed=s["seed"],
-    )
-    print_summary(meta, s["out"])
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "prepare", help="tokenize a corpus for training",
-        description="Train a byte-level BPE tokenizer (or use yours) and tokenize a corpus "
-        "into train.bin / val.bin / meta.json.",
-    )
-    add_prepare_arguments(p)
-    p.set_defaults(func=run_prepare, _parser=p)

@@ -1,4 +1,4 @@
-"""Autoregressive decoding with the SUBLLM KV cache (DESIGN 3.7) and logit processing."""
+"""Autoregressive decoding with the SUBLLM KV cache (design.md §3.7) and logit processing."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from subllm.errors import SubLLMError
+from .errors import SubLLMError
 
 if TYPE_CHECKING:
-    from subllm.model import SubLLM
+    from .subllm import SubLLM
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""LLaMA building blocks shared by both model families (DESIGN 2).
+"""LLaMA building blocks shared by both model families (design.md §2).
 
 Weight names follow Hugging Face's `modeling_llama.py` (`q_proj`, `gate_proj`,
 `input_layernorm`, ...) so that conversion to and from `transformers` is a table.
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from subllm.config import ModelConfig
+from .config import ModelConfig
+from .kv_cache import LayerKV
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
@@ -60,7 +61,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Span:
     """What every block at one nesting level needs for one forward call.
 
-    pos:   (B, L) original token positions (RoPE uses these, DESIGN 3.3).
+    pos:   (B, L) original token positions (RoPE uses these, design.md §3.3).
     valid: (B, L) bool, False for padding / unfilled slots; None when every token is real.
     cos, sin: (B, L, head_dim) rotary tables for `pos`, computed once per level.
     mask:  (B, 1, L, L_past + L) bool attention mask; None: plain causal attention when
@@ -158,34 +159,3 @@ class Block(nn.Module):
     def forward(self, x: Tensor, span: Span, cache: LayerKV | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), span, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class LayerKV:
-    """Keys and values one block has cached, in a buffer that grows by doubling.
-
-    Slot validity is tracked per nesting level (LevelState), not here: every block of a
-    level sees the same tokens.
-    """
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        end = start + k.shape[2]
-        if self.k is None or self.k.shape[2] < end:
-            cap = max(end, 2 * (self.k.shape[2] if self.k is not None else 0), 64)
-            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
-            if self.k is not None:
-                new_k[:, :, :start] = self.k[:, :, :start]
-                new_v[:, :, :start] = self.v[:, :, :start]
-            self.k, self.v = new_k, new_v
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def nbytes(self, length: int) -> int:
-        if self.k is None:
-            return 0
-        return 2 * self.k[:, :, :length].numel() * self.k.element_size()

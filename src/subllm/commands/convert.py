@@ -1,0 +1,96 @@
+"""`subllm convert`: a Llama or a SUBLLM-release checkpoint -> a Hugging Face SubLLM
+directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from subllm.errors import SubLLMError
+from subllm.train.config import parse_keep
+
+DESCRIPTION = ("Write a Hugging Face SubLLM directory (as `subllm export` does) from a local "
+               "transformers Llama checkpoint (--from-hf: blocks copied, scorers and bypass "
+               "scales freshly initialised) or from a checkpoint of the SUBLLM authors' "
+               "release (--from-official). Continue training it with `subllm train "
+               "--init-from DIR`.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="LLAMA_DIR",
+                        help="a transformers Llama directory (config.json + safetensors)")
+    source.add_argument("--from-official", metavar="CHECKPOINT",
+                        help="the authors' state_dict: a torch.save file or .safetensors")
+    p.add_argument("--official-config", metavar="CONFIG_JSON",
+                   help="the authors' model config JSON (with --from-official)")
+    p.add_argument("--structure", metavar="S", help="with --from-hf: structure over T ( ), one "
+                   "'T' per Llama layer (default: all 'T', a LLaMA)")
+    p.add_argument("--keep", metavar="K", help="with --from-hf: keep ratio, or one per depth: "
+                   "0.64,0.5 (default 0.64)")
+    p.add_argument("--tokenizer", metavar="FILE_OR_DIR", help="a tokenizer.json, or a "
+                   "directory of Hugging Face tokenizer files (default with --from-hf: the "
+                   "Llama directory's)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                   help="dtype of the saved weights (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the freshly initialised weights (default 0)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from subllm.interop.export import DTYPES, check_out_dir, tokenizer_files, write_converted
+    from subllm.interop.llama import from_hf_llama_dir
+    from subllm.interop.official import from_official, official_model_config
+    from subllm.interop.weights import read_json, read_state_dict
+
+    check_out_dir(args.out, args.force)  # fail before the work, not after
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    torch.manual_seed(args.seed)  # the fresh scorers and bypass scales
+    if args.from_hf is not None:
+        if args.official_config is not None:
+            raise SubLLMError("--official-config goes with --from-official, not --from-hf")
+        src = Path(args.from_hf)
+        keep = parse_keep(args.keep) if args.keep is not None else None
+        model = from_hf_llama_dir(src, args.structure, keep, dtype=dtype)
+        raw = read_json(src / "config.json", "no config")
+        token_ids = {k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        gen = src / "generation_config.json"
+        tokenizer = args.tokenizer or (src if tokenizer_files(src) else None)
+        info = {"converted from": f"Llama checkpoint {src}"}
+        if model.config.is_subllm:
+            info["freshly initialised"] = (f"{len(model.subsamplers)} scorer(s) and "
+                                           f"{len(model.bypasses)} bypass scale(s)")
+    else:
+        if args.official_config is None:
+            raise SubLLMError("--from-official needs --official-config CONFIG_JSON (the "
+                              "release's model config)")
+        for flag in ("structure", "keep"):
+            if getattr(args, flag) is not None:
+                raise SubLLMError(f"--{flag} does not apply to --from-official: the structure "
+                                  "and keep ratio come from --official-config")
+        src = Path(args.from_official)
+        cfg_path = Path(args.official_config)
+        official = read_json(cfg_path, "--official-config")
+        official_model_config(official, str(cfg_path))  # config errors before reading weights
+        model = from_official(read_state_dict(src), official, dtype=dtype, source=str(src),
+                              config_source=str(cfg_path))
+        token_ids = {"bos_token_id": official.get("bos_token_id"),
+                     "eos_token_id": official.get("eos_token_id"),
+                     "pad_token_id": official.get("pad_token_id", official.get("padding_idx"))}
+        gen = None
+        tokenizer = args.tokenizer
+        info = {"converted from": f"SUBLLM release checkpoint {src} ({cfg_path.name})"}
+    out = write_converted(model, args.out, tokenizer=tokenizer, token_ids=token_ids,
+                          generation_config=gen if gen is not None and gen.is_file() else None,
+                          dtype=args.dtype, force=args.force, info=info)
+    c = model.config
+    what = (f"SUBLLM {c.structure} (keep {c.keep})" if c.is_subllm
+            else f"LLaMA ({c.n_layers} blocks)")
+    print(f"converted {src} -> {out}: {what}, {model.num_params() / 1e6:.2f}M parameters"
+          + ("" if tokenizer else "; no tokenizer (pass --tokenizer FILE_OR_DIR)"))
+    print(f"continue training: subllm train --init-from {out} --data DATA_DIR --out RUN_DIR")
+    return 0

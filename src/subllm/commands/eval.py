@@ -1,0 +1,55 @@
+"""`subllm eval`: validation loss, perplexity and kept fractions of a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from subllm.errors import SubLLMError
+from subllm.flags import positive_int, resolve_flags
+
+DESCRIPTION = ("Validation loss, perplexity, tokens evaluated and (SUBLLM) the fraction of "
+               "tokens each subsampling module keeps in eval mode.")
+
+
+def add_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
+    e.add_argument("--checkpoint", metavar="RUN_DIR",
+                   help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
+                   "or a Hugging Face SubLLM directory (subllm export / convert)")
+    e.add_argument("--data", metavar="DATA_DIR", help="prepared data (default: the run's)")
+    e.add_argument("--batches", type=positive_int, metavar="N", help="validation batches (50)")
+    e.add_argument("--batch-size", type=positive_int, metavar="N", help="default: the run's")
+    e.add_argument("--seq-len", type=positive_int, metavar="N", help="default: the run's")
+    e.add_argument("--device", metavar="D", help="auto, cpu, cuda, ... (default auto)")
+    e.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default auto")
+    e.add_argument("--json", action="store_true", default=None, help="print JSON")
+
+
+EVAL_DEFAULTS: dict[str, Any] = {
+    "checkpoint": None, "data": None, "batches": 50, "batch_size": None, "seq_len": None,
+    "device": "auto", "dtype": "auto", "json": False,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    s, _ = resolve_flags(args, args._parser, EVAL_DEFAULTS)
+    if s["checkpoint"] is None:
+        raise SubLLMError("give --checkpoint RUN_DIR (the --out of a `subllm train` run, or a "
+                          "Hugging Face SubLLM directory from `subllm export`/`convert`)")
+    from subllm.train.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(s["checkpoint"], s["data"], s["batches"], s["batch_size"],
+                            s["seq_len"], s["device"], s["dtype"])
+    if s["json"]:
+        print(json.dumps(r, indent=2))
+        return 0
+    kept = ""
+    if r["kept_fractions"]:
+        kept = (f" | eval kept fractions {', '.join(f'{k:.3f}' for k in r['kept_fractions'])}"
+                f" (keep {', '.join(f'{k:g}' for k in r['keep'])} per depth)")
+    at = f" (step {r['step']})" if r["step"] is not None else ""
+    print(f"{r['checkpoint']}{at} on {r['data']}: val loss {r['val_loss']:.4f} | "
+          f"perplexity {r['perplexity']:.2f} | {r['tokens']:,} tokens{kept}")
+    return 0

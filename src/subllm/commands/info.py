@@ -1,0 +1,32 @@
+"""`subllm info`: size, structure and compute of a preset or config file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from subllm.errors import SubLLMError
+
+DESCRIPTION = ("Describe a model: parameter count, structure with the keep ratio of each "
+               "segment, block-compute fraction relative to a LLaMA of the same size, training "
+               "FLOPs per token.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="PRESET_OR_CONFIG",
+                   help="a preset name (e.g. subllm-1.3b) or a YAML/JSON model config file")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for the FLOPs estimate (default: the context)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from subllm.model.config import ModelConfig
+    from subllm.planner import describe, format_info
+
+    config = ModelConfig.load(args.model)
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise SubLLMError(f"--seq-len must be positive, got {args.seq_len}")
+    d = describe(config, args.model, args.seq_len)
+    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    return 0

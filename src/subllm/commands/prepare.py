@@ -1,0 +1,57 @@
+"""`subllm prepare`: tokenize a corpus into a data directory for training."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from subllm.errors import SubLLMError
+from subllm.flags import fraction, positive_int, resolve_flags
+from subllm.train.config import DEFAULT_DATA_DIR, DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
+
+DESCRIPTION = ("Train a byte-level BPE tokenizer (or use yours) and tokenize a corpus into "
+               "train.bin / val.bin / meta.json.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
+    p.add_argument("--out", metavar="DATA_DIR",
+                   help=f"output directory (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--input", nargs="+", metavar="PATH", dest="input",
+                   help="files or directories (.txt, .jsonl, any text; walked recursively); "
+                   "default: the running Python's standard-library source")
+    p.add_argument("--text-field", metavar="NAME",
+                   help="text field of .jsonl records (default text)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--vocab-size", type=positive_int, metavar="N",
+                       help=f"train a byte-level BPE of this size (default {DEFAULT_VOCAB_SIZE})")
+    group.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead")
+    p.add_argument("--val-fraction", type=fraction, metavar="F",
+                   help=f"fraction of documents for validation (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the train/val split (default 0)")
+
+
+PREPARE_DEFAULTS: dict[str, Any] = {
+    "out": str(DEFAULT_DATA_DIR),
+    "input": None,
+    "text_field": "text",
+    "vocab_size": None,  # DEFAULT_VOCAB_SIZE unless a tokenizer is given
+    "tokenizer": None,
+    "val_fraction": DEFAULT_VAL_FRACTION,
+    "seed": 0,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    from subllm.train.data import prepare, print_summary
+
+    s, _ = resolve_flags(args, args._parser, PREPARE_DEFAULTS)
+    if s["tokenizer"] is not None and s["vocab_size"] is not None:
+        raise SubLLMError("give either vocab-size or tokenizer, not both")
+    meta = prepare(
+        s["out"], inputs=s["input"], text_field=s["text_field"],
+        vocab_size=s["vocab_size"] or DEFAULT_VOCAB_SIZE, tokenizer=s["tokenizer"],
+        val_fraction=s["val_fraction"], seed=s["seed"],
+    )
+    print_summary(meta, s["out"])
+    return 0

@@ -1,0 +1,128 @@
+"""`subllm train`: resolve and check the settings, then run the training loop.
+
+Settings merge lowest first: defaults < the saved run (with --resume) < YAML --config <
+flags typed on the command line. The YAML file is read once. Everything here is light
+(no torch), so a bad flag, key or value fails in a fraction of a second; the loop
+(`subllm.train.loop`) is imported only to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from subllm.errors import SubLLMError
+from subllm.flags import (
+    explicit_flags,
+    file_settings,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    resolve_flags,
+)
+from subllm.train.config import DEFAULT_RUN_DIR, DEMO, TrainConfig, check_config
+
+DESCRIPTION = ("Pre-train a model on a prepared data directory. With no arguments: prepare "
+               "the Python standard library into ./data/default and train the tiny SUBLLM "
+               "preset into ./runs/default for a few CPU minutes. Under torchrun: DDP or FSDP2.")
+
+
+def _flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file whose keys are these flag names (flags win); "
+                   "a `model:` section overrides ModelConfig fields of the preset")
+    specs: list[tuple[str, Any, str, str]] = [
+        ("data", str, "DATA_DIR", "prepared data directory"),
+        ("out", str, "RUN_DIR", "run directory (checkpoints, metrics, TensorBoard, loss.png)"),
+        ("preset", str, "NAME", "model preset (subllm-tiny, llama-tiny, subllm-small, ...)"),
+        ("structure", str, "S", "structure string over T ( ), e.g. TTT(TT(TT)TT)TTT"),
+        ("keep", str, "K", "keep ratio, or one per depth: 0.64,0.5"),
+        ("seq_len", positive_int, "N", "tokens per training sequence"),
+        ("batch_size", positive_int, "N", "sequences per micro-batch per device"),
+        ("grad_accum", positive_int, "N", "micro-batches per optimizer step"),
+        ("max_steps", positive_int, "N", "optimizer steps (the lr schedule's length)"),
+        ("stop_at", positive_int, "STEP", "save and exit after this step (resume later)"),
+        ("lr", positive_float, "F", "peak learning rate"),
+        ("min_lr", non_negative_float, "F", "learning rate at the end of the cosine"),
+        ("warmup", non_negative_int, "N", "linear warm-up steps"),
+        ("weight_decay", non_negative_float, "F", "AdamW weight decay (matrices only)"),
+        ("grad_clip", non_negative_float, "F", "gradient-norm clipping (0: off)"),
+        ("eval_every", non_negative_int, "N", "validate every N steps (0: at the end only)"),
+        ("eval_batches", positive_int, "N", "validation batches"),
+        ("save_every", non_negative_int, "N", "checkpoint every N steps (0: at the end only)"),
+        ("keep_checkpoints", positive_int, "N", "keep the newest N checkpoints"),
+        ("log_every", positive_int, "N", "write metrics every N steps"),
+        ("seed", int, "N", "seed of the weights and the data order"),
+        ("init_from", str, "DIR", "start a new run from the weights and model config of a "
+         "Hugging Face SubLLM directory (subllm export / convert) or a `subllm train` run"),
+        ("device", str, "D", "auto, cpu, cuda, cuda:1, ..."),
+    ]
+    for dest, kind, metavar, text in specs:
+        default = getattr(d, dest)
+        shown = f" (default {default})" if default is not None else ""
+        p.add_argument(_flag_name(dest), dest=dest, type=kind, metavar=metavar,
+                       help=text + shown)
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"),
+                   help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
+    p.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="data-parallel engine under torchrun (default ddp)")
+    p.add_argument("--mst", action="store_true", default=None,
+                   help="Mini-Sequence Transformer: chunked MLP and loss")
+    p.add_argument("--checkpointing", action="store_true", default=None,
+                   help="activation checkpointing of every block")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out from its newest complete checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, demo = resolve(args, args._parser)
+    check_config(cfg)  # before torch is imported: bad values fail fast
+    from subllm.train.loop import train
+
+    t0 = time.perf_counter()
+    result = train(cfg, demo=demo)
+    if demo and not result.get("interrupted"):
+        print(f"demo finished in {time.perf_counter() - t0:.0f} s", flush=True)
+    if result.get("interrupted"):
+        return 128 + int(result["signal"] or signal.SIGTERM)
+    return 0
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser
+            ) -> tuple[TrainConfig, bool]:
+    """(the training settings, whether this is the no-argument demo)."""
+    from_file = file_settings(args, parser, extra_keys=("model",))
+    typed = explicit_flags(args, parser)
+    given = {**from_file[0], **typed}  # what the user asked for, file or flags
+    demo = args.config is None and not typed
+    defaults: dict[str, Any] = dataclasses.asdict(TrainConfig())
+    if demo:
+        from subllm.train.checkpoint import latest_checkpoint
+
+        defaults.update(DEMO)
+        defaults["resume"] = latest_checkpoint(DEFAULT_RUN_DIR) is not None
+    # --resume continues with the run's saved settings unless the command line says otherwise.
+    base = None
+    if given.get("resume"):
+        saved = Path(given.get("out") or defaults["out"]) / "config.yaml"
+        if saved.is_file():
+            base = yaml.safe_load(saved.read_text()) or {}
+    settings, extras = resolve_flags(args, parser, defaults, base=base, from_file=from_file)
+    model = extras["model"] if "model" in extras else (base or {}).get("model")
+    cfg = TrainConfig(**{**settings, "model": model or {}})
+    if cfg.init_from is not None and "preset" in given:
+        raise SubLLMError("--preset does not go with --init-from: the model is that of "
+                          f"{cfg.init_from}")
+    return cfg, demo

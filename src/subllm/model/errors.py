@@ -1,0 +1,12 @@
+"""The one exception type for mistakes a user can make (bad config, file, flag)."""
+
+
+class SubLLMError(ValueError):
+    """A user-facing error: the message says what is wrong and how to fix it.
+
+    The CLI prints it as one line and exits non-zero; library callers can catch it.
+    """
+
+
+class ConfigError(SubLLMError):
+    """An invalid model or training configuration."""

@@ -1,0 +1,125 @@
+"""The SUBLLM KV cache (docs/design.md §3.7).
+
+Blocks inside a segment cache only the tokens their segment kept, per row; slot validity
+is tracked once per nesting level, since every block of a level sees the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class LayerKV:
+    """Keys and values one block has cached, in a buffer that grows by doubling.
+
+    Slot validity is tracked per nesting level (LevelState), not here: every block of a
+    level sees the same tokens.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        if self.k is None or self.k.shape[2] < end:
+            cap = max(end, 2 * (self.k.shape[2] if self.k is not None else 0), 64)
+            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
+            if self.k is not None:
+                new_k[:, :, :start] = self.k[:, :, :start]
+                new_v[:, :, :start] = self.v[:, :, :start]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes(self, length: int) -> int:
+        if self.k is None:
+            return 0
+        return 2 * self.k[:, :, :length].numel() * self.k.element_size()
+
+
+# --------------------------------------------------------------------------------------
+# KV cache (design.md §3.7)
+# --------------------------------------------------------------------------------------
+
+
+class LevelState:
+    """Which KV slots hold real tokens, for all blocks of one nesting level."""
+
+    def __init__(self) -> None:
+        self.valid: Tensor | None = None  # (B, capacity) bool
+        self.length = 0
+        self.all_valid = True  # every slot so far holds a real token for every row
+
+    def append(self, valid: Tensor | None, batch: int, n: int,
+               device: torch.device) -> tuple[int, Tensor]:
+        """Reserve slots for n new tokens (valid: (B, n) or None = all real).
+
+        Returns (start slot, validity of the slots before it).
+        """
+        if valid is None:
+            valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+        else:
+            self.all_valid = self.all_valid and bool(valid.all())
+        start = self.length
+        end = start + n
+        if self.valid is None or self.valid.shape[1] < end:
+            cap = max(end, 2 * (self.valid.shape[1] if self.valid is not None else 0), 64)
+            grown = valid.new_zeros(valid.shape[0], cap)
+            if self.valid is not None:
+                grown[:, :start] = self.valid[:, :start]
+            self.valid = grown
+        past = self.valid[:, :start]
+        self.valid[:, start:end] = valid
+        self.length = end
+        return start, past
+
+
+@dataclass
+class KVCache:
+    """Per-block keys/values plus per-level slot validity and each row's next position.
+
+    Blocks inside a segment only cache the tokens their segment kept; a token no row kept
+    adds nothing to them.
+    """
+
+    layers: list[LayerKV]
+    levels: list[LevelState]
+    next_pos: Tensor | None = None  # (B,)
+
+    @classmethod
+    def empty(cls, n_layers: int, n_levels: int) -> KVCache:
+        return cls([LayerKV() for _ in range(n_layers)], [LevelState() for _ in range(n_levels)])
+
+    @property
+    def seen(self) -> int:
+        """Tokens (columns, padding included) that went into the cache."""
+        return self.levels[0].length
+
+    def level_lengths(self) -> list[int]:
+        return [lv.length for lv in self.levels]
+
+    @torch.no_grad()
+    def reorder(self, rows: Tensor) -> None:
+        """Keep/duplicate batch rows in the order `rows` (beam search)."""
+        for kv in self.layers:
+            if kv.k is not None:
+                kv.k, kv.v = kv.k.index_select(0, rows), kv.v.index_select(0, rows)
+        for lv in self.levels:
+            if lv.valid is not None:
+                lv.valid = lv.valid.index_select(0, rows.to(lv.valid.device))
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.index_select(0, rows.to(self.next_pos.device))
+
+    def nbytes(self, block_levels: list[int]) -> int:
+        """Bytes of keys and values actually held (not buffer capacity)."""
+        return sum(
+            kv.nbytes(self.levels[lvl].length)
+            for kv, lvl in zip(self.layers, block_levels, strict=True)
+        )
+

@@ -1,0 +1,255 @@
+"""SUBLLM and its LLaMA baseline (docs/design.md §3). A structure of only "T" is a LLaMA.
+
+Reading order: `Subsampler` (§3.2, subsample.py) with its `ScoreBalancer` (§3.5), the
+blocks on the kept tokens (§3.3, llama.py), `Bypass` (upsampling + bypass, §3.4,
+bypass.py), the KV cache (§3.7, kv_cache.py), and `SubLLM` here, whose forward walks the
+structure tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .bypass import Bypass
+from .config import ModelConfig, Segment
+from .decode import generate as _generate
+from .errors import SubLLMError
+from .kv_cache import KVCache
+from .llama import Block, RMSNorm, Span, attention_mask_for, rope_cos_sin
+from .mst import chunked_cross_entropy
+from .subsample import ScoreBalancer, Subsampler
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor | None
+    loss: Tensor | None = None
+    cache: KVCache | None = None
+    kept: list[Tensor] = field(default_factory=list)  # per `(`: (B,) tokens kept
+    entered: list[Tensor] = field(default_factory=list)  # per `(`: (B,) tokens entering
+
+    @property
+    def kept_fractions(self) -> list[float]:
+        return [
+            float(k.sum()) / max(float(e.sum()), 1.0)
+            for k, e in zip(self.kept, self.entered, strict=True)
+        ]
+
+
+class SubLLM(nn.Module):
+    """A SUBLLM decoder; with a structure of only "T" it is exactly a LLaMA."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tree = config.tree
+        segments = config.segments
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.subsamplers = nn.ModuleList(
+            Subsampler(config, config.segment_keep(s)) for s in segments
+        )
+        self.bypasses = nn.ModuleList(Bypass(config) for _ in segments)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Level of each block for the KV cache: 0 = top, j + 1 = directly inside segment j.
+        self.block_levels = [0] * config.n_layers
+        for seg in segments:
+            for c in seg.children:
+                if isinstance(c, int):
+                    self.block_levels[c] = seg.index + 1
+        self.step = 0
+        self.gradient_checkpointing = False
+        self.loss_chunks: int | None = None  # set by subllm.mst.apply_mst
+        self.init_weights()
+
+    # ---- parameters -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter; call after `to_empty` on a meta-built model."""
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, Bypass):
+                nn.init.constant_(m.scale, self.config.bypass_init)
+            elif isinstance(m, ScoreBalancer):
+                m.g_rms.zero_()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights counted once
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def set_step(self, step: int) -> None:
+        """Training step for the schedules of design.md §3.6 (c_min, balancer probability)."""
+        self.step = int(step)
+
+    def new_cache(self) -> KVCache:
+        return KVCache.empty(self.config.n_layers, len(self.subsamplers) + 1)
+
+    # ---- forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        *,
+        inputs_embeds: Tensor | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> ModelOutput:
+        """input_ids: (B, L), or inputs_embeds: (B, L, dim) instead. labels: (B, L) aligned
+        with the inputs (shifted inside; -100 ignored). attention_mask: (B, L) or
+        (B, cached + L), 1 for real tokens (left padding for generation). cache: a KVCache
+        to extend (eval mode only). logits_to_keep > 0: logits of the last positions only.
+        num_items_in_batch: divide the summed loss by this (gradient accumulation) instead
+        of by the number of targets."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise SubLLMError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
+                raise SubLLMError(
+                    f"inputs_embeds must be (batch, length, {self.config.dim}), got shape "
+                    f"{tuple(inputs_embeds.shape)}"
+                )
+            B, L = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        else:
+            if input_ids.dim() != 2:
+                raise SubLLMError(
+                    f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
+                )
+            B, L = input_ids.shape
+            device = input_ids.device
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if cache is not None and self.training:
+            raise SubLLMError("the KV cache is for inference: call model.eval() first")
+        past = cache.seen if cache is not None else 0
+        if past + L > self.config.max_seq_len:
+            raise SubLLMError(
+                f"sequence of {past + L} tokens exceeds the model's context "
+                f"(max_seq_len={self.config.max_seq_len}); shorten the input"
+            )
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
+            if bool(valid.all()):
+                valid = None
+        # Positions count real tokens only, so a left-padded prompt starts at 0.
+        start = cache.next_pos if cache is not None and cache.next_pos is not None else None
+        if valid is None:
+            pos = torch.arange(L, device=device).expand(B, L)
+            n_new = torch.full((B,), L, device=device, dtype=torch.long)
+        else:
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+            n_new = valid.sum(1)
+        if start is not None:
+            pos = pos + start[:, None]
+        if cache is not None:
+            cache.next_pos = n_new if start is None else start + n_new
+
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        kept: list[Tensor | None] = [None] * len(self.subsamplers)
+        entered: list[Tensor | None] = [None] * len(self.subsamplers)
+        span = self._span(0, pos, valid, cache, h.dtype)
+        h = self._run(self.tree, h, span, cache, kept, entered)
+        h = self.norm(h)
+
+        zeros = torch.zeros(B, dtype=torch.long, device=h.device)
+        kept_t = [k if k is not None else zeros for k in kept]
+        entered_t = [e if e is not None else zeros for e in entered]
+        loss = logits = None
+        if labels is not None and self.loss_chunks is not None:
+            loss = chunked_cross_entropy(h, self.lm_head.weight, labels, chunks=self.loss_chunks,
+                                         num_items_in_batch=num_items_in_batch)
+        else:
+            if labels is None and logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]
+            logits = self.lm_head(h)
+            if labels is not None:
+                shifted = logits[:, :-1].flatten(0, 1)
+                if shifted.dtype in (torch.float16, torch.bfloat16):
+                    shifted = shifted.float()  # softmax in fp32 under autocast
+                targets = labels[:, 1:].flatten().to(shifted.device)
+                if num_items_in_batch is None:
+                    loss = F.cross_entropy(shifted, targets, ignore_index=-100)
+                else:
+                    loss = F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum")
+                    loss = loss / num_items_in_batch
+        return ModelOutput(logits, loss, cache, kept_t, entered_t)
+
+    def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
+              dtype: torch.dtype) -> Span:
+        cos, sin = rope_cos_sin(pos, self.config.resolved_head_dim, self.config.rope_theta, dtype)
+        B, L = pos.shape
+        if cache is None:
+            return Span(pos, valid, cos, sin, attention_mask_for(valid, None, L, pos.device))
+        state = cache.levels[level]
+        past_all_valid = state.all_valid
+        start, past = state.append(valid, B, L, pos.device)
+        if start > 0 and L == 1 and valid is None and past_all_valid:
+            # One new token, every cached slot real: attend to everything, no mask needed.
+            return Span(pos, valid, cos, sin, None, start, causal=False)
+        mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device)
+        return Span(pos, valid, cos, sin, mask, start)
+
+    def _run(self, items: list[int | Segment], h: Tensor, span: Span, cache: KVCache | None,
+             kept: list, entered: list) -> Tensor:
+        for item in items:
+            if isinstance(item, Segment):
+                h = self._segment(item, h, span, cache, kept, entered)
+                continue
+            block = self.layers[item]
+            layer_cache = cache.layers[item] if cache is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, span, layer_cache, use_reentrant=False)
+            else:
+                h = block(h, span, layer_cache)
+        return h
+
+    def _segment(self, seg: Segment, x_out: Tensor, span: Span, cache: KVCache | None,
+                 kept: list, entered: list) -> Tensor:
+        sel = self.subsamplers[seg.index](x_out, span.valid, self.step)
+        kept[seg.index], entered[seg.index] = sel.count, sel.entered
+        if sel.size == 0:  # no row kept anything: the segment's blocks do no work at all
+            return x_out
+        idx = sel.idx[..., None].expand(-1, -1, x_out.shape[-1])
+        x_in = x_out.gather(1, idx)  # (B, K, d)
+        pos_in = span.pos.gather(1, sel.idx)  # original positions (design.md §3.3)
+        inner = self._span(seg.index + 1, pos_in, sel.valid, cache, x_out.dtype)
+        y = self._run(seg.children, x_in, inner, cache, kept, entered)
+        return self.bypasses[seg.index](x_out, y, sel, self.step)
+
+    # ---- generation -------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, eos_token_id: int | None = None,
+                 attention_mask: Tensor | None = None, streamer=None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Autoregressive decoding with the KV cache; see `decode.generate`."""
+        return _generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, repetition_penalty=repetition_penalty,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        streamer=streamer, generator=generator)
+
+

@@ -1,0 +1,171 @@
+"""Evaluation: validation loss and kept fractions, and text samples from a model.
+
+`evaluate` is what the training loop runs at every validation point; `evaluate_checkpoint`
+is `subllm eval`; `sample_text` / `prompt_ids` / `TextStream` serve the demo's sample and
+`subllm generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from subllm.errors import SubLLMError
+from subllm.interop.tokenizer import eot_id_of, load_tokenizer, same_vocab, sha256_file
+from subllm.train.data import load_data, val_batches
+from subllm.train.load import load_any
+from subllm.train.runtime import Dist, all_reduce_sum, autocast, autocast_dtype, pick_device
+
+
+class TextStream:
+    """Streams decoded text as token ids arrive (a `streamer` for `model.generate`).
+
+    Byte-level BPE tokens can end inside a multi-byte character; text is held back while
+    the decoded tail is an incomplete character (U+FFFD) and flushed at the end.
+    """
+
+    def __init__(self, tokenizer: Any, out: TextIO | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+        self.text = ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token.reshape(-1)[0]))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def end(self) -> None:
+        self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text: str) -> None:
+        self.text = text
+        if self.out is not None and len(text) > self.printed:
+            self.out.write(text[self.printed :])
+            self.out.flush()
+        self.printed = max(self.printed, len(text))
+
+
+def encode_prompt(tokenizer: Any, prompt: str, eot_id: int) -> list[int]:
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return ids or [eot_id]  # an empty prompt starts a new document
+
+
+def prompt_ids(tokenizer_path: str | Path, prompt: str, ctx: int) -> tuple[Any, int, list[int]]:
+    """(tokenizer, end-of-text id, the prompt's token ids), refusing a prompt longer than
+    the context `ctx`."""
+    tokenizer = load_tokenizer(Path(tokenizer_path))
+    eot = eot_id_of(tokenizer, tokenizer_path)
+    ids = encode_prompt(tokenizer, prompt, eot)
+    if len(ids) > ctx:
+        raise SubLLMError(
+            f"the prompt has {len(ids)} tokens, more than the model's context of {ctx}; "
+            "shorten the prompt"
+        )
+    return tokenizer, eot, ids
+
+
+@torch.no_grad()
+def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
+                max_new_tokens: int = 100, device: torch.device | str = "cpu",
+                temperature: float = 0.8, top_k: int | None = 50, seed: int = 0,
+                out: TextIO | None = None) -> str:
+    """Continue `prompt`; returns the new text (and streams it to `out` when given)."""
+    tokenizer, eot, ids = prompt_ids(tokenizer_path, prompt, model.config.max_seq_len)
+    ctx = model.config.max_seq_len
+    max_new_tokens = min(max_new_tokens, ctx - len(ids))
+    stream = TextStream(tokenizer, out)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                   eos_token_id=eot, streamer=stream, generator=generator)
+    return stream.text
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
+             amp: torch.dtype | None, dd: Dist) -> dict[str, Any]:
+    """Mean next-token loss over the batches, in eval mode (threshold subsampling).
+
+    Rank r evaluates the r-th slice of the rows of every batch, so the result does not
+    depend on the number of ranks; a rank whose slice is empty runs one row with weight 0,
+    so every rank makes the same forward calls (FSDP gathers weights in each).
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = tokens = 0.0
+    kept_sum: list[float] = []
+    entered_sum: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in batches:
+            rows = batch.tensor_split(dd.world_size)[dd.rank]
+            weight = 1.0 if len(rows) else 0.0
+            x = (rows if len(rows) else batch[:1]).to(device)
+            with autocast(device, amp):
+                out = model(x, labels=x)
+            n = x.shape[0] * (x.shape[1] - 1)
+            loss_sum += weight * float(out.loss) * n
+            tokens += weight * n
+            if not kept_sum:
+                kept_sum = [0.0] * len(out.kept)
+                entered_sum = [0.0] * len(out.kept)
+            for k, (kept, entered) in enumerate(zip(out.kept, out.entered, strict=True)):
+                kept_sum[k] += weight * float(kept.sum())
+                entered_sum[k] += weight * float(entered.sum())
+    model.train(was_training)
+    totals = all_reduce_sum([loss_sum, tokens, *kept_sum, *entered_sum], dd, device)
+    loss_sum, tokens = totals[0], totals[1]
+    m = len(kept_sum)
+    kept_fractions = [k / max(e, 1.0) for k, e in zip(totals[2 : 2 + m], totals[2 + m :],
+                                                       strict=True)]
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
+            "kept_fractions": kept_fractions}
+
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None,
+                        batches: int = 50, batch_size: int | None = None,
+                        seq_len: int | None = None, device: str = "auto",
+                        dtype: str = "auto") -> dict[str, Any]:
+    """Validation loss, perplexity, tokens and eval-mode kept fractions of a checkpoint."""
+    dev = pick_device(device, Dist())
+    model, tokenizer_path, run, step = load_any(checkpoint, dev)
+    path = tokenizer_path.parent
+    data = load_data(data_dir if data_dir is not None else run.get("data", "data/default"))
+    if data.meta["tokenizer_sha256"] != sha256_file(tokenizer_path) and not same_vocab(
+            data.path / "tokenizer.json", tokenizer_path):  # an export rewrites the file
+        raise SubLLMError(
+            f"{data.path} was tokenized with a different tokenizer than {path}; pass the "
+            "--data directory the model was trained on (or one prepared with its tokenizer)"
+        )
+    model_cfg = model.config.to_dict()
+    if data.vocab_size > model_cfg["vocab_size"]:
+        raise SubLLMError(
+            f"the tokenizer of {data.path} has {data.vocab_size} tokens, more than the "
+            f"model's vocab_size {model_cfg['vocab_size']}; use the model's data"
+        )
+    seq_len = seq_len or int(run.get("seq_len", 256))
+    if seq_len > model_cfg["max_seq_len"]:
+        raise SubLLMError(
+            f"--seq-len {seq_len} exceeds the model's context ({model_cfg['max_seq_len']}); "
+            "lower --seq-len"
+        )
+    eval_set = val_batches(data.tokens("val"), batch_size or int(run.get("batch_size", 16)),
+                           seq_len, batches)
+    result = evaluate(model, eval_set, dev, autocast_dtype(dtype, dev), Dist())
+    return {"checkpoint": str(path), "step": step, "data": str(data.path),
+            "val_loss": result["loss"], "perplexity": result["perplexity"],
+            "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
+            "keep": model.config.keep_per_depth if model.config.is_subllm else []}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+

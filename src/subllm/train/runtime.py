@@ -1,0 +1,199 @@
+"""What a training process runs on: devices, processes, autocast, signals and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from subllm.errors import SubLLMError
+
+# ---------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, True)
+
+
+def pick_device(name: str, dd: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SubLLMError(f"--device {name}: CUDA is not available here; use --device cpu")
+        return torch.device("cuda", dd.local_rank) if dd.enabled else torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SubLLMError("--device mps: MPS is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SubLLMError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device has it (`auto` uses it on GPUs only); None = fp32."""
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if name == "bf16":
+            raise SubLLMError("--dtype bf16: this GPU has no bfloat16; use --dtype fp32")
+        return None
+    return torch.bfloat16 if name == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def all_reduce_sum(values: list[float], dd: Dist, device: torch.device) -> list[float]:
+    if not dd.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and signals
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard; loss.png at the end."""
+
+    def __init__(self, run_dir: Path, start_step: int) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if start_step > 0 and self.path.exists():  # drop what a killed run logged past the ckpt
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+        tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self.file = self.path.open("a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key == "step":
+                continue
+            if isinstance(value, list):
+                for j, v in enumerate(value):
+                    self.tb.add_scalar(f"{key}/{j}", v, step)
+            elif isinstance(value, (int, float)):
+                self.tb.add_scalar(key.replace("_", "/", 1), value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return records
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run_dir / "loss.png"
+    tmp = run_dir / f".loss.png.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def fmt_kept(fractions: list[float]) -> str:
+    return "/".join(f"{f:.2f}" for f in fractions)
+
+
+class StopFlag:
+    """First SIGINT / SIGTERM asks the loop to save and exit; a second one interrupts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
