@@ -116,7 +116,8 @@ def generate(model: SubLLM, input_ids: Tensor, max_new_tokens: int, temperature:
             counts = torch.zeros(B, model.config.vocab_size, dtype=torch.long,
                                  device=input_ids.device)
             seen = counts.scatter_add_(1, input_ids, real) > 0  # padding never counts
-        out = model(input_ids, attention_mask=attention_mask, use_cache=True)
+        # prefill: the next token needs the last position's logits only, not (B, L, V)
+        out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         cache = out.cache
         logits = out.logits[:, -1]
         tokens = [input_ids]

@@ -7,6 +7,7 @@ the score distribution so that the fraction of positive scores matches the keep 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,11 @@ def _keep_count(keep: float, n: Tensor) -> Tensor:
     return torch.ceil(torch.round(n.double() * keep, decimals=6)).long()
 
 
+def keep_count(keep: float, n: int) -> int:
+    """`_keep_count` for one length on the host (same rounding)."""
+    return math.ceil(round(n * keep, 6))
+
+
 class Subsampler(nn.Module):
     """Scores tokens and keeps the important ones (design.md §3.2)."""
 
@@ -175,8 +181,12 @@ class Subsampler(nn.Module):
             s = s.masked_fill(~valid, float("-inf"))  # padding sorts last, clamps to 0
         s_sorted, order = s.sort(dim=1, descending=True)
         c = s_sorted.clamp(0.0, 1.0)
-        k = _keep_count(self.keep, entered)  # (B,)
-        K = int(k.max()) if valid is not None else int(k[0])
+        if valid is None:  # every row keeps the same count, known on the host: no sync
+            K = keep_count(self.keep, L)
+            k = torch.full((B,), K, dtype=torch.long, device=s.device)
+        else:
+            k = _keep_count(self.keep, entered)  # (B,)
+            K = int(k.max())  # padded rows: the slot count is data-dependent
         i = torch.arange(K, device=s.device)[None, :]  # (1, K)
         used = i < k[:, None]  # (B, K)
         # Pair kept token i with discarded token k+i (or, on a random half of the steps, with
