@@ -4,6 +4,12 @@ Every verb that takes `--config FILE` registers its flags with `default=None` an
 real defaults in a dict; `resolve_flags` then merges, lowest priority first:
 defaults < (saved run settings) < YAML file < flags typed on the command line.
 A YAML key may be spelt like the flag (`seq-len`) or like the attribute (`seq_len`).
+
+Why by hand: jsonargparse (typed signatures as CLI + YAML, as litgpt uses) does this
+job, but importing it takes about 0.5 s on a 2-core CPU, half of the CLI's one-second
+start-up budget (`subllm bench startup`); this module is argparse plus ~150 lines. It
+reads a parser's actions (`parser._actions`, stable since Python 2.7 and the only way
+argparse offers to list them) and otherwise public attributes.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ def _convert(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
     """Check a YAML value against the flag's type, the way argparse would check it."""
     flag = action.option_strings[-1]
     where = f"{path}: `{key}`"
-    if isinstance(action, argparse._StoreTrueAction):
+    if action.nargs == 0 and action.const is True:  # a store_true flag
         if not isinstance(value, bool):
             raise SubLLMError(
                 f"{where} must be true or false (like the flag {flag}), got {value!r}"

@@ -173,11 +173,14 @@ class ModelShape:
             n += 2 * f + d
         return n
 
+    def block_linear_params(self) -> int:
+        """Weights of one block's matmuls (q, k, v, o projections and the SwiGLU MLP)."""
+        d, q, kv, f = self.dim, self.q_dim, self.kv_dim, self.ffn_dim
+        return d * q + 2 * d * kv + q * d + 3 * d * f
+
     def linear_params(self) -> int:
         """Parameters autocast casts: every linear weight (the LM head included)."""
-        d, q, kv, f = self.dim, self.q_dim, self.kv_dim, self.ffn_dim
-        per_block = d * q + 2 * d * kv + q * d + 3 * d * f
-        return self.n_layers * per_block + self.vocab_size * d
+        return self.n_layers * self.block_linear_params() + self.vocab_size * self.dim
 
     def param_count(self) -> int:
         n = self.vocab_size * self.dim  # embedding
@@ -793,8 +796,7 @@ def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) ->
     """
     L = seq_len or config.max_seq_len
     d, hd = config.dim, config.resolved_head_dim
-    attn_params = d * hd * (2 * config.n_heads + 2 * config.n_kv_heads)
-    block_params = attn_params + 3 * d * config.ffn_dim
+    block_params = shape_from_config(config).block_linear_params()
     fracs = config.block_fractions()
     linear = sum(6 * block_params * f for f in fracs.values())
     attention = sum(6 * f * f * L * config.n_heads * hd for f in fracs.values())
@@ -804,16 +806,10 @@ def training_flops_per_token(config: ModelConfig, seq_len: int | None = None) ->
 
 
 def describe(config: ModelConfig, name: str = "", seq_len: int | None = None) -> dict[str, Any]:
-    """What `subllm info` prints: parameters (counted on a meta-device model), segments,
-    compute fraction and training FLOPs per token."""
-    import torch
-
-    from subllm.model.subllm import SubLLM
-
-    with torch.device("meta"):  # sizes only: no memory is allocated
-        model = SubLLM(config)
-    n_scorer = sum(p.numel() for p in model.subsamplers.parameters())
-    n_bypass = sum(p.numel() for p in model.bypasses.parameters())
+    """What `subllm info` prints: parameters (the planner's count, checked against real
+    models in the tests), segments, compute fraction and training FLOPs per token."""
+    shape = shape_from_config(config, name)
+    n_segments = len(config.segments)
     segments = []
     for seg in config.segments:
         blocks = seg.blocks()
@@ -827,9 +823,9 @@ def describe(config: ModelConfig, name: str = "", seq_len: int | None = None) ->
         ModelConfig(**{**config.to_dict(), "structure": "T" * config.n_layers}), seq_len)
     return {
         "name": name,
-        "parameters": model.num_params(),
-        "parameters_subsampling": n_scorer,
-        "parameters_bypass": n_bypass,
+        "parameters": shape.param_count(),
+        "parameters_subsampling": n_segments * config.dim,  # one d -> 1 scorer per `(`
+        "parameters_bypass": n_segments * config.dim,  # one d-vector scale per `)`
         "structure": config.structure,
         "segments": segments,
         "block_compute_fraction": config.compute_fraction(),

@@ -202,8 +202,6 @@ def write_converted(model: SubLLM, out: str | Path, *, tokenizer: str | Path | N
     generation config (unless the tokenizer file sets them); generation_config: a
     generation_config.json to use instead of ours. `out` is written whole or not at all.
     """
-    from subllm.interop.export import check_out_dir, replace_dir, save_hf_model
-
     out = check_out_dir(out, force)
     tok = Path(tokenizer) if tokenizer is not None else None
     if tok is not None and not tok.exists():

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from subllm.errors import ConfigError, SubLLMError
+from subllm.interop.weights import TensorFiles, check_keys, check_shape, first_line, read_json
 from subllm.model.bypass import Bypass
 from subllm.model.config import ModelConfig, parse_structure
 from subllm.model.subllm import SubLLM
 from subllm.model.subsample import Subsampler
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig, LlamaForCausalLM
-from subllm.interop.weights import TensorFiles, check_keys, check_shape, first_line, read_json
 
 
 def _ours_to_hf_key(key: str) -> str | None:
@@ -38,8 +36,6 @@ def _ours_to_hf_key(key: str) -> str | None:
 
 def hf_llama_config(config: ModelConfig) -> LlamaConfig:
     """The `transformers.LlamaConfig` of a LLaMA-structured ModelConfig."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -60,8 +56,6 @@ def hf_llama_config(config: ModelConfig) -> LlamaConfig:
 
 def to_hf_llama(model: SubLLM) -> LlamaForCausalLM:
     """A `transformers.LlamaForCausalLM` with the same weights (LLaMA structure only)."""
-    from transformers import LlamaForCausalLM
-
     if model.config.is_subllm:
         raise SubLLMError(
             f"to_hf_llama needs a LLaMA structure (only 'T'), this model has "
@@ -171,8 +165,6 @@ def from_hf_llama_dir(directory: str | Path, structure: str | None = None,
                       dtype: torch.dtype | None = None) -> SubLLM:
     """`from_hf_llama` on a local Llama checkpoint directory (config.json + safetensors or
     pytorch_model*.bin, sharded or not), without building a `LlamaForCausalLM`."""
-    from transformers import LlamaConfig
-
     d = Path(directory)
     raw = read_json(d / "config.json", f"{d} is not a Hugging Face model directory")
     if raw.get("model_type") != "llama":

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import PretrainedConfig
 
 from subllm.errors import ConfigError, SubLLMError
 from subllm.interop.llama import assign_weights
@@ -61,8 +62,6 @@ _HF4_CONFIG_KEYS = (
 def _hf_config_keys() -> set[str]:
     """Keys `PretrainedConfig.save_pretrained` writes (their config class is one); none of
     them changes their model (it ties weights by `tie_weights`, not `tie_word_embeddings`)."""
-    from transformers import PretrainedConfig
-
     return set(PretrainedConfig().to_dict()) | set(_HF4_CONFIG_KEYS)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 
 from subllm.errors import SubLLMError
@@ -50,8 +52,6 @@ class TensorFiles(Mapping):
              "pytorch_model.bin.index.json", "pytorch_model.bin")
 
     def __init__(self, directory: str | Path) -> None:
-        from safetensors import safe_open
-
         d = Path(directory)
         found = next((d / n for n in self.NAMES if (d / n).is_file()), None)
         if found is None:
@@ -113,8 +113,6 @@ def read_state_dict(path: str | Path) -> Mapping[str, Tensor]:
         raise SubLLMError(f"checkpoint {path} does not exist or is not a file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return _torch_load(path)
     except SubLLMError:

@@ -390,13 +390,12 @@ def _supported_list() -> str:
 
 
 def _hf_family(model: nn.Module) -> str | None:
-    import transformers
-
+    """The supported transformers family `model` belongs to, by its class (and bases):
+    recognised by name and module, so this needs no transformers import."""
+    classes = {(c.__module__.split(".")[0], c.__name__) for c in type(model).__mro__}
     for fam, names in HF_FAMILIES.items():
-        for name in names:
-            cls = getattr(transformers, name, None)
-            if cls is not None and isinstance(model, cls):
-                return fam
+        if any(("transformers", name) in classes for name in names):
+            return fam
     return None
 
 
@@ -435,6 +434,8 @@ def _mst_causal_lm_forward(
             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
             logits_to_keep=logits_to_keep, **kwargs,
         )
+    # a transformers model is running, so transformers is loaded; the model package does
+    # not import it at the top, to keep `import subllm.model.subllm` light
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
