@@ -1,5 +1,14 @@
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
 import pytest
 import torch
+
+# The default vocabulary of the tiny corpora below: 14 plain ASCII words.
+WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -10,3 +19,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _write_corpus(root: Path, n_docs: int, *, seed: int = 0, words: Sequence[str] = WORDS,
+                  words_per_line: int = 12, lines: int = 30,
+                  name: str = "doc{i:02d}.txt") -> Path:
+    """`n_docs` text files of `lines` lines of `words_per_line` words drawn with
+    `random.Random(seed)`, in the folder `root` (created); returns `root`."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = [" ".join(rng.choice(words) for _ in range(words_per_line)) for _ in range(lines)]
+        (root / name.format(i=i)).write_text("\n".join(text), encoding="utf-8")
+    return root
+
+
+def _prepare_corpus(root: Path, n_docs: int, *, vocab_size: int = 300, **corpus: object) -> Path:
+    """Write a corpus (see `write_corpus`) into `root / "corpus"` and `subllm prepare` it
+    into `root / "data"`; returns the data folder."""
+    from subllm.cli import main
+
+    _write_corpus(root / "corpus", n_docs, **corpus)  # type: ignore[arg-type]
+    data = root / "data"
+    assert main(["prepare", "--input", str(root / "corpus"), "--out", str(data),
+                 "--vocab-size", str(vocab_size)]) == 0
+    return data
+
+
+@pytest.fixture(scope="session")
+def write_corpus() -> Callable[..., Path]:
+    """`write_corpus(root, n_docs, seed=0, words=WORDS, words_per_line=12, lines=30,
+    name="doc{i:02d}.txt")`: write a small random text corpus into the folder `root`."""
+    return _write_corpus
+
+
+@pytest.fixture(scope="session")
+def prepare_corpus() -> Callable[..., Path]:
+    """`prepare_corpus(root, n_docs, vocab_size=300, **write_corpus_options)`: a corpus in
+    `root / "corpus"`, prepared into `root / "data"` (returned)."""
+    return _prepare_corpus
+

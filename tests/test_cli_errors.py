@@ -4,7 +4,6 @@ nothing half-written."""
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,16 +20,12 @@ TINY_MODEL = {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 6,
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
     """Prepared data, a tiny config, and a one-step run to generate from."""
     root = tmp_path_factory.mktemp("errors")
-    rng = random.Random(1)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"{i}.txt").write_text(" ".join(rng.choice("abcdefgh") * 3 for _ in range(400)))
-    assert main(["prepare", "--input", str(corpus), "--out", str(root / "data"),
-                 "--vocab-size", "300"]) == 0
+    # 20 one-line docs of 400 words "aaa".."hhh", seed 1, vocab 300
+    prepare_corpus(root, 20, seed=1, words=[c * 3 for c in "abcdefgh"], words_per_line=400,
+                   lines=1, name="{i}.txt")
     cfg = {"data": str(root / "data"), "preset": "subllm-tiny", "model": TINY_MODEL,
            "seq-len": 64, "batch-size": 2, "max-steps": 1, "eval-batches": 1, "device": "cpu"}
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
@@ -189,6 +184,7 @@ def test_bad_input_is_one_clear_line(work: Path, capsys: pytest.CaptureFixture, 
     assert not list(work.rglob("*.tmp-*")) and not list(work.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,message", [
     (["train", "--batch-size", "0"], "--batch-size: must be a positive integer"),
     (["generate", "--checkpoint", "/nonexistent/run"], "does not exist"),

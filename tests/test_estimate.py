@@ -386,6 +386,7 @@ def test_library_errors():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_estimate_end_to_end(tmp_path):
     out = tmp_path / "out"
     rc = main(["bench", "estimate", "--model", "llama-tiny", "--seq-lens", "512", "--modes",

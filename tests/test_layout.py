@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from subllm import layout
 
 
@@ -44,12 +46,14 @@ def _fresh(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_import_subllm_loads_neither_torch_nor_transformers() -> None:
     r = _fresh("import json, sys, subllm; print(json.dumps({m: m in sys.modules "
                "for m in ('torch', 'transformers')}))")
     assert r == {"torch": False, "transformers": False}
 
 
+@pytest.mark.slow
 def test_help_and_a_bad_flag_do_not_load_torch() -> None:
     code = """
 import contextlib, io, json, sys
@@ -68,6 +72,7 @@ print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
     assert r == {"codes": [0, 2, 0], "torch": False}
 
 
+@pytest.mark.slow
 def test_auto_classes_know_subllm_after_import_subllm() -> None:
     """Registration is lazy (an import hook), in either import order."""
     for first in ("import subllm; import transformers", "import transformers; import subllm"):

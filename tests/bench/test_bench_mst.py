@@ -6,14 +6,16 @@ import json
 
 import pytest
 
-from subllm.bench.mst import GRANULE, longest_under_budget, parse_bytes
+from subllm.bench.common import GRANULE, longest_under_budget
 from subllm.cli import main
+from subllm.planner import parse_memory as parse_bytes
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 88,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "vocab_size": 300, "max_position_embeddings": 256}
 
 
+@pytest.mark.slow
 def test_bench_mst_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the case subprocesses: tiny tensors
     config = tmp_path / "config.json"

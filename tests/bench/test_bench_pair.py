@@ -35,6 +35,7 @@ def _files(out):
     return {p.name for p in out.iterdir() if not p.name.startswith(".")}
 
 
+@pytest.mark.slow
 def test_bench_train_pair(pair, tmp_path):
     out = tmp_path / "train"
     rc = main(["bench", "train", "--pair", pair, "--seq-lens", "48,24", "--steps", "2",
@@ -112,6 +113,7 @@ def test_bench_infer_pair(pair, tmp_path):
     assert "| 48 | 1 |" in table and f"WARNING: {OFF_KEEP_WARNING}" not in table
 
 
+@pytest.mark.slow
 def test_bench_infer_random_b_says_its_fractions_are_off(pair, tmp_path, capsys):
     """A random-init SUBLLM keeps about half its tokens, not 0.64: the output says so."""
     out = tmp_path / "infer"

@@ -5,7 +5,6 @@ an uninterrupted `subllm train`); bad input is one line and exit 2."""
 from __future__ import annotations
 
 import json
-import random
 import statistics
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from subllm.bench.quality import eval_steps, loss_at_time
 from subllm.cli import main
 from subllm.train import TrainConfig, read_metrics, train
 
-WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
 LLAMA = {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 4, "max_seq_len": 64}
 SUBLLM = {**LLAMA, "structure": "T(TT)T", "keep": 0.64}
 # 10 steps of 4 x 32 tokens, validated after steps 3, 7 and 10
@@ -25,17 +23,10 @@ FLAGS = ["--tokens", "1300", "--seq-len", "32", "--batch-size", "4",
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
     """A small prepared corpus and the two model config files."""
     root = tmp_path_factory.mktemp("quality")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(30):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(30)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    assert main(["prepare", "--input", str(corpus), "--out", str(root / "data"),
-                 "--vocab-size", "300"]) == 0
+    prepare_corpus(root, 30)  # 30 docs of 30 lines of 12 words, seed 0, vocab 300
     (root / "llama.yaml").write_text(yaml.safe_dump(LLAMA))
     (root / "subllm.yaml").write_text(yaml.safe_dump(SUBLLM))
     return root

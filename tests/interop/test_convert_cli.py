@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ import subllm  # noqa: F401  (registers the SubLLM Auto classes)
 from subllm.cli import main
 from subllm.train import checkpoint as ckpt
 
-WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
 TRAIN_FLAGS = ["--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--eval-every", "0",
                "--eval-batches", "1", "--save-every", "0", "--log-every", "1", "--device", "cpu"]
 
@@ -38,17 +36,9 @@ TRAIN_FLAGS = ["--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--eval-
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("convert_data")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(30)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    assert main(["prepare", "--input", str(corpus), "--out", str(root / "data"),
-                 "--vocab-size", "300"]) == 0
-    return root / "data"
+def data(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
+    # 12 docs of 30 lines of 12 words, seed 0, vocab 300
+    return prepare_corpus(tmp_path_factory.mktemp("convert_data"), 12)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from subllm.interop.export import model_code_files, save_hf_model
 from subllm.model import SubLLM
 from subllm.model.config import ModelConfig
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"  # <repo>/tests/<package>/this file
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -298,6 +298,7 @@ torch.save({"ids": batch["input_ids"], "mask": batch["attention_mask"], "logits"
 """
 
 
+@pytest.mark.slow
 def test_export_loads_with_trust_remote_code_without_subllm(exported, tmp_path: Path) -> None:
     out, wrapper, _ = exported
     result_file = tmp_path / "remote.pt"

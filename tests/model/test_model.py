@@ -171,6 +171,7 @@ def test_balancer_is_identity_forward_and_pushes_fraction_toward_keep():
     torch.testing.assert_close(s2.grad, g)
 
 
+@pytest.mark.slow
 def test_balancer_brings_eval_kept_fractions_to_keep():
     """A few hundred training steps on real text (standard-library source as bytes):
     the eval-mode (threshold) kept fraction of each subsampling module lands within 0.05
@@ -260,6 +261,7 @@ def test_bypass_scale_stays_within_schedule(pull):
     assert sum(runaway[-100:]) / 100 > 0.1
 
 
+@pytest.mark.slow
 def test_meta_device_construction_and_param_count():
     with torch.device("meta"):
         llama = SubLLM(ModelConfig.preset("llama-1.3b"))

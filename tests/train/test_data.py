@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +24,10 @@ WORDS = ("alpha beta gamma delta model token train sample layer keep score ratio
          "über naïve 数据 ✓").split()
 
 
-def write_corpus(root: Path, n_docs: int = 12, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(20)]
-        (root / f"doc{i:02d}.txt").write_text("\n".join(lines), encoding="utf-8")
-    return root
-
-
 @pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    return write_corpus(tmp_path / "corpus")
+def corpus(tmp_path: Path, write_corpus) -> Path:
+    # 12 docs of 20 lines of 10 words (some non-ASCII), seed 0
+    return write_corpus(tmp_path / "corpus", 12, words=WORDS, words_per_line=10, lines=20)
 
 
 def docs_of(tokens: np.ndarray, eot: int, tokenizer) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,8 +20,7 @@ from subllm.cli import main
 from subllm.train import TrainConfig, lr_at
 from subllm.train import checkpoint as ckpt
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
+SRC = Path(__file__).resolve().parents[2] / "src"  # <repo>/tests/<package>/this file
 # A 6-block SUBLLM with two nested segments, small enough for ~20 ms per step on one core.
 TINY = {
     "preset": "subllm-tiny",
@@ -39,17 +37,10 @@ def env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
     """A small corpus prepared once, and the tiny config."""
     root = tmp_path_factory.mktemp("pipeline")
-    rng = random.Random(0)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(40)]
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines))
-    assert main(["prepare", "--input", str(corpus), "--out", str(root / "data"),
-                 "--vocab-size", "300"]) == 0
+    prepare_corpus(root, 40, lines=40)  # 40 docs of 40 lines of 12 words, seed 0, vocab 300
     (root / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "data": str(root / "data")}))
     return root
 
@@ -159,6 +150,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete(
         work: Path, straight: Path, tmp_path: Path) -> None:
     run = work / "killed"
@@ -185,6 +177,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete(
     assert losses(run) == losses(straight)
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_exits(work: Path) -> None:
     run = work / "interrupted"
     proc = subprocess.Popen(
@@ -249,6 +242,7 @@ def single(work: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(work: Path, single: Path) -> None:
     run = work / "ddp"
     torchrun("--config", str(work / "tiny.yaml"), "--out", str(run), "--max-steps", "10",
@@ -258,6 +252,7 @@ def test_ddp_two_processes_match_one_process(work: Path, single: Path) -> None:
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_train_checkpoint_and_resume(work: Path, single: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     run = work / "fsdp"
