@@ -7,7 +7,14 @@ A file is written under a temporary name in its own directory and renamed into p
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from subllm.errors import SubLLMError
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
@@ -21,3 +28,83 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
+
+
+def remove_stale(out: Path) -> None:
+    """Remove staging directories of `out` left by killed processes (`.NAME.tmp-PID-*`)."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = _STAGING.match(p.name)
+        if m and m["name"] == out.name and p.is_dir() and not _alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished directory `tmp` to `out`, replacing an old `out` only with `force`."""
+    old = None
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory holds nothing to lose
+    if out.exists():
+        if not force:  # checked before the work too; re-checked here against a race
+            raise SubLLMError(f"{out} exists; pass --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: Path, force: bool) -> Iterator[Path]:
+    """Build the directory `out` in a hidden sibling; it replaces `out` when the block ends
+    without an error and is removed when it fails, so `out` is complete or untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp made it private; the result is an ordinary directory
+        replace_dir(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_not_overlapping(out: Path, inputs: Iterable[str | Path | None],
+                          flag: str = "--out") -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs: replacing it
+    would destroy what is being read."""
+    o = out.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        i = Path(inp).resolve()
+        if o == i or o in i.parents or i in o.parents:
+            how = "is" if o == i else ("contains" if o in i.parents else "lies inside")
+            raise SubLLMError(f"{flag} {out} {how} the input {inp}; writing it would destroy "
+                              "the input: choose a directory outside it")
+def check_out_dir(out: str | Path, force: bool,
+                  inputs: tuple[str | Path | None, ...] = ()) -> Path:
+    """The output directory, checked before any work: not a file, not one of (or inside, or
+    around) the `inputs`, and empty unless `force`."""
+    out = Path(out)
+    check_not_overlapping(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise SubLLMError(f"--out {out} is a file; pass a directory path")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SubLLMError(f"--out {out} exists and is not empty; pass --force to replace it")
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from subllm.atomic import check_out_dir
 from subllm.errors import SubLLMError
 from subllm.train.config import parse_keep
 
@@ -42,12 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from subllm.interop.export import DTYPES, check_out_dir, tokenizer_files, write_converted
+    from subllm.interop.export import DTYPES, tokenizer_files, write_converted
     from subllm.interop.llama import from_hf_llama_dir
     from subllm.interop.official import from_official, official_model_config
     from subllm.interop.weights import read_json, read_state_dict
 
-    check_out_dir(args.out, args.force)  # fail before the work, not after
+    check_out_dir(args.out, args.force,  # fail before the work, not after
+                  inputs=(args.from_hf, args.from_official, args.official_config,
+                          args.tokenizer))
     dtype = DTYPES[args.dtype] if args.dtype else None
     torch.manual_seed(args.seed)  # the fresh scorers and bypass scales
     if args.from_hf is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from subllm.atomic import check_out_dir
+
 DESCRIPTION = ("Write a `subllm train` checkpoint as a Hugging Face model directory "
                "(safetensors, config with auto_map, tokenizer, generation config and modeling "
                "code) that loads with AutoModelForCausalLM, with or without subllm installed.")
@@ -20,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out, args.force, inputs=(args.checkpoint,))  # before any work
     from subllm.train.load import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, force=args.force)

@@ -11,9 +11,7 @@ after `import subllm`, and with `trust_remote_code=True` where subllm is not ins
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 import subllm.model
+from subllm.atomic import check_out_dir, staged_dir
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import EOT_CANDIDATES, eot_id_of, load_tokenizer
 from subllm.model.hf import SubLLMForCausalLM
@@ -99,27 +98,6 @@ def _write_tokenizer(tokenizer_file: Path, directory: Path, model_config: Any) -
     return eot_id
 
 
-def replace_dir(tmp: Path, out: Path, force: bool) -> None:
-    old = None
-    if out.exists():
-        if not force:  # checked before the work too; re-checked here against a race
-            raise SubLLMError(f"{out} exists; pass --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def check_out_dir(out: str | Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SubLLMError(f"--out {out} is a file; pass a directory path")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SubLLMError(f"--out {out} exists and is not empty; pass --force to replace it")
-    return out
-
-
 def save_hf_model(
     model: torch.nn.Module,
     out: str | Path,
@@ -137,9 +115,7 @@ def save_hf_model(
     out = check_out_dir(out, force)
     if dtype is not None and dtype not in DTYPES:
         raise SubLLMError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out, force) as tmp:
         config = model.config
         eot_id = None
         if tokenizer_file is not None:
@@ -162,13 +138,8 @@ def save_hf_model(
         GenerationConfig(**gen, **GENERATION_DEFAULTS).save_pretrained(str(tmp))
         write_code(tmp)
         (tmp / "README.md").write_text(_model_card(config, info or {}))
-        tmp.chmod(0o755)  # mkdtemp made it private; the result is an ordinary directory
         for f in tmp.iterdir():
             f.chmod(0o644)
-        replace_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -212,9 +183,7 @@ def write_converted(model: SubLLM, out: str | Path, *, tokenizer: str | Path | N
             raise SubLLMError(f"--tokenizer {copy_from} holds no tokenizer files (looked for "
                               f"{', '.join(TOKENIZER_FILES)})")
         _check_tokenizer_vocab(copy_from, model.config.vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
-    try:
+    with staged_dir(out, force) as staging:
         save_hf_model(model, staging, tok if copy_from is None else None, dtype=dtype,
                       force=True, info=info)
         for f in tokenizer_files(copy_from) if copy_from is not None else []:
@@ -229,8 +198,4 @@ def write_converted(model: SubLLM, out: str | Path, *, tokenizer: str | Path | N
                 d = json.loads((staging / name).read_text())
                 d.update(ids)
                 (staging / name).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-        replace_dir(staging, out, force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
