@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 _LAZY = {
     "TrainConfig": "config", "parse_keep": "config",
-    "train": "loop", "lr_at": "loop", "make_optimizer": "loop",
+    "train": "loop", "setup": "loop", "fit": "loop", "train_step": "loop",
+    "TrainState": "loop", "StepResult": "loop", "lr_at": "loop", "make_optimizer": "loop",
     "evaluate": "evaluate", "sample_text": "evaluate",
     "Dist": "runtime", "pick_device": "runtime", "autocast_dtype": "runtime",
     "read_metrics": "runtime",
@@ -39,5 +40,14 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .config import TrainConfig, parse_keep
     from .evaluate import evaluate, sample_text
-    from .loop import lr_at, make_optimizer, train
+    from .loop import (
+        StepResult,
+        TrainState,
+        fit,
+        lr_at,
+        make_optimizer,
+        setup,
+        train,
+        train_step,
+    )
     from .runtime import Dist, autocast_dtype, pick_device, read_metrics

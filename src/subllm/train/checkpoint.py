@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from subllm.errors import SubLLMError
@@ -186,8 +186,6 @@ def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     path = Path(checkpoint) / "model.safetensors"
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     except (SafetensorError, OSError, ValueError) as e:

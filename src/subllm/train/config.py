@@ -78,8 +78,6 @@ def parse_keep(text: str) -> float | list[float]:
 
 def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
     """Preset < YAML `model:` section < --structure/--keep; the vocab follows the data."""
-
-
     if cfg.preset not in PRESETS:
         ModelConfig.preset(cfg.preset)  # raises with the nearest preset name
     if not isinstance(cfg.model, dict):
@@ -115,8 +113,6 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
 def init_model_config(cfg: TrainConfig, data: TokenData, base: Any) -> Any:
     """--init-from: the model's own config < `model:` training fields (keep, max_seq_len, the
     bypass_* and balancer_* schedules) < --keep. Architecture fields are refused."""
-
-
     if cfg.resume:
         raise SubLLMError("--init-from starts a new run and --resume continues one; pass one")
     if cfg.structure is not None:

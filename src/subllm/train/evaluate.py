@@ -17,7 +17,14 @@ from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import eot_id_of, load_tokenizer, same_vocab, sha256_file
 from subllm.train.data import load_data, val_batches
 from subllm.train.load import load_any
-from subllm.train.runtime import Dist, all_reduce_sum, autocast, autocast_dtype, pick_device
+from subllm.train.runtime import (
+    Dist,
+    accumulator_dtype,
+    autocast,
+    autocast_dtype,
+    pick_device,
+    read_sums,
+)
 
 
 class TextStream:
@@ -94,13 +101,15 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
 
     Rank r evaluates the r-th slice of the rows of every batch, so the result does not
     depend on the number of ranks; a rank whose slice is empty runs one row with weight 0,
-    so every rank makes the same forward calls (FSDP gathers weights in each).
+    so every rank makes the same forward calls (FSDP gathers weights in each). The sums
+    stay on the device (fp64) and are read once, at the end.
     """
     was_training = model.training
     model.eval()
-    loss_sum = tokens = 0.0
-    kept_sum: list[float] = []
-    entered_sum: list[float] = []
+    loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    tokens = 0.0
+    kept_sum: list[torch.Tensor] = []
+    entered_sum: list[torch.Tensor] = []
     with torch.random.fork_rng(devices=[]):
         for batch in batches:
             rows = batch.tensor_split(dd.world_size)[dd.rank]
@@ -109,16 +118,16 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
             with autocast(device, amp):
                 out = model(x, labels=x)
             n = x.shape[0] * (x.shape[1] - 1)
-            loss_sum += weight * float(out.loss) * n
+            loss_sum = loss_sum + out.loss.to(loss_sum.dtype) * weight * n
             tokens += weight * n
             if not kept_sum:
-                kept_sum = [0.0] * len(out.kept)
-                entered_sum = [0.0] * len(out.kept)
+                kept_sum = [torch.zeros_like(loss_sum) for _ in out.kept]
+                entered_sum = [torch.zeros_like(loss_sum) for _ in out.kept]
             for k, (kept, entered) in enumerate(zip(out.kept, out.entered, strict=True)):
-                kept_sum[k] += weight * float(kept.sum())
-                entered_sum[k] += weight * float(entered.sum())
+                kept_sum[k] = kept_sum[k] + kept.sum().to(loss_sum.dtype) * weight
+                entered_sum[k] = entered_sum[k] + entered.sum().to(loss_sum.dtype) * weight
     model.train(was_training)
-    totals = all_reduce_sum([loss_sum, tokens, *kept_sum, *entered_sum], dd, device)
+    totals = read_sums([loss_sum, tokens, *kept_sum, *entered_sum], dd, device)
     loss_sum, tokens = totals[0], totals[1]
     m = len(kept_sum)
     kept_fractions = [k / max(e, 1.0) for k, e in zip(totals[2 : 2 + m], totals[2 + m :],
@@ -126,7 +135,6 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     loss = loss_sum / max(tokens, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
             "kept_fractions": kept_fractions}
-
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None,
@@ -163,9 +171,3 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
             "val_loss": result["loss"], "perplexity": result["perplexity"],
             "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
             "keep": model.config.keep_per_depth if model.config.is_subllm else []}
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-

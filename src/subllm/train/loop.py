@@ -1,9 +1,15 @@
-"""`subllm train`: the pre-training recipe, one plain loop from top to bottom.
+"""`subllm train`: the pre-training recipe, read top to bottom.
 
-    settings (defaults < saved run < YAML --config < flags) -> data -> model config
-    -> run directory -> model (+ MsT / checkpointing) -> DDP or FSDP2 -> AdamW
-    -> resume -> loop { micro-batches with grad accumulation, clip, step, log,
-    eval, checkpoint, signals } -> final checkpoint, eval, loss.png
+    train(cfg)
+      setup(cfg) -> TrainState
+        data -> model config -> run directory (resume checks, config.yaml)
+        -> model (+ MsT / checkpointing) -> DDP or FSDP2 -> AdamW -> resume
+      fit(state)
+        loop { lr -> micro-batches -> train_step (forward, backward with grad
+               accumulation, clip, optimizer step; results stay on the device)
+               -> at log steps one read (non-finite check, metrics.jsonl, TensorBoard)
+               -> eval, checkpoint, signals, --stop-at }
+        -> final checkpoint, eval, loss.png, summary (and the demo's sample)
 
 Launched with torchrun it trains data-parallel: DDP by default, FSDP2 (`fully_shard`) with
 `--distributed fsdp`; gloo on CPU, NCCL on GPU. Every rank builds the same model from the
@@ -20,12 +26,23 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from subllm.errors import SubLLMError
@@ -56,6 +73,7 @@ from subllm.train.runtime import (
     Dist,
     RunLog,
     StopFlag,
+    accumulator_dtype,
     all_reduce_sum,
     autocast,
     autocast_dtype,
@@ -64,18 +82,198 @@ from subllm.train.runtime import (
     peak_memory_gib,
     pick_device,
     plot_loss,
+    read_sums,
 )
 
 # ---------------------------------------------------------------------------------------------
-# Optimisation
+# The entry point
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to --lr, then cosine decay to --min-lr at --max-steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+def train(cfg: TrainConfig, demo: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run; returns the final validation metrics."""
+    check_config(cfg)
+    dd = init_distributed()
+    try:
+        state = setup(cfg, dd, demo)
+        result = fit(state, state.cfg, dd)
+        if dd.enabled:
+            dist.barrier()  # no rank tears gloo down while another still talks to it
+        return result
+    finally:
+        if dd.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: everything the loop trains with
+
+
+@dataclass
+class TrainState:
+    """What `fit` trains with, as `setup` built it; `step` advances as it trains."""
+
+    cfg: TrainConfig  # the settings in effect (--init-from fills in `model`)
+    demo: bool
+    data: TokenData
+    config: ModelConfig
+    device: torch.device
+    amp: torch.dtype | None  # the autocast dtype; None = fp32
+    run_dir: Path
+    raw_model: SubLLM  # the model itself (set_step, num_params, generate)
+    model: torch.nn.Module  # what trains: raw_model, in DDP or sharded by FSDP2
+    optimizer: torch.optim.Optimizer
+    batches: TrainBatches
+    eval_set: list[Tensor]
+    resume_from: Path | None = None
+    start_step: int = 0
+    step: int = 0
+    last_saved: Path | None = None
+    last_eval: dict[str, Any] | None = None
+    log: RunLog | None = None  # rank 0 only
+
+
+def setup(cfg: TrainConfig, dd: Dist, demo: bool = False) -> TrainState:
+    """Data, model config, run directory, model, DDP / FSDP2, optimizer, resume."""
+    data = _load_data(cfg, dd)
+    cfg, config, init_weights = _model_config(cfg, data, dd)
+    device = pick_device(cfg.device, dd)
+    amp = autocast_dtype(cfg.dtype, device)
+    resume_from = _resume_point(cfg, config, data, demo)
+    saved = ckpt.load_train_state(resume_from) if resume_from is not None else None
+    if dd.main:
+        _write_run_config(cfg, data, config)
+    raw_model = _build_model(cfg, config, resume_from, init_weights).to(device)
+    del init_weights
+    model = _parallelize(raw_model, cfg, dd, device)
+    state = TrainState(
+        cfg=cfg, demo=demo, data=data, config=config, device=device, amp=amp,
+        run_dir=Path(cfg.out), raw_model=raw_model, model=model,
+        optimizer=make_optimizer(model, cfg, device),
+        batches=TrainBatches(data.tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed,
+                             dd.rank, dd.world_size),
+        # validation batches of the global micro-batch size: the same tokens for any world size
+        eval_set=val_batches(data.tokens("val"), cfg.batch_size * dd.world_size, cfg.seq_len,
+                             cfg.eval_batches),
+        resume_from=resume_from, last_saved=resume_from)
+    if saved is not None:
+        _restore(state, saved, dd)
+    _announce(state, dd)
+    state.log = RunLog(state.run_dir, state.start_step) if dd.main else None
+    return state
+
+
+def _load_data(cfg: TrainConfig, dd: Dist) -> TokenData:
+    """The prepared data (the default corpus is prepared on first use)."""
+    data_dir = Path(cfg.data)
+    if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
+        if dd.main:
+            _say(dd, f"preparing the default corpus (Python standard library) into {data_dir}")
+            print_summary(prepare(data_dir), data_dir)
+        if dd.enabled:
+            dist.barrier()
+    return load_data(data_dir)
+
+
+def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
+                  ) -> tuple[TrainConfig, ModelConfig, dict[str, Tensor] | None]:
+    """(the settings, the model config, --init-from's weights or None)."""
+    if cfg.init_from is None:
+        return cfg, build_model_config(cfg, data), None
+    # a new run from a model's weights (fresh optimizer, step 0)
+    init_config, init_weights, init_tokenizer = load_pretrained(cfg.init_from)
+    config = init_model_config(cfg, data, init_config)
+    cfg = dataclasses.replace(cfg, model=config.to_dict(), keep=None)
+    if init_tokenizer is not None and not same_vocab(init_tokenizer, data.tokenizer_path):
+        _say(dd, f"warning: {data.path} was tokenized with another tokenizer than the "
+             f"model in {cfg.init_from}; its token ids mean different things there")
+    return cfg, config, init_weights
+
+
+def _resume_point(cfg: TrainConfig, config: ModelConfig, data: TokenData, demo: bool
+                  ) -> Path | None:
+    """The checkpoint --resume continues from (checked against this call's settings)."""
+    run_dir = Path(cfg.out)
+    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None and not demo:
+        raise SubLLMError(f"--resume: {run_dir} has no complete checkpoint to resume from; "
+                          "drop --resume to start a new run")
+    if not cfg.resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise SubLLMError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                          "choose a new --out")
+    if resume_from is None:
+        return None
+    saved = ModelConfig.from_dict(ckpt.load_model_config(resume_from))
+    if saved.to_dict() != config.to_dict():
+        diff = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+        raise SubLLMError(
+            f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
+            "with the settings of the run (or start a new run with a new --out)")
+    saved_sha = ckpt.load_train_config(resume_from).get("data_tokenizer_sha256")
+    if saved_sha not in (None, data.meta["tokenizer_sha256"]):
+        raise SubLLMError(f"{data.path} was tokenized with a different tokenizer than the run "
+                          f"in {run_dir}; resume with the run's --data")
+    return resume_from
+
+
+def _write_run_config(cfg: TrainConfig, data: TokenData, config: ModelConfig) -> None:
+    """The run directory and its config.yaml (rank 0)."""
+    run_dir = Path(cfg.out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_tmp(run_dir)
+        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+        tmp.write_text(yaml.safe_dump({**run_config(cfg, data), "model_config": config.to_dict()},
+                                      sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+    except OSError as e:
+        raise SubLLMError(f"cannot write to run directory {run_dir} ({e.strerror}); choose a "
+                          "writable --out") from None
+
+
+def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
+    """The settings saved with a run; `--resume` starts from them (flags of this call win)."""
+    d = dataclasses.asdict(cfg)
+    for per_call in ("resume", "stop_at", "init_from"):
+        d.pop(per_call)
+    if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
+        d["initialized_from"] = cfg.init_from
+    d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
+    return d
+
+
+def _build_model(cfg: TrainConfig, config: ModelConfig, resume_from: Path | None,
+                 init_weights: dict[str, Tensor] | None) -> SubLLM:
+    """The SubLLM from the seed (the same on every rank), a checkpoint or --init-from."""
+    torch.manual_seed(cfg.seed)
+    model = SubLLM(config)
+    if resume_from is not None:
+        model.load_state_dict(ckpt.load_weights(resume_from))
+    elif init_weights is not None:
+        try:
+            model.load_state_dict(init_weights)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise SubLLMError(f"--init-from {cfg.init_from}: its weights do not fit its model "
+                              f"config ({first})") from None
+    if cfg.mst:
+        apply_mst(model, checkpointing=cfg.checkpointing)
+    if cfg.checkpointing:
+        model.gradient_checkpointing = True
+    return model
+
+
+def _parallelize(model: SubLLM, cfg: TrainConfig, dd: Dist, device: torch.device
+                 ) -> torch.nn.Module:
+    """FSDP2 shards every block and then the rest in place; DDP wraps."""
+    if dd.enabled and cfg.distributed == "fsdp":
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if dd.enabled:
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
@@ -90,319 +288,227 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              fused=device.type == "cuda")
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
+def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
+    """Continue exactly where the checkpoint left off: optimizer, data position, RNG, step."""
+    options = StateDictOptions(full_state_dict=state.cfg.distributed == "fsdp" and dd.enabled)
+    set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"], options=options)
+    state.batches.load_state_dict(saved["data"])
+    rngs = saved["rng"]
+    ckpt.set_rng_state(rngs[dd.rank] if dd.rank < len(rngs) else rngs[0])
+    state.start_step = state.step = int(saved["step"])
+
+
+def _announce(state: TrainState, dd: Dist) -> None:
+    cfg, config = state.cfg, state.config
+    what = "SUBLLM" if config.is_subllm else "LLaMA"
+    mode = f", {dd.world_size} x {cfg.distributed.upper()}" if dd.enabled else ""
+    name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
+    _say(dd, f"{what} {name} {config.structure} ({state.raw_model.num_params() / 1e6:.2f}M "
+         f"params) on {state.device}{mode}, {'bf16' if state.amp else 'fp32'}; global batch "
+         f"{_global_batch(cfg, dd)} x {cfg.seq_len} tokens; "
+         + (f"resuming from {state.resume_from} (step {state.start_step})" if state.resume_from
+            else f"run directory {state.run_dir}"))
+
+
+def _global_batch(cfg: TrainConfig, dd: Dist) -> int:
+    return cfg.batch_size * cfg.grad_accum * dd.world_size
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging (rank 0 only)
+# One training step
 
 
-# ---------------------------------------------------------------------------------------------
-# Signals
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, left on the device: read them when you log them."""
+
+    loss: Tensor  # this rank's mean loss over the micro-batches (fp64 scalar; fp32 on MPS)
+    kept: list[Tensor]  # per subsampling module, tokens kept per row in the last micro-batch
+    entered: list[Tensor]  # per subsampling module, tokens entering it per row (ditto)
+    grad_norm: Tensor | None  # total gradient norm before clipping; None: not measured
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[Tensor], *, device: torch.device,
+               amp: torch.dtype | None = None, grad_clip: float | None = 0.0,
+               lr: float | None = None,
+               no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+               ) -> StepResult:
+    """One optimizer step on the (B, L) token batches `micro_batches`, without a host sync.
+
+    Each micro-batch runs forward with labels = inputs (any model whose output has `.loss`)
+    under `amp` autocast and backward with its loss divided by their number (the gradient
+    of the mean); then the gradients are clipped to norm `grad_clip` (0: the norm is
+    measured, nothing clipped; None: neither), the optimizer steps (at `lr` when given)
+    and the gradients are set to None. `no_sync(last_micro)` gives the context each
+    micro-batch runs in (DDP: skip the all-reduce but on the last).
+    """
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    n = len(micro_batches)
+    loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    out = None
+    for i, batch in enumerate(micro_batches):
+        x = batch.to(device, non_blocking=True)
+        with no_sync(i == n - 1) if no_sync is not None else contextlib.nullcontext():
+            with autocast(device, amp):
+                out = model(x, labels=x)
+                loss = out.loss / n
+            loss.backward()
+        loss_sum += loss.detach().to(loss_sum.dtype)
+    grad_norm = None
+    if grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, _detached(out, "kept"), _detached(out, "entered"), grad_norm)
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         batches: TrainBatches, config: Any, cfg: TrainConfig, data: TokenData, dd: Dist
-         ) -> Path | None:
-    """Collective: every rank calls it; rank 0 writes. Returns the path on rank 0."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    rng = [ckpt.rng_state()]
-    if dd.enabled:
-        rng = [None] * dd.world_size
-        dist.all_gather_object(rng, ckpt.rng_state())
-    path = None
-    if dd.main:
-        train_state = {"format": 1, "optimizer": optim_state, "data": batches.state_dict(),
-                       "rng": rng, "world_size": dd.world_size}
-        path = ckpt.save_checkpoint(run_dir, step, model_state, train_state, config.to_dict(),
-                                    run_config(cfg, data), data.tokenizer_path,
-                                    keep=cfg.keep_checkpoints)
-    if dd.enabled:
-        dist.barrier()
-    return path
+def _detached(out: Any, name: str) -> list[Tensor]:
+    return [t.detach() for t in (getattr(out, name, None) or [])]
 
 
-def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
-    """The settings saved with a run; `--resume` starts from them (flags of this call win)."""
-    d = dataclasses.asdict(cfg)
-    for per_call in ("resume", "stop_at", "init_from"):
-        d.pop(per_call)
-    if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
-        d["initialized_from"] = cfg.init_from
-    d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
-    return d
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to --lr, then cosine decay to --min-lr at --max-steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------------------------------------
-# The recipe
-
-
-def train(cfg: TrainConfig, demo: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final validation metrics."""
-    check_config(cfg)
-    dd = init_distributed()
-    try:
-        result = _train(cfg, dd, demo)
-        if dd.enabled:
-            dist.barrier()  # no rank tears gloo down while another still talks to it
-        return result
-    finally:
-        if dd.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _say(dd: Dist, *parts: Any) -> None:
-    if dd.main:
-        tqdm.write(" ".join(str(p) for p in parts), file=sys.stderr)
-
-
-def _train(cfg: TrainConfig, dd: Dist, demo: bool) -> dict[str, Any]:
-    # ---- data (the default corpus is prepared on first use) ----------------------------------
-    data_dir = Path(cfg.data)
-    if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
-        if dd.main:
-            _say(dd, f"preparing the default corpus (Python standard library) into {data_dir}")
-            print_summary(prepare(data_dir), data_dir)
-        if dd.enabled:
-            dist.barrier()
-    data = load_data(data_dir)
-    init_state = None
-    if cfg.init_from is not None:  # a new run from a model's weights (fresh optimizer, step 0)
-        init_config, init_state, init_tokenizer = load_pretrained(cfg.init_from)
-        config = init_model_config(cfg, data, init_config)
-        cfg = dataclasses.replace(cfg, model=config.to_dict(), keep=None)
-        if init_tokenizer is not None and not same_vocab(init_tokenizer, data.tokenizer_path):
-            _say(dd, f"warning: {data.path} was tokenized with another tokenizer than the "
-                 f"model in {cfg.init_from}; its token ids mean different things there")
-    else:
-        config = build_model_config(cfg, data)
-    device = pick_device(cfg.device, dd)
-    amp = autocast_dtype(cfg.dtype, device)
-
-    # ---- run directory, resume point ------------------------------------------------------------
-    run_dir = Path(cfg.out)
-    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None and not demo:
-        raise SubLLMError(
-            f"--resume: {run_dir} has no complete checkpoint to resume from; "
-            "drop --resume to start a new run"
-        )
-    if not cfg.resume and ckpt.latest_checkpoint(run_dir) is not None:
-        raise SubLLMError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose a new --out"
-        )
-    state: dict[str, Any] | None = None
-    if resume_from is not None:
-        saved = ModelConfig.from_dict(ckpt.load_model_config(resume_from))
-        if saved.to_dict() != config.to_dict():
-            diff = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
-            raise SubLLMError(
-                f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
-                "with the settings of the run (or start a new run with a new --out)"
-            )
-        saved_sha = ckpt.load_train_config(resume_from).get("data_tokenizer_sha256")
-        if saved_sha not in (None, data.meta["tokenizer_sha256"]):
-            raise SubLLMError(
-                f"{data.path} was tokenized with a different tokenizer than the run in "
-                f"{run_dir}; resume with the run's --data"
-            )
-        state = ckpt.load_train_state(resume_from)
-    if dd.main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_tmp(run_dir)
-            tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
-            tmp.write_text(yaml.safe_dump(
-                {**run_config(cfg, data), "model_config": config.to_dict()}, sort_keys=False))
-            os.replace(tmp, run_dir / "config.yaml")
-        except OSError as e:
-            raise SubLLMError(
-                f"cannot write to run directory {run_dir} ({e.strerror}); choose a writable --out"
-            ) from None
-
-    # ---- model ------------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = SubLLM(config)
-    if resume_from is not None:
-        model.load_state_dict(ckpt.load_weights(resume_from))
-    elif init_state is not None:
-        try:
-            model.load_state_dict(init_state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise SubLLMError(f"--init-from {cfg.init_from}: its weights do not fit its model "
-                              f"config ({first})") from None
-        del init_state
-    if cfg.mst:
-        apply_mst(model, checkpointing=cfg.checkpointing)
-    if cfg.checkpointing:
-        model.gradient_checkpointing = True
-    model.to(device)
-    raw_model = model
-    if dd.enabled and cfg.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    elif dd.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = make_optimizer(model, cfg, device)
-
-    batches = TrainBatches(data.tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed,
-                           dd.rank, dd.world_size)
-    # validation batches of the global micro-batch size: the same tokens for any world size
-    eval_set = val_batches(data.tokens("val"), cfg.batch_size * dd.world_size, cfg.seq_len,
-                           cfg.eval_batches)
-    start_step = 0
-    if state is not None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=cfg.distributed == "fsdp" and dd.enabled)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        batches.load_state_dict(state["data"])
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[dd.rank] if dd.rank < len(rngs) else rngs[0])
-        start_step = int(state["step"])
-
-    global_batch = cfg.batch_size * cfg.grad_accum * dd.world_size
-    tokens_per_step = global_batch * cfg.seq_len
-    if dd.main:
-        what = "SUBLLM" if config.is_subllm else "LLaMA"
-        mode = f", {dd.world_size} x {cfg.distributed.upper()}" if dd.enabled else ""
-        name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
-        _say(dd, f"{what} {name} {config.structure} ({raw_model.num_params() / 1e6:.2f}M "
-             f"params) on {device}{mode}, {'bf16' if amp else 'fp32'}; global batch "
-             f"{global_batch} x {cfg.seq_len} tokens; "
-             + (f"resuming from {resume_from} (step {start_step})" if resume_from
-                else f"run directory {run_dir}"))
-    log = RunLog(run_dir, start_step) if dd.main else None
-
-    # ---- the loop ---------------------------------------------------------------------------
-    last_eval: dict[str, Any] | None = None
-    last_saved: Path | None = resume_from
-    step = start_step
-    end = cfg.max_steps if cfg.stop_at is None else min(cfg.max_steps, cfg.stop_at)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step",
-               disable=not dd.main, dynamic_ncols=True, file=sys.stderr)
-    model.train()
-    try:
-        with StopFlag() as stop:
-            while step < end:
-                t0 = time.perf_counter()
-                raw_model.set_step(step)
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                kept: list[float] = []
-                for micro in range(cfg.grad_accum):
-                    x = batches.next().to(device, non_blocking=True)
-                    last_micro = micro == cfg.grad_accum - 1
-                    with _no_sync(model, cfg, dd, last_micro), autocast(device, amp):
-                        out = model(x, labels=x)
-                        loss = out.loss / cfg.grad_accum
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    kept = out.kept_fractions
-                train_loss = all_reduce_sum([loss_sum], dd, device)[0] / dd.world_size
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                grad_norm = float(grad_norm)
-                if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-                    what = "loss" if not math.isfinite(train_loss) else "gradient norm"
-                    value = train_loss if what == "loss" else grad_norm
-                    where = (f"the last good checkpoint is {last_saved} (continue with --resume)"
-                             if last_saved else "no checkpoint was saved yet")
-                    raise SubLLMError(
-                        f"{what} became {value} at step {step + 1}; stopped without saving, "
-                        f"{where}; lower --lr or raise --warmup"
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                dt = time.perf_counter() - t0
-                tok_s = tokens_per_step / dt
-
-                if dd.main:
-                    postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                    if kept:
-                        postfix["kept"] = fmt_kept(kept)
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
-                if dd.main and (step % cfg.log_every == 0 or step == end):
-                    record = {"step": step, "train_loss": train_loss, "lr": lr,
-                              "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                              "tokens_seen": step * tokens_per_step, "epoch": batches.epoch,
-                              "memory_gib": peak_memory_gib(device)}
-                    if kept:
-                        record["kept_fractions"] = kept
-                    log.write(record)
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    last_eval = _eval_and_log(model, eval_set, device, amp, dd, log, step)
-                stopping = _agree(stop.signum is not None, dd, device)
-                if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == end:
-                    last_saved = save(run_dir, step, model, optimizer, batches, config, cfg,
-                                      data, dd)
-                if stopping:
-                    name = signal.Signals(stop.signum or signal.SIGTERM).name
-                    _say(dd, f"\n{name}: saved {last_saved} at step {step}; continue with "
-                         f"`subllm train --out {run_dir} --resume`")
-                    return {"interrupted": True, "step": step, "signal": stop.signum}
-        bar.close()
-        if last_eval is None or last_eval["step"] != step:
-            # nothing to log when this call trained no step (resuming a finished run)
-            last_eval = _eval_and_log(model, eval_set, device, amp, dd,
-                                      log if step > start_step else None, step)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-            plot_loss(run_dir)
-
-    if dd.main:
-        kept_txt = (f", eval kept fractions {fmt_kept(last_eval['kept_fractions'])} "
-                    f"(keep {config.keep})" if last_eval["kept_fractions"] else "")
-        print(f"step {step}: val loss {last_eval['loss']:.4f}, perplexity "
-              f"{last_eval['perplexity']:.2f}{kept_txt}; checkpoint {last_saved}", flush=True)
-        if demo:
-            print("sample:", flush=True)
-            print(DEMO_PROMPT + sample_text(raw_model, data.tokenizer_path, DEMO_PROMPT,
-                                            max_new_tokens=120, device=device), flush=True)
-    return {**last_eval, "checkpoint": str(last_saved) if last_saved else None}
-
-
-def _no_sync(model: torch.nn.Module, cfg: TrainConfig, dd: Dist, last_micro: bool
-             ) -> contextlib.AbstractContextManager:
+def _no_sync(model: torch.nn.Module, cfg: TrainConfig, dd: Dist
+             ) -> Callable[[bool], contextlib.AbstractContextManager] | None:
     """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
     if not dd.enabled or cfg.grad_accum == 1:
-        return contextlib.nullcontext()
+        return None
     if cfg.distributed == "fsdp":
-        model.set_requires_gradient_sync(last_micro)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if last_micro else model.no_sync()
+        def fsdp_sync(last_micro: bool) -> contextlib.AbstractContextManager:
+            model.set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
+        return fsdp_sync
+    return lambda last_micro: contextlib.nullcontext() if last_micro else model.no_sync()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
+    """Train from state.step to --max-steps (or --stop-at); the final validation metrics.
+
+    `cfg` is the settings `setup` resolved (state.cfg)."""
+    end = cfg.max_steps if cfg.stop_at is None else min(cfg.max_steps, cfg.stop_at)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not dd.main, dynamic_ncols=True, file=sys.stderr)
+    no_sync = _no_sync(state.model, cfg, dd)
+    pending = _Pending()
+    state.model.train()
+    try:
+        with StopFlag() as stop:
+            while state.step < end:
+                pending.start()
+                lr = lr_at(state.step, cfg)
+                state.raw_model.set_step(state.step)
+                micro = [state.batches.next() for _ in range(cfg.grad_accum)]
+                result = train_step(state.model, state.optimizer, micro, device=state.device,
+                                    amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
+                                    no_sync=no_sync)
+                state.step += 1
+                pending.add(state.step, lr, result)
+                bar.update(1)
+                if state.step % cfg.log_every == 0 or state.step == end:
+                    _log_train(state, _read(pending, state, dd), bar, dd)
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    _read(pending, state, dd)  # nothing non-finite gets evaluated
+                    state.last_eval = _eval_and_log(state, dd, state.log)
+                stopping = _agree(stop.signum is not None, dd, state.device)
+                save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
+                if save_now or stopping or state.step == end:
+                    _read(pending, state, dd)  # nothing non-finite gets saved
+                    state.last_saved = save(state, dd)
+                if stopping:
+                    return _interrupted(state, stop.signum, dd)
+        bar.close()
+        if state.last_eval is None or state.last_eval["step"] != state.step:
+            # nothing to log when this call trained no step (resuming a finished run)
+            state.last_eval = _eval_and_log(
+                state, dd, state.log if state.step > state.start_step else None)
+    finally:
+        bar.close()
+        if state.log is not None:
+            state.log.close()
+            plot_loss(state.run_dir)
+    return _finish(state, dd)
+
+
+@dataclass
+class _Pending:
+    """The steps since the last read, their results still on the device."""
+
+    steps: list[tuple[int, float, StepResult]] = field(default_factory=list)
+    since: float = 0.0  # time.perf_counter() at the start of the first of them
+
+    def start(self) -> None:
+        if not self.steps:
+            self.since = time.perf_counter()
+
+    def add(self, step: int, lr: float, result: StepResult) -> None:
+        self.steps.append((step, lr, result))
+
+
+def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | None:
+    """Read the pending steps with one host sync (and one all-reduce); the metrics record
+    of the last of them. Stops at the first non-finite loss or gradient norm, unsaved."""
+    if not pending.steps:
+        return None
+    steps, pending.steps = pending.steps, []
+    n = len(steps)
+    last = steps[-1][2]
+    kept_sums = [t.sum() for t in last.kept] + [t.sum() for t in last.entered]
+    values = read_sums([r.loss for _, _, r in steps], dd, state.device,
+                       local=[r.grad_norm for _, _, r in steps] + kept_sums)
+    losses = [v / dd.world_size for v in values[:n]]
+    norms = values[n : 2 * n]
+    for (step, _, _), loss, norm in zip(steps, losses, norms, strict=True):
+        _check_finite(loss, norm, step, state.last_saved)
+    m = len(last.kept)
+    kept = [k / max(e, 1.0) for k, e in zip(values[2 * n : 2 * n + m], values[2 * n + m :],
+                                             strict=True)]
+    tokens_per_step = _global_batch(state.cfg, dd) * state.cfg.seq_len
+    step, lr = steps[-1][0], steps[-1][1]
+    record = {"step": step, "train_loss": losses[-1], "lr": lr, "grad_norm": norms[-1],
+              "tokens_per_s": n * tokens_per_step / (time.perf_counter() - pending.since),
+              "tokens_seen": step * tokens_per_step, "epoch": state.batches.epoch,
+              "memory_gib": peak_memory_gib(state.device)}
+    if kept:
+        record["kept_fractions"] = kept
+    return record
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, last_saved: Path | None) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    value = loss if what == "loss" else grad_norm
+    where = (f"the last good checkpoint is {last_saved} (continue with --resume)"
+             if last_saved else "no checkpoint was saved yet")
+    raise SubLLMError(f"{what} became {value} at step {step}; stopped without saving, "
+                      f"{where}; lower --lr or raise --warmup")
+
+
+def _log_train(state: TrainState, record: dict[str, Any] | None, bar: tqdm, dd: Dist) -> None:
+    """The progress bar's numbers, a metrics.jsonl line and TensorBoard scalars (rank 0)."""
+    if not dd.main or record is None:
+        return
+    postfix = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+    if "kept_fractions" in record:
+        postfix["kept"] = fmt_kept(record["kept_fractions"])
+    bar.set_postfix(postfix, refresh=False)
+    state.log.write(record)
 
 
 def _agree(flag: bool, dd: Dist, device: torch.device) -> bool:
@@ -410,23 +516,65 @@ def _agree(flag: bool, dd: Dist, device: torch.device) -> bool:
     return all_reduce_sum([float(flag)], dd, device)[0] > 0 if dd.enabled else flag
 
 
-def _eval_and_log(model: torch.nn.Module, eval_set: list[torch.Tensor], device: torch.device,
-                  amp: torch.dtype | None, dd: Dist, log: RunLog | None, step: int
-                  ) -> dict[str, Any]:
-    result = evaluate(model, eval_set, device, amp, dd)
-    result["step"] = step
+def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None) -> dict[str, Any]:
+    result = evaluate(state.model, state.eval_set, state.device, state.amp, dd)
+    result["step"] = state.step
     if log is not None:
-        record = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        record = {"step": state.step, "val_loss": result["loss"],
+                  "val_perplexity": result["perplexity"]}
         if result["kept_fractions"]:
             record["val_kept_fractions"] = result["kept_fractions"]
         log.write(record)
         kept = f", kept {fmt_kept(result['kept_fractions'])}" if result["kept_fractions"] else ""
-        _say(dd, f"step {step}: val loss {result['loss']:.4f}, perplexity "
+        _say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
              f"{result['perplexity']:.2f}{kept}")
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
+def save(state: TrainState, dd: Dist) -> Path | None:
+    """Collective: every rank calls it; rank 0 writes. Returns the path on rank 0."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(state.model, options=options)
+    optim_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
+    rng = [ckpt.rng_state()]
+    if dd.enabled:
+        rng = [None] * dd.world_size
+        dist.all_gather_object(rng, ckpt.rng_state())
+    path = None
+    if dd.main:
+        train_state = {"format": 1, "optimizer": optim_state, "data": state.batches.state_dict(),
+                       "rng": rng, "world_size": dd.world_size}
+        path = ckpt.save_checkpoint(state.run_dir, state.step, model_state, train_state,
+                                    state.config.to_dict(), run_config(state.cfg, state.data),
+                                    state.data.tokenizer_path, keep=state.cfg.keep_checkpoints)
+    if dd.enabled:
+        dist.barrier()
+    return path
 
 
+def _interrupted(state: TrainState, signum: int | None, dd: Dist) -> dict[str, Any]:
+    name = signal.Signals(signum or signal.SIGTERM).name
+    _say(dd, f"\n{name}: saved {state.last_saved} at step {state.step}; continue with "
+         f"`subllm train --out {state.run_dir} --resume`")
+    return {"interrupted": True, "step": state.step, "signal": signum}
+
+
+def _finish(state: TrainState, dd: Dist) -> dict[str, Any]:
+    """The summary line (and the demo's sample); the result of `train`."""
+    last_eval, last_saved = state.last_eval, state.last_saved
+    if dd.main:
+        kept_txt = (f", eval kept fractions {fmt_kept(last_eval['kept_fractions'])} "
+                    f"(keep {state.config.keep})" if last_eval["kept_fractions"] else "")
+        print(f"step {state.step}: val loss {last_eval['loss']:.4f}, perplexity "
+              f"{last_eval['perplexity']:.2f}{kept_txt}; checkpoint {last_saved}", flush=True)
+        if state.demo:
+            print("sample:", flush=True)
+            print(DEMO_PROMPT + sample_text(state.raw_model, state.data.tokenizer_path,
+                                            DEMO_PROMPT, max_new_tokens=120,
+                                            device=state.device), flush=True)
+    return {**last_eval, "checkpoint": str(last_saved) if last_saved else None}
+
+
+def _say(dd: Dist, *parts: Any) -> None:
+    if dd.main:
+        tqdm.write(" ".join(str(p) for p in parts), file=sys.stderr)

@@ -7,12 +7,14 @@ import json
 import os
 import resource
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from subllm.errors import SubLLMError
 
@@ -95,6 +97,30 @@ def all_reduce_sum(values: list[float], dd: Dist, device: torch.device) -> list[
     return t.tolist()
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """What sums of losses and counts accumulate in on the device: fp64 (as Python floats
+    would), fp32 where the device has no fp64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def read_sums(values: Sequence[Tensor | float], dd: Dist, device: torch.device,
+              local: Sequence[Tensor | float] = ()) -> list[float]:
+    """`values` summed over the ranks, then `local` as they are, as Python floats: one
+    tensor, one all-reduce (when distributed) and one host sync for all of them."""
+    dtype = accumulator_dtype(device)
+
+    def stack(xs: Sequence[Tensor | float]) -> Tensor:
+        if not xs:
+            return torch.zeros(0, dtype=dtype, device=device)
+        return torch.stack([x.to(device, dtype).reshape(()) if isinstance(x, Tensor)
+                            else torch.tensor(float(x), dtype=dtype, device=device) for x in xs])
+
+    summed = stack(values)
+    if dd.enabled:
+        dist.all_reduce(summed)
+    return torch.cat([summed, stack(local)]).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Logging and signals
 
@@ -112,6 +138,8 @@ class RunLog:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         self.file = self.path.open("a")
+        # lazy: TensorBoard costs a few tenths of a second to import, and only rank 0 of a
+        # training run writes it (`subllm eval` / `generate` import this module too)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
@@ -145,6 +173,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(run_dir: Path) -> Path | None:
+    # lazy: matplotlib is slow to import and only needed once, at the end of a run
     import matplotlib
 
     matplotlib.use("Agg")
