@@ -78,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
     p.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="data-parallel engine under torchrun (default ddp)")
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=positive_float, metavar="S",
+                   help="under torchrun: seconds a collective waits for the other ranks before "
+                   "the run stops with an error naming the step (default 600)")
     p.add_argument("--mst", action="store_true", default=None,
                    help="Mini-Sequence Transformer: chunked MLP and loss")
     p.add_argument("--checkpointing", action="store_true", default=None,

@@ -72,6 +72,11 @@ class SubLLM(nn.Module):
                     self.block_levels[c] = seg.index + 1
         self.step = 0
         self.gradient_checkpointing = False
+        # A segment no row kept a token of is skipped (no work at all). Sharded data-parallel
+        # training sets this False: FSDP gathers each block's weights in its forward, so
+        # every rank must call the same blocks; an empty segment then runs on one unused
+        # slot per row instead, with the same result (docs/design.md §3.2).
+        self.skip_empty_segments = True
         self.loss_chunks: int | None = None  # set by subllm.mst.apply_mst
         self.init_weights()
 
@@ -230,8 +235,10 @@ class SubLLM(nn.Module):
                  kept: list, entered: list) -> Tensor:
         sel = self.subsamplers[seg.index](x_out, span.valid, self.step)
         kept[seg.index], entered[seg.index] = sel.count, sel.entered
-        if sel.size == 0:  # no row kept anything: the segment's blocks do no work at all
-            return x_out
+        if sel.size == 0:  # no row kept anything: the segment's blocks need do no work
+            if self.skip_empty_segments or cache is not None:
+                return x_out
+            sel = sel.placeholder()
         idx = sel.idx[..., None].expand(-1, -1, x_out.shape[-1])
         x_in = x_out.gather(1, idx)  # (B, K, d)
         pos_in = span.pos.gather(1, sel.idx)  # original positions (design.md §3.3)

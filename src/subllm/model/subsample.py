@@ -141,6 +141,16 @@ class Selection:
     def size(self) -> int:
         return self.idx.shape[1]
 
+    def placeholder(self) -> Selection:
+        """One unused slot per row in place of an empty selection: the segment's blocks run
+        on it and change nothing (weight 0), so every rank makes the same calls."""
+        B = self.count.shape[0]
+        device = self.count.device
+        return Selection(torch.zeros(B, 1, dtype=torch.long, device=device),
+                         torch.zeros(B, 1, device=device),
+                         torch.zeros(B, 1, dtype=torch.bool, device=device),
+                         self.count, self.entered)
+
 
 def _keep_count(keep: float, n: Tensor) -> Tensor:
     # ceil(keep * n), rounded first so that float noise (0.64 * 100 = 64.0000001) does not

@@ -56,6 +56,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     distributed: str = "ddp"
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks
     resume: bool = False
     init_from: str | None = None  # start from this model's weights and config (see below)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (YAML only)
@@ -154,5 +155,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise SubLLMError(f"--stop-at must be a positive step, got {cfg.stop_at}")
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise SubLLMError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    if not cfg.dist_timeout > 0:
+        raise SubLLMError(f"--dist-timeout must be a positive number of seconds, got "
+                          f"{cfg.dist_timeout}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise SubLLMError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")

@@ -77,6 +77,7 @@ from subllm.train.runtime import (
     all_reduce_sum,
     autocast,
     autocast_dtype,
+    collective_failure,
     fmt_kept,
     init_distributed,
     peak_memory_gib,
@@ -92,13 +93,21 @@ from subllm.train.runtime import (
 def train(cfg: TrainConfig, demo: bool = False) -> dict[str, Any]:
     """Train (or resume) a run; returns the final validation metrics."""
     check_config(cfg)
-    dd = init_distributed()
+    dd = init_distributed(cfg.dist_timeout)
+    state: TrainState | None = None
     try:
         state = setup(cfg, dd, demo)
         result = fit(state, state.cfg, dd)
         if dd.enabled:
+            state.phase = "the final barrier"
             dist.barrier()  # no rank tears gloo down while another still talks to it
         return result
+    except RuntimeError as e:
+        where = ("setup", 0) if state is None else (state.phase, state.step)
+        failure = collective_failure(e, dd, *where, cfg.dist_timeout)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if dd.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -130,6 +139,7 @@ class TrainState:
     last_saved: Path | None = None
     last_eval: dict[str, Any] | None = None
     log: RunLog | None = None  # rank 0 only
+    phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
 
 
 def setup(cfg: TrainConfig, dd: Dist, demo: bool = False) -> TrainState:
@@ -266,6 +276,7 @@ def _parallelize(model: SubLLM, cfg: TrainConfig, dd: Dist, device: torch.device
                  ) -> torch.nn.Module:
     """FSDP2 shards every block and then the rest in place; DDP wraps."""
     if dd.enabled and cfg.distributed == "fsdp":
+        model.skip_empty_segments = False  # every rank runs every block (FSDP gathers)
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
@@ -414,25 +425,31 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                 lr = lr_at(state.step, cfg)
                 state.raw_model.set_step(state.step)
                 micro = [state.batches.next() for _ in range(cfg.grad_accum)]
+                state.phase = "a training step"
                 result = train_step(state.model, state.optimizer, micro, device=state.device,
                                     amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
                                     no_sync=no_sync)
                 state.step += 1
                 pending.add(state.step, lr, result)
                 bar.update(1)
+                state.phase = "logging"
                 if state.step % cfg.log_every == 0 or state.step == end:
                     _log_train(state, _read(pending, state, dd), bar, dd)
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     _read(pending, state, dd)  # nothing non-finite gets evaluated
+                    state.phase = "validation"
                     state.last_eval = _eval_and_log(state, dd, state.log)
+                state.phase = "the stop-signal check"
                 stopping = _agree(stop.signum is not None, dd, state.device)
                 save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
                 if save_now or stopping or state.step == end:
                     _read(pending, state, dd)  # nothing non-finite gets saved
+                    state.phase = "saving a checkpoint"
                     state.last_saved = save(state, dd)
                 if stopping:
                     return _interrupted(state, stop.signum, dd)
         bar.close()
+        state.phase = "the final validation"
         if state.last_eval is None or state.last_eval["step"] != state.step:
             # nothing to log when this call trained no step (resuming a finished run)
             state.last_eval = _eval_and_log(

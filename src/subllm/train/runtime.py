@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import resource
@@ -34,8 +35,11 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process."""
+def init_distributed(timeout_s: float = 600.0) -> Dist:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them we are one process.
+
+    `timeout_s`: how long a collective waits for the other ranks; a rank that died or
+    took another path then ends the run with an error instead of a silent hang."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -45,7 +49,7 @@ def init_distributed() -> Dist:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, True)
 
 
@@ -226,3 +230,23 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+# what a collective's failure says, by backend: a peer that exited, or a timeout
+_COLLECTIVE_FAILURES = ("connection closed", "connection reset", "timed out", "timeout",
+                        "nccl", "gloo", "broken pipe", "processgroup")
+
+
+def collective_failure(e: BaseException, dd: Dist, phase: str, step: int,
+                       timeout_s: float) -> SubLLMError | None:
+    """The one-line error for a failed collective (another rank died or went another way),
+    or None when `e` is something else."""
+    text = str(e).strip()
+    if not dd.enabled or not (isinstance(e, dist.DistError) or any(
+            k in text.lower() for k in _COLLECTIVE_FAILURES)):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    return SubLLMError(
+        f"rank {dd.rank} of {dd.world_size} stopped in {phase} at step {step}: another rank "
+        f"failed or did not join a collective within {timeout_s:g} s ({first[:200]}); see "
+        "the other ranks' messages above")
