@@ -35,3 +35,72 @@ def test_info_bad_input_is_one_line(capsys, tmp_path):
         assert main(["info", *args]) == 2
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ---- what `subllm train` would build: settings files, runs, exported directories ----------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SETTINGS = {"preset": "subllm-tiny", "seq-len": 32, "batch-size": 2, "max-steps": 1,
+            "warmup": 1, "eval-batches": 1, "eval-every": 0, "save-every": 0,
+            "device": "cpu", "model": {"dim": 32, "n_heads": 2, "ffn_dim": 64,
+                                       "max_seq_len": 64}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepare_corpus) -> tuple[Path, Path, Path]:
+    """(a `subllm train` settings file, its run, the run exported)."""
+    root = tmp_path_factory.mktemp("info-run")
+    data = prepare_corpus(root, 12)
+    settings = root / "train.yaml"
+    settings.write_text(yaml.safe_dump({**SETTINGS, "data": str(data)}))
+    assert main(["train", "--config", str(settings), "--out", str(root / "run")]) == 0
+    assert main(["export", "--checkpoint", str(root / "run"), "--out", str(root / "hf")]) == 0
+    return settings, root / "run", root / "hf"
+
+
+def test_info_means_what_training_built(trained, capsys):
+    """A settings file with a top-level preset and a `model:` section, the run's own
+    config.yaml, the run and its export all describe the model that trained (not the
+    1.3B default the `model:` section alone would give)."""
+    settings, run, hf = trained
+    from subllm.train import checkpoint as ckpt
+
+    state = ckpt.load_weights(ckpt.resolve_checkpoint(run))
+    real = sum(t.numel() for k, t in state.items()  # tied head once, buffers not counted
+               if k != "lm_head.weight" and not k.endswith("balancer.g_rms"))
+    described = [info_json(capsys, str(p)) for p in (settings, run / "config.yaml", run, hf)]
+    assert [d["parameters"] for d in described] == [real] * 4
+    assert {d["structure"] for d in described} == {"TTT(TT(TT)TT)TTT"}
+    assert described[0]["config"] == described[2]["config"] == described[3]["config"]
+    assert main(["estimate", "--config", str(run), "--seq-len", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["parameters"] == real
+
+
+@pytest.mark.slow
+def test_info_errors_through_the_real_cli(trained, tmp_path):
+    settings, run, _ = trained
+    no_data = tmp_path / "no-data.yaml"
+    no_data.write_text(yaml.safe_dump({**SETTINGS, "data": str(tmp_path / "nowhere")}))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("preset: subllm-tiny\n# caf\xe9\n".encode("latin-1"))
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("preset: subllm-tiny\nseq-len: 32\ndim: 64\n")
+    before = {p: p.read_bytes() for p in (settings, no_data, latin, mixed)}
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for path, fragment in ((no_data, "takes its vocabulary from the data"),
+                           (latin, "is not UTF-8 text"),
+                           (mixed, "neither a model config nor `subllm train` settings")):
+        r = subprocess.run([sys.executable, "-m", "subllm", "info", str(path)],
+                           capture_output=True, text=True, timeout=120, env=env)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert fragment in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in before} == before

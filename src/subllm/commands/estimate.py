@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from subllm.errors import SubLLMError
+from subllm.model.config import ModelConfig
 from subllm.planner import (
     CUDA_DEFAULT_RESERVE,
     DEVICES,
@@ -23,6 +24,7 @@ from subllm.planner import (
     shape_from_config,
     shape_from_hf_config,
 )
+from subllm.train.config import model_config_of
 
 DESCRIPTION = ("Predict the peak memory of a training step (forward with labels, "
                "backward, optimizer step) from the model's shape, broken down into "
@@ -33,8 +35,6 @@ DESCRIPTION = ("Predict the peak memory of a training step (forward with labels,
 
 
 def _load_model_arg(args: argparse.Namespace) -> ModelShape:
-    from subllm.model.config import ModelConfig
-
     if args.preset is not None:
         return shape_from_config(ModelConfig.preset(args.preset), args.preset)
     if args.config is not None:
@@ -47,7 +47,8 @@ def _load_model_arg(args: argparse.Namespace) -> ModelShape:
             if looks_hf:
                 raise SubLLMError(f"--config {args.config!r} is a transformers config.json; "
                                   "pass it as --hf-config")
-        return shape_from_config(ModelConfig.from_file(args.config), p.stem)
+        config, name = model_config_of(args.config)
+        return shape_from_config(config, name)
     cfg = load_hf_config(args.hf_config)
     p = Path(args.hf_config)
     return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a subllm preset, e.g. subllm-1.3b")
-    src.add_argument("--config", help="a subllm YAML/JSON model config file")
+    src.add_argument("--config", help="a subllm YAML/JSON model config, `subllm train` "
+                     "settings, a run directory or a Hugging Face SubLLM directory")
     src.add_argument("--hf-config", help="a transformers config.json (Llama, Mistral, Qwen2), "
                                          "e.g. examples/hf-configs/llama-3-8b.json")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")

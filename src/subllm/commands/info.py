@@ -14,17 +14,18 @@ DESCRIPTION = ("Describe a model: parameter count, structure with the keep ratio
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="PRESET_OR_CONFIG",
-                   help="a preset name (e.g. subllm-1.3b) or a YAML/JSON model config file")
+                   help="a preset name (e.g. subllm-1.3b), a YAML/JSON model config, a `subllm "
+                   "train` settings file, a run directory or a Hugging Face SubLLM directory")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for the FLOPs estimate (default: the context)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from subllm.model.config import ModelConfig
     from subllm.planner import describe, format_info
+    from subllm.train.config import model_config_of
 
-    config = ModelConfig.load(args.model)
+    config, _ = model_config_of(args.model)
     if args.seq_len is not None and args.seq_len <= 0:
         raise SubLLMError(f"--seq-len must be positive, got {args.seq_len}")
     d = describe(config, args.model, args.seq_len)

@@ -6,9 +6,14 @@ training loop, so a bad flag or config key costs a fraction of a second.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from subllm.errors import SubLLMError
 from subllm.model.config import PRESETS, ModelConfig
@@ -160,3 +165,91 @@ def check_config(cfg: TrainConfig) -> None:
                           f"{cfg.dist_timeout}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise SubLLMError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model argument means (`subllm info`, `subllm estimate --config`)
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+# what a run's config.yaml holds besides the settings (the model it built, exactly)
+RUN_KEYS = {"model_config", "data_tokenizer_sha256", "initialized_from"}
+
+
+def model_config_of(spec: str) -> tuple[ModelConfig, str]:
+    """(the model config, a display name) of a preset, a model config file (YAML/JSON), a
+    `subllm train` settings file, a run directory or checkpoint, or a Hugging Face SubLLM
+    directory: exactly the model that training or loading would build, or an error."""
+    if spec in PRESETS:
+        return ModelConfig.preset(spec), spec
+    path = Path(spec)
+    if path.is_dir():
+        return _model_config_of_dir(path), path.name
+    if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
+        return ModelConfig.preset(spec), spec  # raises with the nearest preset names
+    data = _read_mapping(path)
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
+    if data.keys() <= model_keys:  # a model config (a preset plus overrides, or fields)
+        return ModelConfig.from_file(path), path.stem
+    if isinstance(data.get("model_config"), dict) and data.keys() <= TRAIN_KEYS | RUN_KEYS:
+        return ModelConfig.from_dict(data["model_config"]), path.stem  # a run's config.yaml
+    if data.keys() <= TRAIN_KEYS:  # `subllm train` settings: what training would build
+        return _model_config_of_settings(data, path), path.stem
+    unknown = sorted(data.keys() - TRAIN_KEYS - RUN_KEYS - model_keys)
+    raise SubLLMError(f"{path} is neither a model config nor `subllm train` settings: "
+                      f"unknown keys {', '.join(unknown) or '(a mix of both)'}")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SubLLMError(f"config file {path} does not exist; pass a preset name, a config "
+                          "file, a run directory or a Hugging Face SubLLM directory")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise SubLLMError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise SubLLMError(f"cannot parse {path}: {first}") from None
+    if not isinstance(data, dict):
+        raise SubLLMError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _model_config_of_settings(data: dict[str, Any], path: Path) -> ModelConfig:
+    """A `subllm train` settings file: preset < `model:` < structure/keep; the vocabulary
+    follows the data unless `model.vocab_size` is set, as in training."""
+    cfg = TrainConfig(**{k: v for k, v in data.items() if k in TRAIN_KEYS})
+    if cfg.init_from is not None:
+        return model_config_of(cfg.init_from)[0]
+    model = cfg.model if isinstance(cfg.model, dict) else {}
+    vocab = model.get("vocab_size")
+    data_dir = Path(cfg.data)
+    if vocab is None:
+        meta = data_dir / "meta.json"
+        if not meta.is_file():
+            raise SubLLMError(
+                f"{path} takes its vocabulary from the data {data_dir}, which is not prepared "
+                "here; pass the run directory instead, or set model.vocab_size in the file")
+        vocab = int(json.loads(meta.read_text())["vocab_size"])
+    stand_in = types.SimpleNamespace(vocab_size=int(vocab), path=data_dir)
+    return build_model_config(cfg, stand_in)
+
+
+def _model_config_of_dir(path: Path) -> ModelConfig:
+    hf = path / "config.json"
+    if hf.is_file():
+        raw = json.loads(hf.read_text())
+        kind = raw.get("model_type")
+        if kind != "subllm":
+            raise SubLLMError(f"{path} holds a {kind!r} model, not a SubLLM; for its memory "
+                              f"use `subllm estimate --hf-config {hf}`")
+        # transformers reads the file as SubLLMConfig does when the model loads
+        from subllm.model.hf_config import SubLLMConfig
+
+        return SubLLMConfig.from_dict(raw).to_model_config()
+    # a run or checkpoint: the newest complete checkpoint's model_config.json (the torch
+    # import of the checkpoint module is paid only here)
+    from subllm.train import checkpoint as ckpt
+
+    return ModelConfig.from_dict(ckpt.load_model_config(ckpt.resolve_checkpoint(path)))
