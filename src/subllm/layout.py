@@ -1,4 +1,4 @@
-"""The package's import graph, read from the source: layers, cycles, start-up imports.
+"""The package's import graph, read from the source: its layers and its cycles.
 
 Used by the layout tests and by `subllm bench startup`'s report. Layers, lowest first:
 nothing may import a module of a higher layer (function-level imports included), and the

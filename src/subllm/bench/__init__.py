@@ -20,6 +20,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "quality": ("subllm.bench.quality",
                 "validation loss at equal tokens and training time: A and B trained on the "
                 "same data"),
+    "startup": ("subllm.bench.startup",
+                "start-up time of fresh processes: import subllm, subllm --help, one-line "
+                "errors"),
     "estimate": ("subllm.bench.estimate",
                  "the memory planner (subllm estimate) against peaks measured in training "
                  "steps"),

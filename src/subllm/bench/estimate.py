@@ -1,15 +1,15 @@
 """`subllm bench estimate`: the memory planner (`subllm estimate`) against measured peaks.
 
-Every case (model x sequence length x mode) is a real training step — forward with labels,
-backward, AdamW step, `zero_grad(set_to_none=True)`, twice so that the second step holds
-the optimizer state — in a fresh Python subprocess. Its measured peak is compared with
-`subllm.estimate.estimate_memory` for the same settings:
+Every case (model x sequence length x mode) is a real training step — the training loop's
+`train_step`: forward with labels, backward, AdamW step, `zero_grad(set_to_none=True)`,
+twice so that the second step holds the optimizer state — in a fresh Python subprocess.
+Its measured peak is compared with `subllm.planner.estimate_memory` for the same settings:
 
   cpu   the peak resident set of the process (VmHWM) minus its resident set just before
         the model was built (after torch, transformers and subllm were imported)
   cuda  torch.cuda.max_memory_allocated minus what was allocated before the model
 
-Modes: standard, checkpointing (block-level, non-reentrant), mst (`subllm.mst.apply_mst`).
+Modes: standard, checkpointing (block-level, non-reentrant), mst (`subllm.model.mst.apply_mst`).
 Models: presets, a transformers config.json, or `hf-llama:dim=256,layers=4,vocab=128256`
 (a randomly initialised transformers LlamaForCausalLM; see `subllm bench mst`).
 
@@ -26,29 +26,39 @@ the default allocator's resident peak and its excess beside the estimate's error
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from subllm.atomic import write_atomic
-from subllm.bench.mst import (
-    _mem_available,
-    _rss_bytes,
-    _watch_rss,
+from subllm.bench.common import (
+    MODES,
+    adamw,
+    amp_dtype,
+    apply_mode,
+    build_model,
+    check_cuda,
     check_model,
+    command_line,
+    fmt_gib,
     machine_info,
-    peak_rss_bytes,
+    memory_now,
+    memory_peak,
+    parse_ints,
+    parse_modes,
+    parse_spec,
+    pyplot,
+    reset_peak,
+    run_worker,
     save_figure,
+    watch_memory,
+    worker_entry,
+    worker_env,
+    write_outputs,
 )
-from subllm.bench.pair import parse_ints
-from subllm.bench.worker import run_worker, worker_entry
 from subllm.errors import SubLLMError
+from subllm.planner import estimate_memory, load_hf_config, resolve_shape, shape_from_hf_config
 
 HELP = "the memory planner (subllm estimate) against peaks measured in training steps"
-MODES = ("standard", "checkpointing", "mst")
 TARGET = 0.15  # issue 6: within 15 % of the measured peak on every case
 RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 HF_SPEC = "hf-llama:dim=256,layers=4,vocab=128256"
@@ -102,13 +112,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (default bench-out/estimate)")
 
 
-def parse_modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise SubLLMError(f"--modes {text!r}: choose from {', '.join(MODES)}")
-    return list(dict.fromkeys(modes))
-
-
 def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.model:
         lens = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
@@ -136,20 +139,15 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def case_shape(spec: str) -> Any:
     """The planner's ModelShape for a `--model` spec of this benchmark."""
-    from subllm.bench.mst import _parse_spec
-    from subllm.planner import load_hf_config, resolve_shape, shape_from_hf_config
-
     kind = check_model(spec)
     if kind == "hf-spec":
-        return shape_from_hf_config({"model_type": "llama", **_parse_spec(spec)}, spec)
+        return shape_from_hf_config({"model_type": "llama", **parse_spec(spec)}, spec)
     if kind == "hf-config":
         return shape_from_hf_config(load_hf_config(spec), spec)
     return resolve_shape(spec, spec)
 
 
 def predict(case: dict[str, Any]) -> dict[str, Any]:
-    from subllm.planner import estimate_memory
-
     dtype = case["dtype"]
     return estimate_memory(
         case_shape(case["model"]), case["seq_len"], case["batch_size"], dtype=dtype,
@@ -168,67 +166,44 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers  # noqa: F401  (imported before the baseline, like everything else)
 
-    from subllm.bench.mst import build_model
-    from subllm.model.mst import apply_mst, enable_checkpointing
-    from subllm.train.config import TrainConfig
-    from subllm.train.loop import make_optimizer
+    from subllm.train.loop import train_step
 
-    device = torch.device(case["device"])
-    if device.type == "cpu":
-        limit = _mem_available()
-        if limit:
-            _watch_rss(limit)
-        baseline = _rss_bytes()
+    device = case["device"]
+    if device == "cpu":
+        watch_memory()
     else:
         torch.cuda.init()
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
+    reset_peak(device)
+    baseline = memory_now(device)
     torch.manual_seed(0)
     seq_len, batch = case["seq_len"], case["batch_size"]
     model = build_model(case["model"], seq_len)
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["dtype"])
     if case["precision"] == "pure":
-        model = model.to(low)
+        model = model.to(amp_dtype(case["dtype"]))
     model = model.to(device).train()
-    if case["mode"] == "checkpointing":
-        enable_checkpointing(model)
-    elif case["mode"] == "mst":
-        apply_mst(model, checkpointing=True)
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    apply_mode(model, mst=case["mode"] == "mst", checkpointing=case["mode"] != "standard")
+    optimizer = adamw(model, device)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
-    autocast = case["precision"] == "mixed"
+    amp = amp_dtype(case["dtype"]) if case["precision"] == "mixed" else None
     losses, times = [], []
     for step in range(2):  # the second step holds AdamW's state as well
         if hasattr(model, "set_step"):
             model.set_step(step)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=low or torch.float32, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        del loss
+        result = train_step(model, optimizer, [ids], device=torch.device(device), amp=amp,
+                            grad_clip=None)
+        losses.append(float(result.loss))
+        del result
         times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = peak_rss_bytes()
-    return {"ok": True, "measured_bytes": peak - baseline, "baseline_bytes": baseline,
-            "loss": losses[-1], "step_times_s": times}
+    return {"ok": True, "measured_bytes": memory_peak(device) - baseline,
+            "baseline_bytes": baseline, "loss": losses[-1], "step_times_s": times}
 
 
 def measure(case: dict[str, Any], allocator: str, threads: int | None,
             timeout: float) -> dict[str, Any]:
     """Run one case in a fresh interpreter (never raises)."""
-    env = dict(os.environ)
-    for key in RELEASE_ENV:
-        env.pop(key, None)
-    if allocator == "release":
-        env.update(RELEASE_ENV)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = worker_env(threads, RELEASE_ENV if allocator == "release" else None,
+                     drop=tuple(RELEASE_ENV))
     return run_worker("subllm.bench.estimate", case, timeout, env=env)
 
 
@@ -238,7 +213,7 @@ def measure(case: dict[str, Any], allocator: str, threads: int | None,
 
 
 def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.3f}"
+    return fmt_gib(n, 3)
 
 
 def _pct(x: float | None) -> str:
@@ -294,10 +269,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         row = (f"| {c['model']} | {_case_label(c)} | {c['seq_len']} | {c['mode']} | "
                f"{_gib(c['estimate_bytes'])} | "
                + (_gib(c["measured_bytes"]) if c["ok"] else f"failed: {c.get('error')}")
-               + f" | {_pct(c.get('error'))} | {c['estimate_phase']} |")
+               + f" | {_pct(c['error'] if c['ok'] else None)} | {c['estimate_phase']} |")
         if both:
             g = c.get("glibc", {})
-            row += (f" {_gib(g.get('measured_bytes'))} | {_pct(g.get('error'))} |")
+            g_err = g["error"] if g.get("ok") else None
+            row += f" {_gib(g.get('measured_bytes'))} | {_pct(g_err)} |"
         lines.append(row)
     lines += [
         "",
@@ -311,12 +287,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 5.2))
+    fig, ax = pyplot().subplots(figsize=(6.0, 5.2))
     markers = {"standard": "o", "checkpointing": "s", "mst": "^"}
     ok = [c for c in report["cases"] if c["ok"]]
     for mode, mk in markers.items():
@@ -361,11 +332,6 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _command_line() -> str:
-    return " ".join(["subllm", *sys.argv[1:]]) if sys.argv and "pytest" not in sys.argv[0] \
-        else "subllm bench estimate (called from Python)"
-
-
 # --------------------------------------------------------------------------------------
 # the verb
 # --------------------------------------------------------------------------------------
@@ -378,11 +344,7 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError(f"--threads must be positive, got {args.threads}")
     if args.case_timeout <= 0:
         raise SubLLMError("--case-timeout must be positive")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SubLLMError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    check_cuda(args.device)
     cases = build_cases(args)
     allocators = ["release"]
     if args.device == "cpu":
@@ -415,15 +377,15 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    machine = machine_info(args.device)
-    machine["threads"] = args.threads if args.device == "cpu" else torch.get_num_threads()
-    report = {"bench": "estimate", "command": _command_line(), "device": args.device,
+    machine = machine_info(args.device, threads=args.threads if args.device == "cpu"
+                           else torch.get_num_threads())
+    report = {"bench": "estimate", "command": command_line("subllm bench estimate (called "
+                                                           "from Python)"),
+              "device": args.device,
               "allocators": allocators,
               "allocator_env": RELEASE_ENV if "release" in allocators else {},
               "machine": machine, "cases": results, "summary": _summary(results)}
-    write_atomic(out / "estimate.json", json.dumps(report, indent=2))
-    write_atomic(out / "estimate.md", render_markdown(report))
-    render_plot(report, out / "estimate.png")
+    write_outputs(out, "estimate", report, render_markdown(report), render_plot)
     s = report["summary"]
     print(f"max |error| {_abs_pct(s['max_abs_error'])} over {s['cases'] - s['failed']} cases "
           f"({s['within_target']} within {100 * TARGET:.0f} %); wrote {out / 'estimate.json'}, "

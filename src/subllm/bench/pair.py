@@ -3,8 +3,8 @@
 Both models live in one process and take turns step by step (A B, then B A, ...), so that
 whatever else the machine does hits both alike; every figure is the median over the
 timed steps and every ratio is B / A at the same length. Peak memory comes from one
-short extra run per (model, length) in a fresh subprocess (bench/mst.py's worker
-approach): `torch.cuda.max_memory_allocated` on a GPU, the peak resident set on a CPU.
+short extra run per (model, length) in a fresh subprocess (the case worker of
+bench/common.py): `torch.cuda.max_memory_allocated` on a GPU, the peak resident set on a CPU.
 
 train   one optimizer step = forward with labels + backward + AdamW step, random tokens;
         SUBLLM models in training mode with `set_step`. On a GPU also the model FLOPs
@@ -21,34 +21,52 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
-import os
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean, median
 from typing import Any
 
-from subllm.atomic import write_atomic
-from subllm.bench.mst import (
-    _gb,
-    _mem_available,
-    _rss_bytes,
-    _watch_rss,
+from subllm.bench.common import (
+    KEPT_TOLERANCE,
+    adamw,
+    amp_dtype,
+    apply_mode,
+    autocast,
+    check_cuda,
+    command_line,
+    fmt,
+    fmt_gib,
+    keep_ratios,
+    load_config,
     machine_info,
-    peak_rss_bytes,
+    memory_now,
+    memory_peak,
+    model_summary,
+    off_keep,
+    parse_ints,
+    parse_pair,
+    pyplot,
+    ratio,
+    require_positive,
+    reset_peak,
+    run_worker,
     save_figure,
+    sync,
+    watch_memory,
+    worker_entry,
+    worker_env,
+    write_outputs,
 )
-from subllm.bench.worker import run_worker, worker_entry
 from subllm.errors import SubLLMError
+from subllm.model.config import ModelConfig, Segment
+from subllm.planner import training_flops_per_token
+from subllm.train.config import TrainConfig
 
 DEFAULT_PAIR = "llama-small,subllm-small"
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
-KEPT_TOLERANCE = 0.05  # kept fraction this far off its keep ratio: the ratios are not fair
 OFF_KEEP_WARNING = "kept fractions off the keep ratio: ratios flattered/penalised"
 OFF_KEEP_DECODE_WARNING = ("kept fractions of the decoded tokens off the keep ratio: decode "
                            "ratio flattered/penalised")
@@ -56,7 +74,7 @@ OFF_KEEP_DECODE_WARNING = ("kept fractions of the decoded tokens off the keep ra
 
 @dataclass(frozen=True)
 class PairBench:
-    """One `subllm bench` sub-verb (see subllm.bench.register)."""
+    """One `subllm bench` sub-verb (listed in subllm.bench.BENCHMARKS)."""
 
     HELP: str
     DOC: str
@@ -69,49 +87,13 @@ class PairBench:
 # --------------------------------------------------------------------------------------
 
 
-def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
-    """'1024,2048' -> [1024, 2048] (sorted, unique); raise on anything else."""
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise SubLLMError(f"{flag} {text!r}: write comma-separated integers") from None
-    if not values or any(v < minimum for v in values):
-        raise SubLLMError(f"{flag} {text!r}: every value must be an integer >= {minimum}")
-    return sorted(set(values))
-
-
-def parse_pair(text: str) -> tuple[str, str]:
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise SubLLMError(
-            f"--pair {text!r}: write two models separated by a comma, e.g. {DEFAULT_PAIR} "
-            "(presets or YAML/JSON model config files)"
-        )
-    return parts[0], parts[1]
-
-
-def load_config(spec: str, max_len: int) -> Any:
-    """A preset or config file as a ModelConfig whose context holds `max_len` tokens."""
-    from subllm.model.config import ModelConfig
-
-    config = ModelConfig.load(spec)  # raises ConfigError (a SubLLMError) naming the problem
-    return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, max_len))
-
-
 def _check_common(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "repeats", "threads"):
-        value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise SubLLMError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    require_positive(args, "steps", "batch_size", "repeats", "threads")
     if getattr(args, "warmup", 0) < 0:
         raise SubLLMError(f"--warmup must be >= 0, got {args.warmup}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise SubLLMError(f"--peak-tflops must be positive, got {args.peak_tflops}")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SubLLMError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    check_cuda(args.device)
     if args.threads is not None:
         import torch
 
@@ -141,80 +123,20 @@ def _common_arguments(p: argparse.ArgumentParser, out: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    import torch
-
-    if dtype == "bf16":
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def _ratio(b: float | None, a: float | None) -> float | None:
-    return None if a in (None, 0) or b is None else b / a
-
-
-def keep_ratios(config: Any) -> list[float]:
-    return [config.segment_keep(s) for s in config.segments]
-
-
-def off_keep(fractions: list[float], keeps: list[float]) -> list[int]:
-    """Indices of the segments whose kept fraction is more than KEPT_TOLERANCE off."""
-    return [i for i, (f, k) in enumerate(zip(fractions, keeps, strict=True))
-            if abs(f - k) > KEPT_TOLERANCE]
-
-
-def _model_summary(name: str, config: Any, model: Any) -> dict[str, Any]:
-    return {"spec": name, "structure": config.structure, "parameters": model.num_params(),
-            "keep": keep_ratios(config), "block_compute_fraction": config.compute_fraction(),
-            "config": config.to_dict()}
-
-
 def _paired_ratio(b: list[float], a: list[float]) -> float:
     """Median over the alternation rounds of B's time / A's time in the same round."""
-    return _median([tb / ta for tb, ta in zip(b, a, strict=True)])
-
-
-def _env_threads(threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+    return median([tb / ta for tb, ta in zip(b, a, strict=True)])
 
 
 def measure_memory(case: dict[str, Any], timeout: float, threads: int | None) -> dict[str, Any]:
     """Run one memory case in a fresh interpreter; never raises."""
-    return run_worker("subllm.bench.pair", case, timeout, env=_env_threads(threads))
-
-
-def _write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: str,
-                   plot: Callable[[dict[str, Any], Path], None]) -> list[Path]:
-    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_ratios.png"]
-    write_atomic(paths[0], json.dumps(report, indent=2))
-    write_atomic(paths[1], markdown)
-    plot(report, paths[2])
-    return paths
+    return run_worker("subllm.bench.pair", case, timeout, env=worker_env(threads))
 
 
 def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
                  series: dict[str, str], group_key: str | None = None) -> None:
     """B/A ratio against length; one line per (series, group)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     groups = sorted({c.get(group_key) for c in report["cases"]}) if group_key else [None]
     for key, label in series.items():
         for g in groups:
@@ -233,10 +155,6 @@ def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def _header(report: dict[str, Any]) -> list[str]:
@@ -258,17 +176,11 @@ def _header(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _command_line() -> str:
-    return " ".join(["subllm", *sys.argv[1:]]) if sys.argv and "pytest" not in sys.argv[0] \
-        else "subllm bench (called from Python)"
-
-
 def _report_base(bench: str, args: argparse.Namespace, a: dict, b: dict) -> dict[str, Any]:
     import torch
 
-    machine = machine_info(args.device)
-    machine["threads"] = torch.get_num_threads()
-    return {"bench": bench, "command": _command_line(), "machine": machine,
+    machine = machine_info(args.device, threads=torch.get_num_threads())
+    return {"bench": bench, "command": command_line(), "machine": machine,
             "device": args.device, "dtype": args.dtype, "a": a, "b": b}
 
 
@@ -286,7 +198,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--mst", action="store_true", help="apply subllm.mst.apply_mst to both")
+    p.add_argument("--mst", action="store_true", help="apply subllm.model.mst.apply_mst to both")
     p.add_argument("--checkpointing", action="store_true",
                    help="block-level activation checkpointing for both")
     p.add_argument("--schedule-step", type=int, default=0,
@@ -297,38 +209,27 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _common_arguments(p, "bench-out/train")
 
 
-def build_train_model(config: Any, device: str, mst: bool, checkpointing: bool) -> Any:
+def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool) -> Any:
     from subllm.model import SubLLM
-    from subllm.model.mst import apply_mst, enable_checkpointing
 
-    model = SubLLM(config)
-    if mst:
-        apply_mst(model, checkpointing=checkpointing)
-    elif checkpointing:
-        enable_checkpointing(model)
+    model = apply_mode(SubLLM(config), mst=mst, checkpointing=checkpointing)
     return model.to(device).train()
 
 
-def _optimizer(model: Any, device: str) -> Any:
+def timed_train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str,
+                     dtype: str) -> float:
+    """One optimizer step (subllm.train.loop.train_step: forward with labels, backward,
+    AdamW, no clipping); returns its wall time in seconds."""
     import torch
 
-    from subllm.train.config import TrainConfig
-    from subllm.train.loop import make_optimizer
+    from subllm.train.loop import train_step
 
-    return make_optimizer(model, TrainConfig(lr=1e-4), torch.device(device))
-
-
-def train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str, dtype: str) -> float:
-    """One optimizer step; returns its wall time in seconds."""
     model.set_step(step)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
-    with _autocast(device, dtype):
-        loss = model(ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+    train_step(model, optimizer, [ids], device=torch.device(device), amp=amp_dtype(dtype),
+               grad_clip=None)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -340,15 +241,14 @@ def time_train_pair(models: dict[str, Any], optimizers: dict[str, Any], ids: Any
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(warmup + steps):
         for name in names if i % 2 == 0 else names[::-1]:
-            t = train_step(models[name], optimizers[name], ids, first_step + i, device, dtype)
+            t = timed_train_step(models[name], optimizers[name], ids, first_step + i,
+                                 device, dtype)
             if i >= warmup:
                 times[name].append(t)
     return times
 
 
-def _mfu(config: Any, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
-    from subllm.planner import training_flops_per_token
-
+def _mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
     flops = training_flops_per_token(config, seq_len)["total"]
     return flops * tokens_per_s / (peak_tflops * 1e12)
 
@@ -375,9 +275,9 @@ def run_train(args: argparse.Namespace) -> int:
     for key, config in configs.items():
         torch.manual_seed(args.seed)
         models[key] = build_train_model(config, device, args.mst, args.checkpointing)
-        optimizers[key] = _optimizer(models[key], device)
+        optimizers[key] = adamw(models[key], device)
     specs = {"a": spec_a, "b": spec_b}
-    summaries = {k: _model_summary(specs[k], configs[k], models[k]) for k in configs}
+    summaries = {k: model_summary(specs[k], configs[k], models[k].num_params()) for k in configs}
     vocab = min(c.vocab_size for c in configs.values())
     cases = []
     for n in lengths:
@@ -388,7 +288,7 @@ def run_train(args: argparse.Namespace) -> int:
         case: dict[str, Any] = {"seq_len": n, "batch_size": args.batch_size}
         tokens = args.batch_size * n
         for key in ("a", "b"):
-            med = _median(times[key])
+            med = median(times[key])
             case[key] = {"step_times_s": times[key], "time_per_step_s": med,
                          "tokens_per_s": tokens / med}
             if report_mfu:
@@ -402,11 +302,11 @@ def run_train(args: argparse.Namespace) -> int:
                     args.case_timeout, args.threads)
                 case[key]["memory"] = mem
         case["ratios"] = {
-            "time_per_step": _ratio(case["b"]["time_per_step_s"], case["a"]["time_per_step_s"]),
+            "time_per_step": ratio(case["b"]["time_per_step_s"], case["a"]["time_per_step_s"]),
             "time_per_step_paired": _paired_ratio(times["b"], times["a"]),
-            "tokens_per_s": _ratio(case["b"]["tokens_per_s"], case["a"]["tokens_per_s"]),
-            "peak_mem": _ratio(case["b"].get("memory", {}).get("peak_mem_bytes"),
-                               case["a"].get("memory", {}).get("peak_mem_bytes")),
+            "tokens_per_s": ratio(case["b"]["tokens_per_s"], case["a"]["tokens_per_s"]),
+            "peak_mem": ratio(case["b"].get("memory", {}).get("peak_mem_bytes"),
+                              case["a"].get("memory", {}).get("peak_mem_bytes")),
         }
         print(f"  L={n:<6} A {case['a']['time_per_step_s']:.3f} s/step  "
               f"B {case['b']['time_per_step_s']:.3f} s/step  "
@@ -421,10 +321,11 @@ def run_train(args: argparse.Namespace) -> int:
                    "mst": args.mst, "checkpointing": args.checkpointing,
                    "schedule_step": args.schedule_step, "seq_lens": lengths,
                    "peak_tflops": peak if report_mfu else None, "cases": cases})
-    paths = _write_outputs(out, "train", report, render_train_markdown(report),
-                           lambda r, p: _plot_ratios(
-                               r, p, "seq_len", "sequence length (tokens)",
-                               {"time_per_step": "time per step", "peak_mem": "peak memory"}))
+    paths = write_outputs(out, "train", report, render_train_markdown(report),
+                          lambda r, p: _plot_ratios(
+                              r, p, "seq_len", "sequence length (tokens)",
+                              {"time_per_step": "time per step", "peak_mem": "peak memory"}),
+                          "train_ratios.png")
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
@@ -445,10 +346,10 @@ def render_train_markdown(report: dict[str, Any]) -> str:
         a, b, r = c["a"], c["b"], c["ratios"]
         lines.append(
             f"| {c['seq_len']} | {a['time_per_step_s']:.3f} | {b['time_per_step_s']:.3f} | "
-            f"**{_fmt(r['time_per_step'])}** | {_fmt(r['time_per_step_paired'])} | "
+            f"**{fmt(r['time_per_step'])}** | {fmt(r['time_per_step_paired'])} | "
             f"{a['tokens_per_s']:.0f} | "
-            f"{b['tokens_per_s']:.0f} | {_gb(a.get('memory', {}).get('peak_mem_bytes'))} | "
-            f"{_gb(b.get('memory', {}).get('peak_mem_bytes'))} | {_fmt(r['peak_mem'])} |"
+            f"{b['tokens_per_s']:.0f} | {fmt_gib(a.get('memory', {}).get('peak_mem_bytes'))} | "
+            f"{fmt_gib(b.get('memory', {}).get('peak_mem_bytes'))} | {fmt(r['peak_mem'])} |"
             + (f" {a['mfu']:.1%} | {b['mfu']:.1%} |" if mfu else ""))
     return "\n".join(lines) + "\n"
 
@@ -576,35 +477,29 @@ def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, 
     score balancer brings its kept fractions to the keep ratios; returns the record."""
     import torch
 
-    from subllm.train.config import TrainConfig
-    from subllm.train.loop import lr_at, make_optimizer
+    from subllm.train.loop import lr_at, train_step
 
     tc = TrainConfig(lr=lr, min_lr=lr / 10, warmup=max(1, steps // 10), max_steps=steps,
                      weight_decay=0.1)
-    optimizer = make_optimizer(model, tc, torch.device(device))
+    optimizer = adamw(model, device, tc)
     g = torch.Generator().manual_seed(seed)
     probe = _windows(held_out, 4, min(512, model.config.max_seq_len), g).to(device)
     history = []
     t0 = time.perf_counter()
     with _balancer_strength(model, strength):
         for step in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tc)
             model.train()
             model.set_step(step)
-            x = _windows(stream, batch, seq_len, g).to(device)
-            loss = model(x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            x = _windows(stream, batch, seq_len, g)
+            result = train_step(model, optimizer, [x], device=torch.device(device),
+                                grad_clip=1.0, lr=lr_at(step, tc))
             if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
                 model.eval()
                 with torch.no_grad():
                     fr = model(probe).kept_fractions
-                history.append({"step": step + 1, "loss": float(loss.detach()),
-                                "eval_kept_fractions": fr})
-                log(f"  calibrate step {step + 1}/{steps}: loss {float(loss.detach()):.3f}, "
+                loss = float(result.loss)
+                history.append({"step": step + 1, "loss": loss, "eval_kept_fractions": fr})
+                log(f"  calibrate step {step + 1}/{steps}: loss {loss:.3f}, "
                     f"eval kept {'/'.join(f'{f:.3f}' for f in fr)} "
                     f"({time.perf_counter() - t0:.0f} s)")
     model.eval()
@@ -676,7 +571,7 @@ def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repea
                                "decode_entered": None} for n in names}
     caches: dict[str, Any] = {}
     nxt: dict[str, Any] = {}
-    with torch.no_grad(), _autocast(device, dtype):
+    with torch.no_grad(), autocast(device, dtype):
         for n in names:  # warm-up: one prefill and two decode steps, untimed
             out = models[n](prompts, use_cache=True)
             tok = out.logits[:, -1].argmax(-1)
@@ -684,10 +579,10 @@ def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repea
                 tok = models[n](tok[:, None], cache=out.cache).logits[:, -1].argmax(-1)
         for i in range(repeats):
             for n in names if i % 2 == 0 else names[::-1]:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 out = models[n](prompts, use_cache=True)
-                _sync(device)
+                sync(device)
                 res[n]["prefill_s"].append(time.perf_counter() - t0)
                 caches[n] = out.cache
                 nxt[n] = out.logits[:, -1].argmax(-1)
@@ -695,12 +590,12 @@ def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repea
                 res[n]["prompt_kv_bytes"] = _cache_bytes(models[n], out.cache)
         for i in range(new_tokens - 1):  # the first new token comes from the prefill
             for n in names if i % 2 == 0 else names[::-1]:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 fed = nxt[n] if forced is None else forced[:, i]
                 out = models[n](fed[:, None], cache=caches[n])
                 nxt[n] = out.logits[:, -1].argmax(-1)
-                _sync(device)
+                sync(device)
                 res[n]["decode_s"].append(time.perf_counter() - t0)
                 kept = [float(k.sum()) for k in out.kept]
                 entered = [float(e.sum()) for e in out.entered]
@@ -743,8 +638,6 @@ def _a_shaped_like(config_a: Any, config_b: Any) -> Any:
             f"--checkpoint-b has {config_b.n_layers} blocks but A ({config_a.structure}) has "
             f"{config_a.n_layers}; use a LLaMA preset for A"
         )
-    from subllm.model.config import ModelConfig
-
     return ModelConfig.from_dict(d)
 
 
@@ -832,7 +725,7 @@ def run_infer(args: argparse.Namespace) -> int:
                     with torch.no_grad():
                         for sub, w in zip(model_b.subsamplers, scorer_weights, strict=True):
                             sub.score.weight.copy_(w)
-                    with _autocast(device, args.dtype):
+                    with autocast(device, args.dtype):
                         shifts = shift_scores_to_keep(model_b, prompts)
                 if not args.skip_memory and b_state != "random init":
                     torch.save(model_b.state_dict(), weights_b)
@@ -852,14 +745,14 @@ def run_infer(args: argparse.Namespace) -> int:
                              "new_tokens": args.new_tokens, "seed": args.seed,
                              "weights": str(weights) if weights else None},
                             args.case_timeout, args.threads)
-                    case["ratios"]["peak_mem"] = _ratio(
+                    case["ratios"]["peak_mem"] = ratio(
                         case["b"]["memory"].get("peak_mem_bytes"),
                         case["a"]["memory"].get("peak_mem_bytes"))
                 _print_infer_case(case)
                 cases.append(case)
 
-    summaries = {"a": _model_summary(spec_a, config_a, model_a),
-                 "b": _model_summary(spec_b, config_b, model_b)}
+    summaries = {"a": model_summary(spec_a, config_a, model_a.num_params()),
+                 "b": model_summary(spec_b, config_b, model_b.num_params())}
     summaries["b"]["state"] = b_state
     report = _report_base("infer", args, summaries["a"], summaries["b"])
     warnings = sorted({w for c in cases for w in c["warnings"]})
@@ -871,21 +764,20 @@ def run_infer(args: argparse.Namespace) -> int:
                    "warnings": warnings, "cases": cases})
     for w in warnings:
         print(f"WARNING: {w}", flush=True)
-    paths = _write_outputs(out, "infer", report, render_infer_markdown(report),
-                           lambda r, p: _plot_ratios(
-                               r, p, "prompt_len", "prompt length (tokens)",
-                               {"decode_per_token": "decode time / token (medians)",
-                                "decode_at_keep": "decode time / token at the keep ratios",
-                                "prefill": "prefill time", "kv_bytes": "KV-cache bytes"},
-                               group_key="batch_size"))
+    paths = write_outputs(out, "infer", report, render_infer_markdown(report),
+                          lambda r, p: _plot_ratios(
+                              r, p, "prompt_len", "prompt length (tokens)",
+                              {"decode_per_token": "decode time / token (medians)",
+                               "decode_at_keep": "decode time / token at the keep ratios",
+                               "prefill": "prefill time", "kv_bytes": "KV-cache bytes"},
+                              group_key="batch_size"),
+                          "infer_ratios.png")
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
 def segment_parents(config: Any) -> list[int | None]:
     """Index of the segment directly enclosing each segment (None: top level)."""
-    from subllm.model.config import Segment
-
     parents: list[int | None] = [None] * len(config.segments)
 
     def walk(items: list, parent: int | None) -> None:
@@ -921,7 +813,7 @@ def decode_at_keep(times: list[float], step_kept: list[list[float]], keeps: list
             continue
         if path not in by_path:
             return None
-        total += p * _median(by_path[path])
+        total += p * median(by_path[path])
     return total
 
 
@@ -931,23 +823,23 @@ def _infer_case(plen: int, bs: int, res: dict[str, Any], keeps: list[float],
     for key in ("a", "b"):
         r = res[key]
         case[key] = {
-            "prefill_times_s": r["prefill_s"], "prefill_s": _median(r["prefill_s"]),
+            "prefill_times_s": r["prefill_s"], "prefill_s": median(r["prefill_s"]),
             "decode_times_s": r["decode_s"],
-            "decode_per_token_s": _median(r["decode_s"]),
-            "decode_mean_per_token_s": statistics.fmean(r["decode_s"]),
+            "decode_per_token_s": median(r["decode_s"]),
+            "decode_mean_per_token_s": fmean(r["decode_s"]),
             "kv_bytes": r["kv_bytes"], "prompt_kv_bytes": r["prompt_kv_bytes"],
             "prompt_kept_fractions": r["prompt_kept_fractions"],
             "decode_kept_fractions": r["decode_kept_fractions"],
         }
     a, b = case["a"], case["b"]
     case["ratios"] = {
-        "prefill": _ratio(b["prefill_s"], a["prefill_s"]),
-        "decode_per_token": _ratio(b["decode_per_token_s"], a["decode_per_token_s"]),
-        "decode_mean_per_token": _ratio(b["decode_mean_per_token_s"],
-                                        a["decode_mean_per_token_s"]),
+        "prefill": ratio(b["prefill_s"], a["prefill_s"]),
+        "decode_per_token": ratio(b["decode_per_token_s"], a["decode_per_token_s"]),
+        "decode_mean_per_token": ratio(b["decode_mean_per_token_s"],
+                                       a["decode_mean_per_token_s"]),
         "decode_paired": _paired_ratio(b["decode_times_s"], a["decode_times_s"]),
         "decode_at_keep": None,
-        "kv_bytes": _ratio(b["kv_bytes"], a["kv_bytes"]),
+        "kv_bytes": ratio(b["kv_bytes"], a["kv_bytes"]),
         "peak_mem": None,
     }
     if bs == 1 and keeps and parents is not None:
@@ -957,8 +849,8 @@ def _infer_case(plen: int, bs: int, res: dict[str, Any], keeps: list[float],
         for t, kept in zip(b["decode_times_s"], res["b"]["decode_step_kept"], strict=True):
             paths.setdefault("".join("1" if k > 0 else "0" for k in kept), []).append(t)
         b["decode_path_times_s"] = {  # "10": kept by segment 0, dropped by segment 1
-            p: {"steps": len(ts), "median": _median(ts)} for p, ts in sorted(paths.items())}
-        case["ratios"]["decode_at_keep"] = _ratio(est, a["decode_per_token_s"])
+            p: {"steps": len(ts), "median": median(ts)} for p, ts in sorted(paths.items())}
+        case["ratios"]["decode_at_keep"] = ratio(est, a["decode_per_token_s"])
     case["kept_fractions"] = b["prompt_kept_fractions"]
     case["keep_ratios"] = keeps
     case["warnings"] = []
@@ -973,11 +865,11 @@ def _print_infer_case(c: dict[str, Any]) -> None:
     r = c["ratios"]
     kept = "/".join(f"{f:.3f}" for f in c["kept_fractions"]) or "-"
     keep = "/".join(f"{k:g}" for k in c["keep_ratios"]) or "-"
-    print(f"  P={c['prompt_len']:<6} B={c['batch_size']:<3} prefill B/A {_fmt(r['prefill'])}  "
-          f"decode/token B/A {_fmt(r['decode_per_token'])} "
-          f"(paired {_fmt(r['decode_paired'])}, mean {_fmt(r['decode_mean_per_token'])}, "
-          f"at keep {_fmt(r['decode_at_keep'])})"
-          f"  KV B/A {_fmt(r['kv_bytes'])}  kept {kept} (keep {keep})"
+    print(f"  P={c['prompt_len']:<6} B={c['batch_size']:<3} prefill B/A {fmt(r['prefill'])}  "
+          f"decode/token B/A {fmt(r['decode_per_token'])} "
+          f"(paired {fmt(r['decode_paired'])}, mean {fmt(r['decode_mean_per_token'])}, "
+          f"at keep {fmt(r['decode_at_keep'])})"
+          f"  KV B/A {fmt(r['kv_bytes'])}  kept {kept} (keep {keep})"
           + "".join("\n    <-- " + w.upper() for w in c["warnings"]), flush=True)
 
 
@@ -1013,11 +905,11 @@ def render_infer_markdown(report: dict[str, Any]) -> str:
         a, b, r = c["a"], c["b"], c["ratios"]
         lines.append(
             f"| {c['prompt_len']} | {c['batch_size']} | {a['prefill_s']:.3f} | "
-            f"{b['prefill_s']:.3f} | {_fmt(r['prefill'])} | "
+            f"{b['prefill_s']:.3f} | {fmt(r['prefill'])} | "
             f"{1e3 * a['decode_per_token_s']:.2f} | {1e3 * b['decode_per_token_s']:.2f} | "
-            f"**{_fmt(r['decode_per_token'])}** | {_fmt(r['decode_paired'])} | "
-            f"{_fmt(r['decode_mean_per_token'])} | {_fmt(r['decode_at_keep'])} | "
-            f"{_fmt(r['kv_bytes'])} | {_fmt(r['peak_mem'])} | "
+            f"**{fmt(r['decode_per_token'])}** | {fmt(r['decode_paired'])} | "
+            f"{fmt(r['decode_mean_per_token'])} | {fmt(r['decode_at_keep'])} | "
+            f"{fmt(r['kv_bytes'])} | {fmt(r['peak_mem'])} | "
             + "/".join(f"{f:.3f}" for f in b["prompt_kept_fractions"]) + " | "
             + "/".join(f"{f:.3f}" for f in b["decode_kept_fractions"]) + " |")
     return "\n".join(lines) + "\n"
@@ -1032,18 +924,15 @@ def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from subllm.model import SubLLM
-    from subllm.model.config import ModelConfig
 
     device = case["device"]
     if device == "cpu":
-        limit = _mem_available()
-        if limit:
-            _watch_rss(limit)
+        watch_memory()
     torch.manual_seed(case["seed"])
     config = ModelConfig.from_dict(case["config"])
     if case["kind"] == "train":
         model = build_train_model(config, device, case["mst"], case["checkpointing"])
-        optimizer = _optimizer(model, device)
+        optimizer = adamw(model, device)
     else:
         if case.get("weights"):  # one copy of the weights: no transient second copy
             with torch.device("meta"):
@@ -1053,25 +942,21 @@ def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
         else:
             model = SubLLM(config)
         model = model.to(device).eval()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        baseline = _rss_bytes()
+    reset_peak(device)
+    baseline = memory_now(device)
     if case["kind"] == "train":
         g = torch.Generator().manual_seed(case["seed"] + case["seq_len"])
         ids = torch.randint(0, config.vocab_size, (case["batch_size"], case["seq_len"]),
                             generator=g).to(device)
         for i in range(2):  # the second step holds AdamW's state as well as activations
-            train_step(model, optimizer, ids, case["first_step"] + i, device, case["dtype"])
+            timed_train_step(model, optimizer, ids, case["first_step"] + i, device,
+                             case["dtype"])
     else:
         text = torch.load(case["prompts"], weights_only=True)
         forced = None if text["forced"] is None else text["forced"].to(device)
         time_infer_pair({"m": model}, text["prompts"].to(device), case["new_tokens"], 1, device,
                         case["dtype"], forced)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    return {"ok": True, "peak_mem_bytes": peak, "baseline_mem_bytes": baseline}
+    return {"ok": True, "peak_mem_bytes": memory_peak(device), "baseline_mem_bytes": baseline}
 
 
 TRAIN = PairBench(TRAIN_HELP, __doc__ or "", add_train_arguments, run_train)

@@ -24,7 +24,6 @@ B / A.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -32,19 +31,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from subllm.atomic import write_atomic
-from subllm.bench.mst import machine_info, save_figure
-from subllm.bench.pair import (
+from subllm.bench.common import (
     KEPT_TOLERANCE,
-    _command_line,
-    _fmt,
-    _ratio,
-    keep_ratios,
+    command_line,
+    fmt,
+    machine_info,
+    model_summary,
     off_keep,
     parse_pair,
+    pyplot,
+    ratio,
+    save_figure,
+    write_outputs,
 )
 from subllm.errors import SubLLMError
 from subllm.flags import non_negative_float, non_negative_int, positive_float, positive_int
+from subllm.model.config import PRESETS, ModelConfig
+from subllm.train.config import DEFAULT_DATA_DIR, TrainConfig, build_model_config, check_config
 
 HELP = "validation loss at equal tokens and training time: A and B trained on the same data"
 DEFAULT_PAIR = "llama-tiny,subllm-tiny"
@@ -53,8 +56,6 @@ RUN_NAMES = {"a": "A", "b": "B"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from subllm.train.config import DEFAULT_DATA_DIR
-
     p.add_argument("--pair", default=DEFAULT_PAIR,
                    help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR}); "
                         "the vocabulary follows the data")
@@ -103,8 +104,6 @@ def model_settings(spec: str, seq_len: int) -> tuple[str, dict[str, Any], Any]:
     A file becomes a full override of a preset's fields; its vocab_size is dropped so that
     both models get the data's vocabulary. The context is raised to --seq-len if needed.
     """
-    from subllm.model.config import PRESETS, ModelConfig
-
     config = ModelConfig.load(spec)  # ConfigError (a SubLLMError) naming the problem
     if spec in PRESETS:
         preset, overrides = spec, {}
@@ -136,7 +135,6 @@ def eval_steps(steps: int, tokens_per_step: int, evals: int | None,
 
 def _ensure_data(data_dir: Path) -> Any:
     """Load the data directory; the default one is prepared on first use (as `subllm train`)."""
-    from subllm.train.config import DEFAULT_DATA_DIR
     from subllm.train.data import load_data, prepare, print_summary
 
     if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
@@ -155,11 +153,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from subllm.train import checkpoint as ckpt
-    from subllm.train.config import TrainConfig, build_model_config, check_config
     from subllm.train.loop import train
     from subllm.train.runtime import Dist, autocast_dtype, pick_device
 
-    spec_a, spec_b = parse_pair(args.pair)
+    spec_a, spec_b = parse_pair(args.pair, DEFAULT_PAIR)
     models = {"a": model_settings(spec_a, args.seq_len), "b": model_settings(spec_b, args.seq_len)}
     tokens_per_step = args.batch_size * args.seq_len
     steps = args.tokens // tokens_per_step
@@ -230,7 +227,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = build_report(args, train_config("a"), data, configs, runs, stops, wall,
                           device.type, dtype)
-    paths = write_outputs(out, report)
+    paths = write_outputs(out, "quality", report, render_markdown(report), plot,
+                          "quality_curves.png")
     print(summary_line(report))
     print("wrote " + ", ".join(map(str, paths)))
     return 0
@@ -283,7 +281,7 @@ def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[st
     from subllm.model import SubLLM
     from subllm.train.data import val_batches
 
-    specs = dict(zip(("a", "b"), parse_pair(args.pair), strict=True))
+    specs = dict(zip(("a", "b"), parse_pair(args.pair, DEFAULT_PAIR), strict=True))
     steps, tokens_per_step = cfg.max_steps, cfg.batch_size * cfg.seq_len
     read = {k: read_run(runs[k], tokens_per_step, wall[k], stops) for k in runs}
     curves = {k: curve for k, (curve, _) in read.items()}
@@ -291,10 +289,7 @@ def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[st
     for k, config in configs.items():
         with torch.device("meta"):
             n_params = SubLLM(config).num_params()
-        summaries[k] = {"spec": specs[k], "structure": config.structure, "parameters": n_params,
-                        "keep": keep_ratios(config),
-                        "block_compute_fraction": config.compute_fraction(),
-                        "run_dir": str(runs[k]), "config": config.to_dict()}
+        summaries[k] = {**model_summary(specs[k], config, n_params), "run_dir": str(runs[k])}
         last = curves[k][-1]
         final[k] = {"val_loss": last["val_loss"], "val_perplexity": last["val_perplexity"],
                     "train_s": last["train_s"], "wall_s": last["wall_s"],
@@ -307,7 +302,7 @@ def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[st
     t_eq = min(a["train_s"], b["train_s"])
     equal_time = {"train_s": t_eq, "a_val_loss": loss_at_time(curves["a"], t_eq),
                   "b_val_loss": loss_at_time(curves["b"], t_eq)}
-    equal_time["val_loss_ratio"] = _ratio(equal_time["b_val_loss"], equal_time["a_val_loss"])
+    equal_time["val_loss_ratio"] = ratio(equal_time["b_val_loss"], equal_time["a_val_loss"])
     ratios = {
         "val_loss": b["val_loss"] / a["val_loss"],
         "val_perplexity": b["val_perplexity"] / a["val_perplexity"],
@@ -332,11 +327,10 @@ def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[st
                 + "/".join(f"{q:g}" for q in keeps) + f" (by more than {KEPT_TOLERANCE}): "
                 "its validation runs more (or fewer) tokens through the segments than training")
     val = val_batches(data.tokens("val"), args.batch_size, args.seq_len, args.eval_batches)
-    machine = machine_info(device)
-    machine["threads"] = torch.get_num_threads()
+    machine = machine_info(device, threads=torch.get_num_threads())
     windows = max(1, int(data.meta["tokens"]["train"]) // cfg.seq_len - 1)  # TrainBatches' epoch
     return {
-        "bench": "quality", "command": _command_line(), "machine": machine,
+        "bench": "quality", "command": command_line(), "machine": machine,
         "device": device, "dtype": dtype, "a": summaries["a"], "b": summaries["b"],
         "settings": {
             "data": str(data.path), "data_train_tokens": int(data.meta["tokens"]["train"]),
@@ -421,8 +415,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{q['median_step_time']:.3f}), tokens/s {q['tokens_per_s']:.3f}.** At equal "
         f"training time ({eq['train_s']:.1f} s, the faster model's total; the other's loss "
         f"interpolated linearly between validation points): "
-        f"A {_fmt(eq['a_val_loss'], '.4f')}, B {_fmt(eq['b_val_loss'], '.4f')}, B/A "
-        f"{_fmt(eq['val_loss_ratio'], '.4f')}.",
+        f"A {fmt(eq['a_val_loss'], '.4f')}, B {fmt(eq['b_val_loss'], '.4f')}, B/A "
+        f"{fmt(eq['val_loss_ratio'], '.4f')}.",
         "",
         f"Target (B's validation loss within {t['loss_tolerance']:.0%} of A's at equal tokens, "
         f"in less time): loss {'met' if t['loss_within'] else 'missed'} "
@@ -432,24 +426,20 @@ def render_markdown(r: dict[str, Any]) -> str:
         "| tokens | A val loss | B val loss | B/A | A ppl | B ppl | A train s | B train s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for pa, pb, ratio in zip(r["curves"]["a"], r["curves"]["b"], q["val_loss_per_point"],
-                             strict=True):
+    for pa, pb, per_point in zip(r["curves"]["a"], r["curves"]["b"], q["val_loss_per_point"],
+                                 strict=True):
         lines.append(f"| {pa['tokens']:,} | {pa['val_loss']:.4f} | {pb['val_loss']:.4f} | "
-                     f"{ratio:.4f} | {pa['val_perplexity']:.2f} | {pb['val_perplexity']:.2f} | "
+                     f"{per_point:.4f} | {pa['val_perplexity']:.2f} | {pb['val_perplexity']:.2f} | "
                      f"{pa['train_s']:.1f} | {pb['train_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
     """Validation loss (perplexity on the right axis) against tokens and training time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.ticker import LogLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, x_key, label in ((axes[0], "tokens", "training tokens"),
                              (axes[1], "train_s", "training time (s, without evaluation)")):
         for k, marker in (("a", "o"), ("b", "s")):
@@ -469,11 +459,3 @@ def plot(r: dict[str, Any], path: Path) -> None:
                  f"B/A loss {q['val_loss']:.4f}, time {q['train_time']:.3f}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def write_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
-    paths = [out / "quality.json", out / "quality.md", out / "quality_curves.png"]
-    write_atomic(paths[0], json.dumps(report, indent=2))
-    write_atomic(paths[1], render_markdown(report))
-    plot(report, paths[2])
-    return paths

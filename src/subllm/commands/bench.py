@@ -22,11 +22,12 @@ def _load(target: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser, rest: list[str] | None = None) -> None:
-    """rest: the command line after `bench`; only the benchmark it names gets its flags."""
+    """rest: the command line after `bench`; only the benchmark it names is imported and
+    gets its flags (None: all of them)."""
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", parser_class=type(parser))
     chosen = next((a for a in rest if not a.startswith("-")), None) if rest else None
     for name, (target, help_text) in BENCHMARKS.items():
-        if chosen is not None and name != chosen:
+        if rest is not None and name != chosen:  # listed by its help line, not imported
             sub.add_parser(name, help=help_text, add_help=False)
             continue
         bench = _load(target)

@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out, args.force,  # fail before the work (and the imports), not after
+                  inputs=(args.from_hf, args.from_official, args.official_config,
+                          args.tokenizer))
     import torch
 
     from subllm.interop.export import DTYPES, tokenizer_files, write_converted
@@ -48,9 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from subllm.interop.official import from_official, official_model_config
     from subllm.interop.weights import read_json, read_state_dict
 
-    check_out_dir(args.out, args.force,  # fail before the work, not after
-                  inputs=(args.from_hf, args.from_official, args.official_config,
-                          args.tokenizer))
     dtype = DTYPES[args.dtype] if args.dtype else None
     torch.manual_seed(args.seed)  # the fresh scorers and bypass scales
     if args.from_hf is not None:

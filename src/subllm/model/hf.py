@@ -1,4 +1,4 @@
-"""Our model as a Hugging Face model: `SubLLMConfig` and `SubLLMForCausalLM`.
+"""Our model as a Hugging Face model: `SubLLMForCausalLM` (its `SubLLMConfig` is hf_config.py).
 
 `SubLLMConfig` (hf_config.py) is the configuration.
 

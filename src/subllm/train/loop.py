@@ -359,13 +359,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             group["lr"] = lr
     n = len(micro_batches)
     loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
-    out = None
+    kept: list[Tensor] = []
+    entered: list[Tensor] = []
     for i, batch in enumerate(micro_batches):
         x = batch.to(device, non_blocking=True)
         with no_sync(i == n - 1) if no_sync is not None else contextlib.nullcontext():
             with autocast(device, amp):
                 out = model(x, labels=x)
                 loss = out.loss / n
+            kept, entered = _detached(out, "kept"), _detached(out, "entered")
+            del out  # the logits go now, not after the optimizer step (peak memory)
             loss.backward()
         loss_sum += loss.detach().to(loss_sum.dtype)
     grad_norm = None
@@ -376,7 +379,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, _detached(out, "kept"), _detached(out, "entered"), grad_norm)
+    return StepResult(loss_sum, kept, entered, grad_norm)
 
 
 def _detached(out: Any, name: str) -> list[Tensor]:
