@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -45,6 +44,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from subllm.atomic import write_atomic
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
@@ -231,10 +231,8 @@ def _write_run_config(cfg: TrainConfig, data: TokenData, config: ModelConfig) ->
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_tmp(run_dir)
-        tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
-        tmp.write_text(yaml.safe_dump({**run_config(cfg, data), "model_config": config.to_dict()},
-                                      sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(
+            {**run_config(cfg, data), "model_config": config.to_dict()}, sort_keys=False))
     except OSError as e:
         raise SubLLMError(f"cannot write to run directory {run_dir} ({e.strerror}); choose a "
                           "writable --out") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import resource
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from subllm.atomic import write_atomic
 from subllm.errors import SubLLMError
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +140,7 @@ class RunLog:
         kept = []
         if start_step > 0 and self.path.exists():  # drop what a killed run logged past the ckpt
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        tmp = self.path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = self.path.open("a")
         # lazy: TensorBoard costs a few tenths of a second to import, and only rank 0 of a
         # training run writes it (`subllm eval` / `generate` import this module too)
@@ -199,10 +199,10 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     out = run_dir / "loss.png"
-    tmp = run_dir / f".loss.png.tmp-{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, out)
+    write_atomic(out, png.getvalue())
     return out
 
 
