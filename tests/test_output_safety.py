@@ -108,3 +108,25 @@ def test_export_removes_stale_staging_and_fills_an_empty_directory(run: Path,
     assert (out / "model.safetensors").is_file() and (out / "hf.py").is_file()
     assert not dead.exists() and alive.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "hf"]
+
+
+def test_no_space_while_exporting_keeps_the_previous_export(run: Path, tmp_path: Path,
+                                                            monkeypatch, capsys) -> None:
+    import errno
+
+    import subllm.interop.export as export
+
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+
+    def full_disk(directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "hf.py"))
+
+    monkeypatch.setattr(export, "write_code", full_disk)
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    assert snapshot(out) == before  # the previous export, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging left

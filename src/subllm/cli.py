@@ -4,13 +4,17 @@ Each verb is a module of `subllm.commands` with `add_arguments(parser)` and `run
 only the verb being run is imported, and command modules import the heavy code (torch,
 transformers) inside `run`, after the flags are parsed and checked. So `subllm --help`
 and a bad flag cost a fraction of a second. User errors (`SubLLMError`) become one line
-on stderr with exit code 2.
+on stderr with exit code 2; an operating-system error (no space left, a read-only or
+occupied path, ...) and a damaged safetensors file become one line with exit code 1. Each
+verb writes its outputs atomically, so such a failure leaves the previous output as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 # verb -> (module in subllm.commands, one-line help)
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from subllm.errors import SubLLMError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    # transformers' own progress bars ("Writing model shards", "Loading weights") would
+    # bury our one-line messages; the CLI prints its own progress
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -86,6 +93,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"subllm {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the operating system said no: one line, not a traceback
+        print(f"subllm {args.verb}: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # a damaged .safetensors file
+            raise
+        print(f"subllm {args.verb}: error: a safetensors file is damaged or unreadable "
+              f"({str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})",
+              file=sys.stderr)
+        return 1
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "over the disk quota: free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only: choose another output path",
+    errno.EACCES: "permission denied: choose a path you can write",
+    errno.EPERM: "operation not permitted: choose a path you can write",
+    errno.EEXIST: "something is in the way: remove it or choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "a directory stands where a file was expected",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """What the operating system refused, where, and what to do about it."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    hint = _OS_HINTS.get(e.errno or 0)
+    return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

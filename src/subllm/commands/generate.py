@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
                           "Hugging Face SubLLM directory from `subllm export`/`convert`)")
     if s["prompt"] is not None and s["prompt_file"] is not None:
         raise SubLLMError("give either --prompt or --prompt-file, not both")
-    if s["temperature"] < 0:
-        raise SubLLMError(f"--temperature must be >= 0 (0 = greedy), got {s['temperature']}")
+    if not 0 <= s["temperature"] < float("inf"):  # NaN fails this too
+        raise SubLLMError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                          f"{s['temperature']}")
     if s["top_p"] is not None and not 0 < s["top_p"] <= 1:
         raise SubLLMError(f"--top-p must be in (0, 1], got {s['top_p']}")
     prompt = s["prompt"] or ""

@@ -53,8 +53,9 @@ def _validate(model: SubLLM, input_ids: Tensor, max_new_tokens: int, temperature
         raise SubLLMError("input_ids must be a non-empty (batch, length) tensor")
     if max_new_tokens < 0:
         raise SubLLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise SubLLMError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):  # NaN fails this too
+        raise SubLLMError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                          f"{temperature}")
     if top_k is not None and top_k <= 0:
         raise SubLLMError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

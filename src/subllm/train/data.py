@@ -145,8 +145,15 @@ def resolve_inputs(inputs: list[str | Path] | None) -> tuple[list[Path], list[st
         if path.is_dir():
             found = _walk(path)
             if not found:
-                raise SubLLMError(f"input directory {path} is empty; point --input at your text")
+                hidden = any(p.name.startswith(".") for p in path.iterdir())
+                raise SubLLMError(
+                    f"input directory {path} holds no files to read" + (
+                        " (hidden files and folders are skipped)" if hidden else " (it is empty)")
+                    + "; point --input at your text")
             files += found
+        elif not path.is_file():
+            raise SubLLMError(f"input {path} is not a regular file (a FIFO, socket or device); "
+                              "pass a text file or a directory")
         else:
             files.append(path)
     return files, [str(Path(p).resolve()) for p in inputs]
@@ -156,6 +163,9 @@ def iter_documents(files: list[Path], text_field: str, stats: CorpusStats) -> It
     """Documents in a fixed order: one per text file, one per line of a .jsonl file."""
     for path in files:
         stats.files += 1
+        if not path.is_file():  # a FIFO, socket or device would block or never end
+            stats.skipped["not regular files"] = stats.skipped.get("not regular files", 0) + 1
+            continue
         if path.suffix == ".jsonl":
             for text in _read_jsonl(path, text_field, stats):
                 stats.documents += 1
