@@ -84,3 +84,16 @@ def test_an_os_error_is_one_line_naming_the_path_and_what_to_do(tmp_path, capsys
     monkeypatch.setattr(info, "run", no_space)
     line = one_line(capsys, 1, ["info", "subllm-tiny"], "No space left on device")
     assert str(tmp_path / "x") in line and "free some space" in line
+
+
+def test_misleading_messages_now_say_what_is_wrong(tmp_path, capsys, prepare_corpus):
+    data = prepare_corpus(tmp_path, 6)
+    corpus = tmp_path / "corpus"
+    capsys.readouterr()
+    one_line(capsys, 2, ["prepare", "--input", str(corpus), "--tokenizer", str(tmp_path),
+                         "--out", str(tmp_path / "d")], "is a directory, not a tokenizer.json")
+    # a lowercase structure names the bad character (it used to report n_layers 0)
+    one_line(capsys, 2, ["train", "--structure", "ttt(tt)t", "--out", str(tmp_path / "run"),
+                         "--data", str(data)],
+             "invalid character 't' at position 0")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "run").exists()

@@ -19,9 +19,12 @@ EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 
 
 def load_tokenizer(path: str | Path) -> Any:
-
-
+    """A `tokenizers` tokenizer from its tokenizer.json (a one-line error otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f"pass {path / 'tokenizer.json'}" if (path / "tokenizer.json").is_file()
+                else "pass the tokenizer.json file itself")
+        raise SubLLMError(f"tokenizer {path} is a directory, not a tokenizer.json; {hint}")
     if not path.is_file():
         raise SubLLMError(f"tokenizer file {path} does not exist; pass a tokenizer.json")
     try:

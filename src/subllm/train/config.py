@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from subllm.errors import SubLLMError
-from subllm.model.config import PRESETS, ModelConfig
+from subllm.model.config import PRESETS, ModelConfig, parse_structure
 
 if TYPE_CHECKING:
     from subllm.train.data import TokenData
@@ -90,6 +90,7 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
         raise SubLLMError(f"`model` in the config file must be a mapping, got {cfg.model!r}")
     d = {**PRESETS[cfg.preset], **cfg.model}
     if cfg.structure is not None:
+        parse_structure(cfg.structure)  # a bad string fails by position, before n_layers
         d["structure"] = cfg.structure
         d["n_layers"] = cfg.structure.count("T")
     elif "n_layers" in cfg.model and "structure" not in cfg.model:
