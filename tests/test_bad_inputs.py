@@ -97,3 +97,16 @@ def test_misleading_messages_now_say_what_is_wrong(tmp_path, capsys, prepare_cor
                          "--data", str(data)],
              "invalid character 't' at position 0")
     assert not (tmp_path / "d").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_truncated_train_bin_is_named_once(tmp_path, capsys, prepare_corpus):
+    data = prepare_corpus(tmp_path, 6)
+    capsys.readouterr()
+    train_bin = data / "train.bin"
+    with open(train_bin, "r+b") as f:
+        f.truncate(train_bin.stat().st_size // 2)
+    line = one_line(capsys, 2, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                                "--preset", "llama-tiny", "--max-steps", "1"],
+                    "the directory is damaged")
+    assert "SubLLMError(" not in line and line.count("subllm prepare") == 1
+    assert not (tmp_path / "run").exists()

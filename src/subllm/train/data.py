@@ -416,6 +416,8 @@ def load_data(data_dir: str | Path) -> TokenData:
                     f"the directory is damaged, {hint} again"
                 )
         int(meta["vocab_size"]), int(meta["eot_id"])
+    except SubLLMError:
+        raise  # already says what is wrong (it is a ValueError too)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise SubLLMError(f"{path} is not a valid data directory ({e!r}); {hint} again") from None
     if not (path / "tokenizer.json").is_file():
