@@ -10,6 +10,7 @@ after `import subllm`, and with `trust_remote_code=True` where subllm is not ins
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 import subllm.model
 from subllm.atomic import check_out_dir, staged_dir
@@ -36,6 +38,19 @@ AUTO_MAP = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What `subllm generate` samples with; written as the exported model's generation defaults.
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50}
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' "Writing model shards" bar, off while we save (our CLI says what it
+    wrote in one line)."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def model_code_files() -> list[Path]:
@@ -133,7 +148,8 @@ def save_hf_model(
         hf.model.to("cpu")
         if dtype is not None:
             hf.to(DTYPES[dtype])
-        hf.save_pretrained(str(tmp))
+        with _quiet_progress():
+            hf.save_pretrained(str(tmp))
         gen = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
         GenerationConfig(**gen, **GENERATION_DEFAULTS).save_pretrained(str(tmp))
         write_code(tmp)
