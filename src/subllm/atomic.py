@@ -108,3 +108,37 @@ def check_out_dir(out: str | Path, force: bool,
     if out.exists() and any(out.iterdir()) and not force:
         raise SubLLMError(f"--out {out} exists and is not empty; pass --force to replace it")
     return out
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def dir_lock(path: str | Path, what: str,
+             hint: str = "wait for it or choose another --out") -> Iterator[Path]:
+    """Hold an exclusive `flock` on `path/.lock` (holding this process's pid) for the block.
+
+    The kernel drops the lock when the process dies, so a lock left by a killed process
+    never blocks the next one. Raises SubLLMError, naming the holder's pid, when another
+    process holds it."""
+    import fcntl  # POSIX only; imported here so the module loads everywhere
+
+    path = Path(path)
+    lock = path / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SubLLMError(f"cannot lock {path} ({e.strerror}); choose a writable "
+                          "directory") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise SubLLMError(f"{path} is in use by another {what} (pid {holder}); "
+                              f"{hint}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # releases the lock

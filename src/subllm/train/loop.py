@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from subllm.atomic import write_atomic
+from subllm.atomic import dir_lock, write_atomic
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
@@ -95,8 +96,9 @@ def train(cfg: TrainConfig, demo: bool = False) -> dict[str, Any]:
     check_config(cfg)
     dd = init_distributed(cfg.dist_timeout)
     state: TrainState | None = None
+    held = contextlib.ExitStack()  # the run directory's lock (rank 0), released at exit
     try:
-        state = setup(cfg, dd, demo)
+        state = setup(cfg, dd, demo, held)
         result = fit(state, state.cfg, dd)
         if dd.enabled:
             state.phase = "the final barrier"
@@ -109,6 +111,7 @@ def train(cfg: TrainConfig, demo: bool = False) -> dict[str, Any]:
             raise
         raise failure from None
     finally:
+        held.close()
         if dd.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -142,16 +145,45 @@ class TrainState:
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
 
 
-def setup(cfg: TrainConfig, dd: Dist, demo: bool = False) -> TrainState:
-    """Data, model config, run directory, model, DDP / FSDP2, optimizer, resume."""
+def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
+          held: contextlib.ExitStack | None = None) -> TrainState:
+    """Data, model config, run directory, model, DDP / FSDP2, optimizer, resume.
+
+    Rank 0 first locks the run directory (creating it) for as long as `held` stays open;
+    a setup that fails removes a run directory it created and writes no config.yaml."""
+    run_dir = Path(cfg.out)
+    created = _open_run_dir(run_dir, dd, held if held is not None else contextlib.ExitStack())
+    try:
+        return _setup(cfg, dd, demo)
+    except BaseException:
+        if created:  # we hold its lock: nobody else is using it
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _open_run_dir(run_dir: Path, dd: Dist, held: contextlib.ExitStack) -> bool:
+    """Create (rank 0) and lock the run directory; whether this call created it."""
+    if not dd.main:
+        return False  # only rank 0 writes, so only rank 0 locks
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SubLLMError(f"--out {run_dir} is a file; pass a directory path")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SubLLMError(f"cannot write to run directory {run_dir} ({e.strerror}); choose a "
+                          "writable --out") from None
+    held.enter_context(dir_lock(run_dir, "training process"))
+    return created
+
+
+def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
     data = _load_data(cfg, dd)
     cfg, config, init_weights = _model_config(cfg, data, dd)
     device = pick_device(cfg.device, dd)
     amp = autocast_dtype(cfg.dtype, device)
     resume_from = _resume_point(cfg, config, data, demo)
     saved = ckpt.load_train_state(resume_from) if resume_from is not None else None
-    if dd.main:
-        _write_run_config(cfg, data, config)
     raw_model = _build_model(cfg, config, resume_from, init_weights).to(device)
     del init_weights
     model = _parallelize(raw_model, cfg, dd, device)
@@ -167,6 +199,8 @@ def setup(cfg: TrainConfig, dd: Dist, demo: bool = False) -> TrainState:
         resume_from=resume_from, last_saved=resume_from)
     if saved is not None:
         _restore(state, saved, dd)
+    if dd.main:  # every check passed: only now does the run directory change
+        _write_run_config(cfg, data, config)
     _announce(state, dd)
     state.log = RunLog(state.run_dir, state.start_step) if dd.main else None
     return state
@@ -241,8 +275,8 @@ def _write_run_config(cfg: TrainConfig, data: TokenData, config: ModelConfig) ->
 def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     """The settings saved with a run; `--resume` starts from them (flags of this call win)."""
     d = dataclasses.asdict(cfg)
-    for per_call in ("resume", "stop_at", "init_from"):
-        d.pop(per_call)
+    for per_call in ("resume", "stop_at", "init_from", "skip_damaged"):
+        d.pop(per_call, None)
     if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
         d["initialized_from"] = cfg.init_from
     d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
