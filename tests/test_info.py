@@ -1,4 +1,11 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
 
 from subllm.cli import main
 
@@ -39,13 +46,6 @@ def test_info_bad_input_is_one_line(capsys, tmp_path):
 
 # ---- what `subllm train` would build: settings files, runs, exported directories ----------
 
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SETTINGS = {"preset": "subllm-tiny", "seq-len": 32, "batch-size": 2, "max-steps": 1,
