@@ -6,6 +6,7 @@ A file is written under a temporary name in its own directory and renamed into p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -97,6 +98,8 @@ def check_not_overlapping(out: Path, inputs: Iterable[str | Path | None],
             how = "is" if o == i else ("contains" if o in i.parents else "lies inside")
             raise SubLLMError(f"{flag} {out} {how} the input {inp}; writing it would destroy "
                               "the input: choose a directory outside it")
+
+
 def check_out_dir(out: str | Path, force: bool,
                   inputs: tuple[str | Path | None, ...] = ()) -> Path:
     """The output directory, checked before any work: not a file, not one of (or inside, or
@@ -116,7 +119,8 @@ LOCK_FILE = ".lock"
 @contextmanager
 def dir_lock(path: str | Path, what: str,
              hint: str = "wait for it or choose another --out") -> Iterator[Path]:
-    """Hold an exclusive `flock` on `path/.lock` (holding this process's pid) for the block.
+    """Hold an exclusive `flock` on `path/.lock` (holding this process's pid) for the block;
+    the file is removed on release, so the directory is left as it was.
 
     The kernel drops the lock when the process dies, so a lock left by a killed process
     never blocks the next one. Raises SubLLMError, naming the holder's pid, when another
@@ -125,20 +129,31 @@ def dir_lock(path: str | Path, what: str,
 
     path = Path(path)
     lock = path / LOCK_FILE
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise SubLLMError(f"cannot lock {path} ({e.strerror}); choose a writable "
-                          "directory") from None
-    try:
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SubLLMError(f"cannot lock {path} ({e.strerror}); choose a writable "
+                              "directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise SubLLMError(f"{path} is in use by another {what} (pid {holder}); "
                               f"{hint}") from None
+        try:  # the holder we waited on may have removed the file we opened: open it anew
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still held: nobody else can hold this file
         os.close(fd)  # releases the lock

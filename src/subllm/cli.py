@@ -12,7 +12,6 @@ verb writes its outputs atomically, so such a failure leaves the previous output
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import os
 import sys
@@ -74,7 +73,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from subllm.errors import SubLLMError
+    from subllm.errors import SubLLMError, os_error_line
 
     argv = sys.argv[1:] if argv is None else list(argv)
     # transformers' own progress bars ("Writing model shards", "Loading weights") would
@@ -103,25 +102,6 @@ def main(argv: list[str] | None = None) -> int:
               f"({str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})",
               file=sys.stderr)
         return 1
-
-
-_OS_HINTS = {
-    errno.ENOSPC: "free some space or write elsewhere",
-    errno.EDQUOT: "over the disk quota: free some space or write elsewhere",
-    errno.EROFS: "the file system is read-only: choose another output path",
-    errno.EACCES: "permission denied: choose a path you can write",
-    errno.EPERM: "operation not permitted: choose a path you can write",
-    errno.EEXIST: "something is in the way: remove it or choose another path",
-    errno.ENOTDIR: "a part of the path is a file, not a directory",
-    errno.EISDIR: "a directory stands where a file was expected",
-}
-
-
-def os_error_line(e: OSError) -> str:
-    """What the operating system refused, where, and what to do about it."""
-    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-    hint = _OS_HINTS.get(e.errno or 0)
-    return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

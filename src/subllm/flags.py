@@ -66,7 +66,9 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SubLLMError(f"{what} {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise SubLLMError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
         raise SubLLMError(f"cannot read {what} {path}: {e}") from None
     try:
         return yaml.safe_load(text)

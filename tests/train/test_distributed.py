@@ -158,3 +158,35 @@ def test_a_rank_that_fails_or_hangs_stops_the_others_with_a_message(small_val: P
     assert "at step 2" in last or "at step 3" in last, last
     if how == "raise":
         assert "injected failure on rank 1" in err1
+
+
+@pytest.mark.slow
+def test_a_run_directory_rank_0_cannot_lock_stops_every_rank_at_once(small_val: Path,
+                                                                       tmp_path: Path) -> None:
+    """Rank 0 alone locks the run directory; when it cannot (another training holds it),
+    rank 1 must not wait out the dist-timeout in its first collective."""
+    from subllm.atomic import dir_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    port = str(free_port())
+    with dir_lock(run, "training process"):
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "subllm", "train", "--config", str(small_val / "tiny.yaml"),
+             "--out", str(run), "--dist-timeout", "300"],
+            env=env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        errs = [p.communicate(timeout=200)[1] for p in procs]
+        took = time.monotonic() - t0
+    assert took < 100, took  # far below the 300 s timeout
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "Traceback" not in errs[0] + errs[1], errs
+    assert errs[0].strip().splitlines()[-1].endswith(
+        f"is in use by another training process (pid {os.getpid()}); wait for it or choose "
+        "another --out")
+    assert errs[1].strip().splitlines() == [
+        "subllm train: error: rank 0 of 2 failed while opening the run directory (its message "
+        "is above); rank 1 stops too"]
+    assert list(run.iterdir()) == []  # as it was (our lock file went with our lock)

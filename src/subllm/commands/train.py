@@ -87,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="activation checkpointing of every block")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its newest complete checkpoint")
+    p.add_argument("--skip-damaged", dest="skip_damaged", action="store_true", default=None,
+                   help="with --resume: when the newest checkpoint is damaged, move it aside "
+                   "(checkpoints/damaged-step-*) and resume from the newest intact one")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ A run directory holds `checkpoints/step-XXXXXXXX/`, each with
     tokenizer.json       a copy of the data's tokenizer, so a checkpoint is self-contained
 A checkpoint is written into `checkpoints/.tmp-...` and renamed into place once complete,
 so a kill at any moment leaves only complete `step-*` directories (plus a stale tmp
-directory, removed by the next run).
+directory, removed by the next run). A checkpoint damaged afterwards (a missing or garbage
+file, a truncated copy) is found by `damage`; `--resume --skip-damaged` sets it aside as
+`checkpoints/damaged-step-XXXXXXXX` (never deleted) and resumes from the newest intact one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,59 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """Every `step-*` directory of a run holding any checkpoint file, complete or not
+    (damaged), oldest first; one holding none of them is no checkpoint and is ignored."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)
+             and any((p / f).exists() for f in _FILES)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def damage(checkpoint: str | Path, state: bool = True) -> str | None:
+    """What is wrong with a checkpoint, or None when it looks intact.
+
+    Cheap (no tensor is read): every file present, the safetensors header whole and covering
+    the file (a truncated copy fails here), state.pt a whole zip archive (what `torch.save`
+    writes). `state=False` skips state.pt (loading weights does not need it)."""
+    path = Path(checkpoint)
+    needed = _FILES if state else tuple(f for f in _FILES if f != "state.pt")
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        return f"model.safetensors unreadable: {_first_line(e)}"
+    if state and not zipfile.is_zipfile(path / "state.pt"):
+        return "state.pt is not a saved training state (garbage or truncated)"
+    try:
+        json.loads((path / "model_config.json").read_text())
+        yaml.safe_load((path / "train_config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        return f"a config file is unreadable: {_first_line(e)}"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never deleted)."""
+    target = checkpoint.with_name(f"damaged-{checkpoint.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint.with_name(f"damaged-{checkpoint.name}-{n}")
+    os.replace(checkpoint, target)
+    return target
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -68,15 +124,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"checkpoint {path} does not exist; pass the --out directory of a `subllm train` "
             "run or one of its checkpoints/step-* directories"
         )
-    if _complete(path):
+    if _NAME.match(path.name) and path.is_dir():
+        why = damage(path, state=False)
+        if why is not None:
+            raise SubLLMError(f"checkpoint {path} is damaged ({why}); pass another one")
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    found = list(reversed(step_dirs(path)))
+    if not found:
         raise SubLLMError(
             f"{path} holds no complete checkpoint; pass the --out directory of a `subllm train` "
             "run that has saved at least once"
         )
-    return latest
+    why = damage(found[0], state=False)
+    if why is not None:  # say so rather than quietly answer for an older step
+        older = next((p for p in found[1:] if damage(p, state=False) is None), None)
+        offer = (f"the newest intact one is {older}: pass it instead" if older is not None
+                 else "no older checkpoint of the run is intact")
+        raise SubLLMError(f"the newest checkpoint {found[0]} is damaged ({why}); {offer}")
+    return found[0]
 
 
 def step_of(checkpoint: Path) -> int:
@@ -170,8 +235,11 @@ def save_checkpoint(
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(train_config, sort_keys=False))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        if final.exists():  # an incomplete leftover of the same name
-            shutil.rmtree(final)
+        if final.exists():  # an incomplete leftover of the same name: kept, out of the way
+            if any(final.iterdir()):
+                set_aside(final)
+            else:
+                final.rmdir()
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,7 +257,8 @@ def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
-        raise SubLLMError(f"cannot read weights {path} ({e}); the checkpoint is damaged") from None
+        raise SubLLMError(f"cannot read weights {path} ({_first_line(e)}); the checkpoint is "
+                          "damaged") from None
     for name, target in aliases.items():
         tensors[name] = tensors[target]
     return tensors
@@ -200,7 +269,11 @@ def load_train_state(checkpoint: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise SubLLMError(f"cannot read {path} ({e}); the checkpoint is damaged") from None
+        # torch's own text for a refused safe load advises weights_only=False (arbitrary code
+        # execution on a file that is damaged anyway): never pass that on
+        why = ("not a plain saved training state: garbage, or objects a safe load refuses"
+               if "weights only" in str(e).lower() else _first_line(e)[:200])
+        raise SubLLMError(f"cannot read {path} ({why}); the checkpoint is damaged") from None
 
 
 def load_model_config(checkpoint: str | Path) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class TrainConfig:
     distributed: str = "ddp"
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks
     resume: bool = False
+    skip_damaged: bool = False  # --resume past a damaged newest checkpoint (set aside)
     init_from: str | None = None  # start from this model's weights and config (see below)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (YAML only)
 
@@ -155,6 +156,8 @@ def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    if cfg.skip_damaged and not cfg.resume:
+        raise SubLLMError("--skip-damaged goes with --resume (it chooses where a run resumes)")
     if cfg.min_lr > cfg.lr:
         raise SubLLMError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}; lower --min-lr")
     if cfg.stop_at is not None and cfg.stop_at <= 0:

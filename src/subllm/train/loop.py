@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from subllm.atomic import dir_lock, write_atomic
-from subllm.errors import SubLLMError
+from subllm.errors import SubLLMError, os_error_line
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
 from subllm.model.mst import apply_mst
@@ -78,6 +78,7 @@ from subllm.train.runtime import (
     all_reduce_sum,
     autocast,
     autocast_dtype,
+    collective_device,
     collective_failure,
     fmt_kept,
     init_distributed,
@@ -150,9 +151,13 @@ def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
     """Data, model config, run directory, model, DDP / FSDP2, optimizer, resume.
 
     Rank 0 first locks the run directory (creating it) for as long as `held` stays open;
-    a setup that fails removes a run directory it created and writes no config.yaml."""
+    a setup that fails removes a run directory it created and writes no config.yaml.
+    Under torchrun every step that can fail on one rank is a `_gate`: a failure anywhere
+    stops every rank there, at once, instead of the others waiting out the dist-timeout."""
     run_dir = Path(cfg.out)
-    created = _open_run_dir(run_dir, dd, held if held is not None else contextlib.ExitStack())
+    held = held if held is not None else contextlib.ExitStack()
+    created = _gate(dd, "opening the run directory",
+                    (lambda: _open_run_dir(run_dir, held)) if dd.main else None)
     try:
         return _setup(cfg, dd, demo)
     except BaseException:
@@ -161,10 +166,34 @@ def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
         raise
 
 
-def _open_run_dir(run_dir: Path, dd: Dist, held: contextlib.ExitStack) -> bool:
-    """Create (rank 0) and lock the run directory; whether this call created it."""
-    if not dd.main:
-        return False  # only rank 0 writes, so only rank 0 locks
+def _gate(dd: Dist, what: str, fn: Callable[[], Any] | None) -> Any:
+    """Run `fn` on this rank (None: nothing to do here), then, under torchrun, learn whether
+    every rank succeeded (a collective). This rank's own error is raised as it is; another
+    rank's failure becomes one line naming that rank. Returns what `fn` returned."""
+    error: Exception | None = None
+    result = None
+    try:
+        if fn is not None:
+            result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        error = e
+    failed: list[int] = []
+    if dd.enabled:
+        flags = [0.0] * dd.world_size
+        flags[dd.rank] = float(error is not None)
+        summed = all_reduce_sum(flags, dd, collective_device())
+        failed = [r for r, f in enumerate(summed) if f]
+    if error is not None:
+        raise error
+    if failed:
+        raise SubLLMError(f"rank {failed[0]} of {dd.world_size} failed while {what} (its "
+                          f"message is above); rank {dd.rank} stops too")
+    return result
+
+
+def _open_run_dir(run_dir: Path, held: contextlib.ExitStack) -> bool:
+    """Create and lock the run directory (rank 0 only: only rank 0 writes); whether this
+    call created it."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SubLLMError(f"--out {run_dir} is a file; pass a directory path")
     created = not run_dir.exists()
@@ -178,12 +207,29 @@ def _open_run_dir(run_dir: Path, dd: Dist, held: contextlib.ExitStack) -> bool:
 
 
 def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
-    data = _load_data(cfg, dd)
-    cfg, config, init_weights = _model_config(cfg, data, dd)
-    device = pick_device(cfg.device, dd)
+    _gate(dd, "preparing the default corpus", (lambda: _prepare_default(cfg, dd))
+          if dd.main else None)
+
+    def checks() -> tuple[TokenData, TrainConfig, ModelConfig, dict | None, torch.device]:
+        data = load_data(Path(cfg.data))
+        new_cfg, config, init_weights = _model_config(cfg, data, dd)
+        return data, new_cfg, config, init_weights, pick_device(new_cfg.device, dd)
+
+    data, cfg, config, init_weights, device = _gate(dd, "checking the data and settings",
+                                                    checks)
     amp = autocast_dtype(cfg.dtype, device)
-    resume_from = _resume_point(cfg, config, data, demo)
-    saved = ckpt.load_train_state(resume_from) if resume_from is not None else None
+
+    def find() -> tuple[Path | None, dict[str, Any] | None]:
+        return _resume_point(cfg, config, data, demo, dd)
+
+    # rank 0 first: with --skip-damaged it sets damaged checkpoints aside before the others look
+    resume_from, saved = _gate(dd, "choosing the checkpoint to resume from",
+                               find if dd.main else None) or (None, None)
+    if dd.enabled:
+        found = _gate(dd, "reading the checkpoint to resume from",
+                      None if dd.main else find)
+        if not dd.main:
+            resume_from, saved = found
     raw_model = _build_model(cfg, config, resume_from, init_weights).to(device)
     del init_weights
     model = _parallelize(raw_model, cfg, dd, device)
@@ -206,16 +252,12 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
     return state
 
 
-def _load_data(cfg: TrainConfig, dd: Dist) -> TokenData:
-    """The prepared data (the default corpus is prepared on first use)."""
+def _prepare_default(cfg: TrainConfig, dd: Dist) -> None:
+    """The default corpus is prepared on first use (rank 0)."""
     data_dir = Path(cfg.data)
     if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
-        if dd.main:
-            _say(dd, f"preparing the default corpus (Python standard library) into {data_dir}")
-            print_summary(prepare(data_dir), data_dir)
-        if dd.enabled:
-            dist.barrier()
-    return load_data(data_dir)
+        _say(dd, f"preparing the default corpus (Python standard library) into {data_dir}")
+        print_summary(prepare(data_dir), data_dir)
 
 
 def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
@@ -233,30 +275,70 @@ def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
     return cfg, config, init_weights
 
 
-def _resume_point(cfg: TrainConfig, config: ModelConfig, data: TokenData, demo: bool
-                  ) -> Path | None:
-    """The checkpoint --resume continues from (checked against this call's settings)."""
+def _resume_point(cfg: TrainConfig, config: ModelConfig, data: TokenData, demo: bool,
+                  dd: Dist) -> tuple[Path | None, dict[str, Any] | None]:
+    """(the checkpoint --resume continues from, its training state), checked against this
+    call's settings; (None, None) for a new run."""
     run_dir = Path(cfg.out)
-    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None and not demo:
+    if not cfg.resume:
+        if ckpt.step_dirs(run_dir):
+            raise SubLLMError(f"{run_dir} already holds a run; pass --resume to continue it "
+                              "or choose a new --out")
+        return None, None
+    resume_from, saved = _intact_checkpoint(cfg, run_dir, dd)
+    if resume_from is None:
+        if demo:
+            return None, None
         raise SubLLMError(f"--resume: {run_dir} has no complete checkpoint to resume from; "
                           "drop --resume to start a new run")
-    if not cfg.resume and ckpt.latest_checkpoint(run_dir) is not None:
-        raise SubLLMError(f"{run_dir} already holds a run; pass --resume to continue it or "
-                          "choose a new --out")
-    if resume_from is None:
-        return None
-    saved = ModelConfig.from_dict(ckpt.load_model_config(resume_from))
-    if saved.to_dict() != config.to_dict():
-        diff = [k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v]
+    # the data first: re-prepared data changes vocab_size too, but the data is the cause
+    old_train = ckpt.load_train_config(resume_from)
+    old_sha = old_train.get("data_tokenizer_sha256")
+    if old_sha not in (None, data.meta["tokenizer_sha256"]):
+        was = old_train.get("data")
+        raise SubLLMError(
+            f"{data.path} was tokenized with a different tokenizer than the run in {run_dir} "
+            f"(it was re-prepared, or is another data directory); resume with the data the "
+            f"run was trained on{f' ({was})' if was else ''}, or start a new run with a new "
+            "--out")
+    old = ModelConfig.from_dict(ckpt.load_model_config(resume_from))
+    if old.to_dict() != config.to_dict():
+        diff = [k for k, v in config.to_dict().items() if old.to_dict().get(k) != v]
         raise SubLLMError(
             f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
             "with the settings of the run (or start a new run with a new --out)")
-    saved_sha = ckpt.load_train_config(resume_from).get("data_tokenizer_sha256")
-    if saved_sha not in (None, data.meta["tokenizer_sha256"]):
-        raise SubLLMError(f"{data.path} was tokenized with a different tokenizer than the run "
-                          f"in {run_dir}; resume with the run's --data")
-    return resume_from
+    return resume_from, saved
+
+
+def _intact_checkpoint(cfg: TrainConfig, run_dir: Path, dd: Dist
+                       ) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint that reads whole, and its training state. A damaged newer one
+    stops the run with an offer of the intact one; with --skip-damaged rank 0 sets it aside
+    (checkpoints/damaged-step-*) and the run resumes from the intact one, with a warning."""
+    candidates = list(reversed(ckpt.step_dirs(run_dir)))
+    for i, path in enumerate(candidates):
+        why = ckpt.damage(path)
+        saved = None
+        if why is None:
+            try:
+                saved = ckpt.load_train_state(path)
+            except SubLLMError:
+                why = "state.pt cannot be read"
+        if why is None:
+            return path, saved
+        older = next((p for p in candidates[i + 1:] if ckpt.damage(p) is None), None)
+        if not cfg.skip_damaged:
+            offer = (f"the newest intact one is {older.name}: resume from it with --resume "
+                     f"--skip-damaged (which moves {path.name} aside to "
+                     f"checkpoints/damaged-{path.name})" if older is not None else
+                     "no older checkpoint is intact; start a new run with a new --out")
+            raise SubLLMError(f"checkpoint {path} is damaged ({why}); {offer}")
+        if dd.main:
+            aside = ckpt.set_aside(path)
+            _say(dd, f"warning: checkpoint {path.name} is damaged ({why}); moved to {aside}, "
+                 + (f"resuming from {older.name}" if older is not None else
+                    "and no older one is intact"))
+    return None, None
 
 
 def _write_run_config(cfg: TrainConfig, data: TokenData, config: ModelConfig) -> None:
@@ -277,8 +359,11 @@ def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     for per_call in ("resume", "stop_at", "init_from", "skip_damaged"):
         d.pop(per_call, None)
+    # stored resolved, so eval and --resume work from any working directory
+    d["data"] = str(Path(cfg.data).resolve())
+    d["out"] = str(Path(cfg.out).resolve())
     if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
-        d["initialized_from"] = cfg.init_from
+        d["initialized_from"] = str(Path(cfg.init_from).resolve())
     d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
     return d
 
@@ -592,16 +677,22 @@ def save(state: TrainState, dd: Dist) -> Path | None:
     if dd.enabled:
         rng = [None] * dd.world_size
         dist.all_gather_object(rng, ckpt.rng_state())
-    path = None
-    if dd.main:
+
+    def write() -> Path:
         train_state = {"format": 1, "optimizer": optim_state, "data": state.batches.state_dict(),
                        "rng": rng, "world_size": dd.world_size}
-        path = ckpt.save_checkpoint(state.run_dir, state.step, model_state, train_state,
-                                    state.config.to_dict(), run_config(state.cfg, state.data),
-                                    state.data.tokenizer_path, keep=state.cfg.keep_checkpoints)
-    if dd.enabled:
-        dist.barrier()
-    return path
+        try:
+            return ckpt.save_checkpoint(
+                state.run_dir, state.step, model_state, train_state, state.config.to_dict(),
+                run_config(state.cfg, state.data), state.data.tokenizer_path,
+                keep=state.cfg.keep_checkpoints)
+        except OSError as e:  # nothing half-written is left (save_checkpoint cleans up)
+            kept = (f"{state.last_saved.name} is intact (continue with --resume)"
+                    if state.last_saved else "no checkpoint of this run was saved yet")
+            raise SubLLMError(f"{os_error_line(e)} while writing checkpoint "
+                              f"{ckpt.checkpoint_name(state.step)}; {kept}") from None
+
+    return _gate(dd, f"saving the checkpoint of step {state.step}", write if dd.main else None)
 
 
 def _interrupted(state: TrainState, signum: int | None, dd: Dist) -> dict[str, Any]:

@@ -95,6 +95,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
+def collective_device() -> torch.device:
+    """Where a small collective's tensor lives: the rank's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float], dd: Dist, device: torch.device) -> list[float]:
     if not dd.enabled:
         return values
