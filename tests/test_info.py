@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from subllm.cli import main
+from subllm.model.subsample import CUTOFF_BUFFERS
 
 
 def info_json(capsys, *args: str) -> dict:
@@ -74,8 +75,10 @@ def test_info_means_what_training_built(trained, capsys):
     from subllm.train import checkpoint as ckpt
 
     state = ckpt.load_weights(ckpt.resolve_checkpoint(run))
+    buffers = ("balancer.g_rms", *(f"subsamplers.{j}.{b}" for j in range(2)
+                                    for b in CUTOFF_BUFFERS))
     real = sum(t.numel() for k, t in state.items()  # tied head once, buffers not counted
-               if k != "lm_head.weight" and not k.endswith("balancer.g_rms"))
+               if k != "lm_head.weight" and not k.endswith(buffers))
     described = [info_json(capsys, str(p)) for p in (settings, run / "config.yaml", run, hf)]
     assert [d["parameters"] for d in described] == [real] * 4
     assert {d["structure"] for d in described} == {"TTT(TT(TT)TT)TTT"}

@@ -359,6 +359,7 @@ def test_from_official_matches_an_independent_forward(
     assert config["structure"] == structure and config["tie_word_embeddings"] == tie
     assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 10000.0
     assert config["num_key_value_heads"] == config["num_attention_heads"] == 4
+    assert config["threshold"] == "zero"  # the authors' inference rule: score > 0
     if keep is not None:
         assert config["keep"] == float(keep)
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)

@@ -350,3 +350,40 @@ def test_eval_and_generate_take_an_exported_directory(work: Path, straight: Path
                      "--device", "cpu"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and len(texts[0].strip()) > len("the model")
+
+
+def test_every_validation_point_measures_the_train_inference_gap(
+        work: Path, straight: Path, capsys: pytest.CaptureFixture) -> None:
+    """Both selections on the same batches, logged by training and reported by eval; the
+    top-k fractions are the keep ratio by construction, the losses are recomputed here."""
+    from subllm.model.subsample import selection_rule
+    from subllm.train import checkpoint as ckpt
+    from subllm.train.data import load_data, val_batches
+
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert val and all({"val_gap", "val_top_k_loss", "val_top_k_kept_fractions"} <= r.keys()
+                       for r in val)
+    for r in val:
+        assert r["val_gap"] == pytest.approx(r["val_loss"] / r["val_top_k_loss"] - 1)
+    assert (straight / "routing.png").stat().st_size > 1000
+    assert main(["eval", "--checkpoint", str(straight), "--json", "--batches", "2",
+                 "--seq-len", "64", "--batch-size", "4", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    model = ckpt.load_model(ckpt.resolve_checkpoint(straight))
+    batches = val_batches(load_data(work / "data").tokens("val"), 4, 64, 2)
+    losses = {}
+    for rule in ("threshold", "top_k"):
+        with torch.no_grad(), selection_rule(model, rule):
+            losses[rule] = sum(float(model(b, labels=b).loss) * b.numel() for b in batches) / sum(
+                b.numel() for b in batches)
+    assert r["val_loss"] == pytest.approx(losses["threshold"], rel=1e-6)
+    assert r["top_k_val_loss"] == pytest.approx(losses["top_k"], rel=1e-6)
+    assert r["gap"] == pytest.approx(losses["threshold"] / losses["top_k"] - 1, abs=1e-6)
+    keep = model.config.keep_per_depth
+    assert all(abs(f - k) < 0.02 for f, k in zip(r["top_k_kept_fractions"], keep, strict=True))
+    assert r["threshold"] == "calibrated"
+    assert main(["eval", "--checkpoint", str(straight), "--batches", "2", "--seq-len", "64",
+                 "--batch-size", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "training selection (top-k)" in out and "train/inference gap" in out

@@ -537,7 +537,9 @@ def shift_scores_to_keep(model: Any, probe: Any, iters: int = 40) -> list[dict[s
         w = sub.score.weight.detach()[0].float()  # (d,)
         u = x.mean(0)
         u = u / u.pow(2).sum().clamp_min(1e-12)
-        s, t = x @ w, x @ u  # score = s + a * t
+        s, t = x @ w, x @ u  # score = s + a * t (minus a calibrated cut-off)
+        if sub.calibrated:
+            s = s - float(sub.cutoff)
         keep = sub.keep
 
         def frac(a: float, s: Any = s, t: Any = t) -> float:

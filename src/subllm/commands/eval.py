@@ -45,11 +45,17 @@ def run(args: argparse.Namespace) -> int:
     if s["json"]:
         print(json.dumps(r, indent=2))
         return 0
-    kept = ""
-    if r["kept_fractions"]:
-        kept = (f" | eval kept fractions {', '.join(f'{k:.3f}' for k in r['kept_fractions'])}"
-                f" (keep {', '.join(f'{k:g}' for k in r['keep'])} per depth)")
     at = f" (step {r['step']})" if r["step"] is not None else ""
     print(f"{r['checkpoint']}{at} on {r['data']}: val loss {r['val_loss']:.4f} | "
-          f"perplexity {r['perplexity']:.2f} | {r['tokens']:,} tokens{kept}")
+          f"perplexity {r['perplexity']:.2f} | {r['tokens']:,} tokens")
+    if r["kept_fractions"]:
+        def fractions(values: list[float]) -> str:
+            return ", ".join(f"{k:.3f}" for k in values)
+
+        print(f"  inference selection ({r['threshold']} threshold): val loss "
+              f"{r['val_loss']:.4f}, kept fractions {fractions(r['kept_fractions'])}")
+        print(f"  training selection (top-k):        val loss {r['top_k_val_loss']:.4f}, "
+              f"kept fractions {fractions(r['top_k_kept_fractions'])}")
+        print(f"  keep ratio per depth {', '.join(f'{k:g}' for k in r['keep'])}; "
+              f"train/inference gap {100 * r['gap']:+.2f} % of the loss")
     return 0

@@ -23,7 +23,7 @@ from subllm.interop.weights import TensorFiles, check_keys, check_shape, first_l
 from subllm.model.bypass import Bypass
 from subllm.model.config import ModelConfig, parse_structure
 from subllm.model.subllm import SubLLM
-from subllm.model.subsample import Subsampler
+from subllm.model.subsample import CUTOFF_BUFFERS, Subsampler
 
 
 def _ours_to_hf_key(key: str) -> str | None:
@@ -193,6 +193,9 @@ def assign_weights(model: SubLLM, state: dict[str, Tensor], dtype: torch.dtype |
                 m.score.weight.normal_(0.0, c.init_std)
             m.balancer.to_empty(device="cpu")
             m.balancer.g_rms.zero_()
+            for name in CUTOFF_BUFFERS:  # the calibrated cut-off starts at 0
+                if getattr(m, name).is_meta:
+                    m.register_buffer(name, torch.zeros(()))
         elif isinstance(m, Bypass) and m.scale.is_meta:
             m.to_empty(device="cpu")
             m.scale.fill_(c.bypass_init)

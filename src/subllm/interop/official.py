@@ -130,6 +130,7 @@ def official_model_config(cfg: Mapping[str, Any], source: str = "the config") ->
             ffn_dim=dims["decoder_ffn_embed_dim"], structure=structure, keep=keep,
             max_seq_len=dims["tokens_per_sample"], rope_theta=OFFICIAL_ROPE_THETA,
             norm_eps=OFFICIAL_NORM_EPS, tie_embeddings=tie,
+            threshold="zero",  # the authors' inference rule: their model was trained for it
         )
     except ConfigError as e:
         raise SubLLMError(f"{source}: {e}") from None

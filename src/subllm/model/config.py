@@ -107,6 +107,10 @@ def block_token_fractions(tree: list[int | Segment], keep: list[float]) -> dict[
 # --------------------------------------------------------------------------------------
 
 
+BALANCERS = ("measured", "paper", "none")
+THRESHOLDS = ("calibrated", "zero")
+
+
 @dataclass
 class ModelConfig:
     """Every hyper-parameter of a SUBLLM / LLaMA model.
@@ -146,6 +150,22 @@ class ModelConfig:
     balancer_margin: float = 0.02
     balancer_rms_min: float = 1.25
     balancer_rms_max: float = 5.0
+    # Which balancer (design.md §3.5): "measured" (ours: the direction from the measured
+    # fraction of positive scores, scaled by the gradient's rms), "paper" (the published
+    # rule: m / sd into the Gaussian quantile band keep +- 0.05, scaled by |g| elementwise)
+    # or "none".
+    balancer: str = "measured"
+    # The inference rule (design.md §3.8): "calibrated" keeps a token whose score is above a
+    # running estimate of the training top-k cut-off score (a buffer of each subsampler,
+    # updated in every training forward pass), so training and inference keep the same
+    # fraction by construction; "zero" is the paper's rule, score > 0 (models converted from
+    # the authors' release use it).
+    threshold: str = "calibrated"
+    threshold_decay: float = 0.99  # of the cut-off's running mean (about 100 steps)
+    # Share of the gradient the upsampling weight clamp(score, 0, 1) passes below 0 in
+    # training (0: the paper's plain clamp, under which dropped tokens' scores pile up at
+    # the cut-off and make any threshold keep an unpredictable fraction; design.md §3.8).
+    weight_leak: float = 0.0
 
     def __post_init__(self) -> None:
         if self.structure is None and isinstance(self.n_layers, int):
@@ -245,6 +265,16 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         if not 0.0 < self.bypass_min_end <= self.bypass_min_start <= 1.0:
             raise ConfigError("need 0 < bypass_min_end <= bypass_min_start <= 1")
+        if self.balancer not in BALANCERS:
+            raise ConfigError(f"balancer must be one of {', '.join(BALANCERS)}, got "
+                              f"{self.balancer!r}")
+        if self.threshold not in THRESHOLDS:
+            raise ConfigError(f"threshold must be one of {', '.join(THRESHOLDS)}, got "
+                              f"{self.threshold!r}")
+        if isinstance(self.weight_leak, bool) or not 0.0 <= self.weight_leak <= 1.0:
+            raise ConfigError(f"weight_leak must be in [0, 1], got {self.weight_leak!r}")
+        if isinstance(self.threshold_decay, bool) or not 0.0 <= self.threshold_decay < 1.0:
+            raise ConfigError(f"threshold_decay must be in [0, 1), got {self.threshold_decay!r}")
         return self
 
     # ---- (de)serialisation ----------------------------------------------------------

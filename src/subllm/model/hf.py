@@ -36,7 +36,7 @@ from .config import ModelConfig
 from .hf_config import SubLLMConfig
 from .kv_cache import KVCache
 from .subllm import SubLLM
-from .subsample import ScoreBalancer
+from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else (
@@ -69,6 +69,9 @@ class SubLLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.scale, self.config.bypass_init)
         elif isinstance(module, ScoreBalancer):
             init.zeros_(module.g_rms)
+        elif isinstance(module, Subsampler):  # a model saved before the calibrated cut-off
+            for name in CUTOFF_BUFFERS:       # gets 0: exactly the rule it was trained with
+                init.zeros_(getattr(module, name))
 
 
 class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):

@@ -34,7 +34,8 @@ SAME_NAME = (
     "vocab_size", "structure", "keep", "rope_theta", "head_dim",
     "bypass_init", "bypass_min_start", "bypass_min_end", "bypass_min_steps", "bypass_limit_prob",
     "balancer_prob_start", "balancer_prob_end", "balancer_prob_steps", "balancer_strength",
-    "balancer_margin", "balancer_rms_min", "balancer_rms_max",
+    "balancer_margin", "balancer_rms_min", "balancer_rms_max", "balancer", "threshold",
+    "threshold_decay", "weight_leak",
 )
 _D = ModelConfig.__dataclass_fields__
 
@@ -80,6 +81,10 @@ class SubLLMConfig(PretrainedConfig):
     balancer_margin: float = _default("balancer_margin")
     balancer_rms_min: float = _default("balancer_rms_min")
     balancer_rms_max: float = _default("balancer_rms_max")
+    balancer: str = _default("balancer")
+    threshold: str = _default("threshold")
+    threshold_decay: float = _default("threshold_decay")
+    weight_leak: float = _default("weight_leak")
     hidden_act: str = "silu"
     use_cache: bool = True
     pad_token_id: int | None = None

@@ -22,7 +22,7 @@ from .errors import SubLLMError
 from .kv_cache import KVCache
 from .llama import Block, RMSNorm, Span, attention_mask_for, rope_cos_sin
 from .mst import chunked_cross_entropy
-from .subsample import ScoreBalancer, Subsampler
+from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler
 
 # --------------------------------------------------------------------------------------
 # The model
@@ -94,6 +94,9 @@ class SubLLM(nn.Module):
                 nn.init.constant_(m.scale, self.config.bypass_init)
             elif isinstance(m, ScoreBalancer):
                 m.g_rms.zero_()
+            elif isinstance(m, Subsampler):
+                for name in CUTOFF_BUFFERS:
+                    getattr(m, name).zero_()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights counted once
@@ -102,7 +105,12 @@ class SubLLM(nn.Module):
         return n
 
     def set_step(self, step: int) -> None:
-        """Training step for the schedules of design.md §3.6 (c_min, balancer probability)."""
+        """Training step for the schedules of design.md §3.6 (c_min, balancer probability);
+        call it before every optimizer step. A new step also folds the cut-offs the last
+        step's training passes recorded into the calibrated thresholds (design.md §3.8)."""
+        if int(step) != self.step:
+            for sub in self.subsamplers:
+                sub.apply_pending()
         self.step = int(step)
 
     def new_cache(self) -> KVCache:

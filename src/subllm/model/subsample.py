@@ -1,13 +1,15 @@
-"""The subsampling module `(` and its score balancer (docs/design.md §3.2, §3.5).
+"""The subsampling module `(` and its score balancer (docs/design.md §3.2, §3.5, §3.8).
 
 Training keeps the top-k scores of each row (k = ceil(keep * L)); inference keeps every
-token whose score is positive, which is causal. The balancer is gradient-only: it pushes
-the score distribution so that the fraction of positive scores matches the keep ratio.
+token whose score is above the calibrated cut-off (or above 0, the paper's rule), which is
+causal. The balancer is gradient-only: it keeps the scores' scale in range and (the paper's
+mechanism) pushes the fraction of positive scores towards the keep ratio.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +94,38 @@ class _BalanceScores(torch.autograd.Function):
         return g + extra.to(g.dtype), None, None, None, None, None, None, None
 
 
+class _PaperBalance(torch.autograd.Function):
+    """The published balancer (design.md §3.5 as the paper states it): m / sd into the
+    Gaussian quantile band [q(keep - 0.05), q(keep + 0.05)], rms into [rms_min, rms_max];
+    the penalty's gradient at unit rms, times strength * |g| elementwise."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, valid: Tensor | None, lo: float, hi: float, rms_min: float,
+                rms_max: float, strength: float) -> Tensor:
+        ctx.save_for_backward(s, valid)
+        ctx.consts = (lo, hi, rms_min, rms_max, strength)
+        return s.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        s, valid = ctx.saved_tensors
+        lo, hi, rms_min, rms_max, strength = ctx.consts
+        q_lo, q_hi = (float(torch.special.ndtri(torch.tensor(v, dtype=torch.float64)))
+                      for v in (min(max(lo, 1e-6), 1 - 1e-6), min(max(hi, 1e-6), 1 - 1e-6)))
+        with torch.enable_grad():
+            x = s.detach().float().requires_grad_(True)
+            v = x[valid] if valid is not None else x.reshape(-1)
+            ratio = v.mean() / v.std(correction=0).clamp_min(1e-6)
+            r = v.pow(2).mean().sqrt().clamp_min(1e-6)
+            penalty = ((ratio - ratio.clamp(q_lo, q_hi)).abs()
+                       + torch.log(r.clamp(rms_min, rms_max) / r).abs())
+            (dp,) = torch.autograd.grad(penalty, x)
+        n = v.numel()
+        rms = (dp.pow(2).sum() / max(n, 1)).sqrt()
+        extra = dp / (rms + 1e-20) * (strength * g.float().abs())
+        return g + extra.to(g.dtype), None, None, None, None, None, None
+
+
 class ScoreBalancer(nn.Module):
     """Keeps P(score > 0) near the keep ratio and the score rms in [1.25, 5] (design.md §3.5).
 
@@ -100,6 +134,7 @@ class ScoreBalancer(nn.Module):
 
     def __init__(self, keep: float, config: ModelConfig) -> None:
         super().__init__()
+        self.keep = keep
         self.lo = keep - config.balancer_margin  # target band of P(score > 0)
         self.hi = keep + config.balancer_margin
         self.config = config
@@ -109,10 +144,16 @@ class ScoreBalancer(nn.Module):
 
     def forward(self, s: Tensor, valid: Tensor | None, step: int) -> Tensor:
         c = self.config
+        if c.balancer == "none":
+            return s
         p = linear_schedule(step, c.balancer_prob_start, c.balancer_prob_end,
                              c.balancer_prob_steps)
         if not (self.training and s.requires_grad and coin(p)):
             return s
+        if c.balancer == "paper":
+            return _PaperBalance.apply(s, valid, self.keep - 0.05, self.keep + 0.05,
+                                       c.balancer_rms_min, c.balancer_rms_max,
+                                       c.balancer_strength)
         return _BalanceScores.apply(s, valid, self.lo, self.hi, c.balancer_rms_min,
                                     c.balancer_rms_max, c.balancer_strength, self.g_rms)
 
@@ -152,6 +193,10 @@ class Selection:
                          self.count, self.entered)
 
 
+# the calibrated cut-off's running mean and the batch cut-offs recorded since its last update
+CUTOFF_BUFFERS = ("cutoff", "cutoff_updates", "pending_sum", "pending_count")
+
+
 def _keep_count(keep: float, n: Tensor) -> Tensor:
     # ceil(keep * n), rounded first so that float noise (0.64 * 100 = 64.0000001) does not
     # add a token.
@@ -164,25 +209,104 @@ def keep_count(keep: float, n: int) -> int:
 
 
 class Subsampler(nn.Module):
-    """Scores tokens and keeps the important ones (design.md §3.2)."""
+    """Scores tokens and keeps the important ones (design.md §3.2, §3.8).
+
+    With `threshold: calibrated` the score a token is kept on is `score(x) - cutoff`, where
+    `cutoff` is a running mean of the training batches' top-k cut-off score: training keeps
+    the top k of the shifted scores (the same tokens as of the raw ones) and inference keeps
+    the shifted scores above 0, so both keep the fraction `keep` of the tokens, and the
+    upsampling weights clamp(shifted, 0, 1) are the same function in both modes. Training
+    forward passes (with gradients on) record their batch's cut-off; `apply_pending`, which
+    `SubLLM.set_step` calls once per optimizer step, folds them into the running mean, so
+    every micro-batch of a step sees the same cut-off (gradient accumulation equals one big
+    batch). All of it is buffers (saved with the weights: resuming is exact) updated by
+    tensor ops (no host sync).
+    """
 
     def __init__(self, config: ModelConfig, keep: float) -> None:
         super().__init__()
         self.keep = keep
+        self.calibrated = config.threshold == "calibrated"
+        self.decay = config.threshold_decay
+        self.leak = config.weight_leak
         self.score = nn.Linear(config.dim, 1, bias=False)
         self.balancer = ScoreBalancer(keep, config)
+        for name in CUTOFF_BUFFERS:
+            self.register_buffer(name, torch.zeros(()))
+        # None: top-k in training mode, threshold in eval mode; "top_k" / "threshold" force
+        # one (`selection_rule`: measuring the train / inference gap on the same batches)
+        self.rule: str | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the calibrated threshold: cut-off 0 is exactly the old rule
+        for name in CUTOFF_BUFFERS:
+            state_dict.setdefault(prefix + name, torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> Subsampler:
+        # entering eval mode ends the training step: its cut-offs count from now on (the
+        # next `set_step` would fold them in identically; nothing trains in between)
+        if not mode and self.training:
+            self.apply_pending()
+        return super().train(mode)
+
+    @torch.no_grad()
+    def apply_pending(self) -> None:
+        """Fold the cut-offs recorded since the last call into the running mean (bias-
+        corrected: the first updates weigh more, as tf.train.ExponentialMovingAverage's
+        num_updates does)."""
+        has = self.pending_count > 0
+        batch = self.pending_sum / self.pending_count.clamp(min=1)
+        n = self.cutoff_updates
+        decay = torch.minimum(torch.full_like(n, self.decay), (1 + n) / (10 + n))
+        step = torch.where(has, (1 - decay) * (batch - self.cutoff), torch.zeros_like(batch))
+        self.cutoff.add_(step)
+        self.cutoff_updates.add_(has.to(n.dtype))
+        self.pending_sum.zero_()
+        self.pending_count.zero_()
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int = 0) -> Selection:
         B, L, _ = x.shape
         s = self.score(x).squeeze(-1).float()  # (B, L)
+        if self.calibrated:
+            s = s - self.cutoff
         if valid is not None:
             entered = valid.sum(1)
         else:
             entered = torch.full((B,), L, dtype=torch.long, device=x.device)
         if self.training:
+            if self.calibrated and torch.is_grad_enabled():
+                self._record_cutoff(s.detach(), valid, entered)
             s = self.balancer(s, valid, step)
+        if (self.training and self.rule != "threshold") or self.rule == "top_k":
             return self._top_k(s, valid, entered)
         return self._threshold(s, valid, entered)
+
+    @torch.no_grad()
+    def _record_cutoff(self, s: Tensor, valid: Tensor | None, entered: Tensor) -> None:
+        """Record this batch's top-k cut-off of the shifted scores: midway between the lowest
+        kept and the highest dropped score of the whole batch; with padding, the mean of the
+        rows' cut-offs."""
+        B, L = s.shape
+        if valid is None:
+            n, kept = B * L, B * keep_count(self.keep, L)
+            if kept >= n:
+                return
+            flat = s.reshape(-1)
+            batch = 0.5 * (flat.kthvalue(n - kept + 1).values + flat.kthvalue(n - kept).values)
+            rows = torch.ones((), device=s.device)
+        else:
+            k = _keep_count(self.keep, entered)
+            ordered = s.masked_fill(~valid, float("-inf")).sort(dim=1, descending=True).values
+            both = (k > 0) & (k < entered)
+            a = ordered.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)
+            b = ordered.gather(1, k.clamp(max=L - 1)[:, None]).squeeze(1)
+            mid = torch.where(both, 0.5 * (a + b), torch.zeros_like(a))
+            rows = (both.sum() > 0).float()
+            batch = mid.sum() / both.sum().clamp(min=1)
+        # relative to the cut-off in use (the scores are shifted by it)
+        self.pending_sum.add_(rows * (batch + self.cutoff))
+        self.pending_count.add_(rows)
 
     def _top_k(self, s: Tensor, valid: Tensor | None, entered: Tensor) -> Selection:
         """Training: keep the k = ceil(keep * L) highest scores of each row."""
@@ -191,6 +315,11 @@ class Subsampler(nn.Module):
             s = s.masked_fill(~valid, float("-inf"))  # padding sorts last, clamps to 0
         s_sorted, order = s.sort(dim=1, descending=True)
         c = s_sorted.clamp(0.0, 1.0)
+        if self.leak > 0 and c.requires_grad:
+            # forward unchanged; below 0 the clamp passes `leak` of the gradient, so scores
+            # pushed down keep moving instead of piling up at 0 (design.md §3.8)
+            below = (s_sorted < 0).to(s_sorted.dtype)
+            c = c + self.leak * below * (s_sorted - s_sorted.detach()).nan_to_num(0.0)
         if valid is None:  # every row keeps the same count, known on the host: no sync
             K = keep_count(self.keep, L)
             k = torch.full((B,), K, dtype=torch.long, device=s.device)
@@ -202,7 +331,8 @@ class Subsampler(nn.Module):
         # Pair kept token i with discarded token k+i (or, on a random half of the steps, with
         # the discarded ones in reversed order, k + (k-1-i)): the weight c[i] - c[partner] is
         # how scores get gradient, and it punishes positive scores on discarded tokens.
-        partner = k[:, None] + i if not coin(0.5) else 2 * k[:, None] - 1 - i
+        reverse = self.training and coin(0.5)  # outside training: the plain pairing
+        partner = 2 * k[:, None] - 1 - i if reverse else k[:, None] + i
         c_partner = c.gather(1, partner.clamp(max=L - 1)) * (partner < L)
         w = (c[:, :K] - c_partner) * used
         # Restore the original token order; unused slots go last.
@@ -232,3 +362,21 @@ class Subsampler(nn.Module):
         w = s.clamp(0.0, 1.0).gather(1, idx) * used
         return Selection(idx, w, None if least == K else used, count, entered)
 
+
+
+@contextmanager
+def selection_rule(model: nn.Module, rule: str | None):
+    """Within the block, every subsampler of `model` (any wrapper: DDP, FSDP, PEFT, HF)
+    selects by `rule` whatever the mode: "top_k" (training's), "threshold" (inference's),
+    or None (by mode)."""
+    if rule not in (None, "top_k", "threshold"):
+        raise ValueError(f"rule must be None, 'top_k' or 'threshold', got {rule!r}")
+    subs = [m for m in model.modules() if isinstance(m, Subsampler)]
+    before = [m.rule for m in subs]
+    for m in subs:
+        m.rule = rule
+    try:
+        yield subs
+    finally:
+        for m, r in zip(subs, before, strict=True):
+            m.rule = r

@@ -15,6 +15,7 @@ import torch
 
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import eot_id_of, load_tokenizer, same_vocab, sha256_file
+from subllm.model.subsample import selection_rule
 from subllm.train.data import load_data, val_batches
 from subllm.train.load import load_any
 from subllm.train.runtime import (
@@ -96,8 +97,11 @@ def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-             amp: torch.dtype | None, dd: Dist) -> dict[str, Any]:
-    """Mean next-token loss over the batches, in eval mode (threshold subsampling).
+             amp: torch.dtype | None, dd: Dist, both_modes: bool = True) -> dict[str, Any]:
+    """Mean next-token loss over the batches in eval mode, with inference's selection (the
+    threshold) and, for a SUBLLM and `both_modes`, again with training's (top-k) on the same
+    batches: `loss` / `kept_fractions` are inference's, `top_k_loss` /
+    `top_k_kept_fractions` training's, `gap` = loss / top_k_loss - 1 (design.md §3.8).
 
     Rank r evaluates the r-th slice of the rows of every batch, so the result does not
     depend on the number of ranks; a rank whose slice is empty runs one row with weight 0,
@@ -106,42 +110,63 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     """
     was_training = model.training
     model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), selection_rule(model, "threshold") as subs:
+            sums = _pass(model, batches, device, amp, dd)
+        if subs and both_modes:
+            with torch.random.fork_rng(devices=[]), selection_rule(model, "top_k"):
+                sums += _pass(model, batches, device, amp, dd)
+    finally:
+        model.train(was_training)
+    totals = read_sums(sums, dd, device)
+    m = len(subs)
+    loss, tokens, kept = _summarise(totals[: 2 + 2 * m], m)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
+              "kept_fractions": kept}
+    if len(totals) > 2 + 2 * m:
+        top_k_loss, _, top_k_kept = _summarise(totals[2 + 2 * m:], m)
+        result.update(top_k_loss=top_k_loss, top_k_kept_fractions=top_k_kept,
+                      gap=loss / top_k_loss - 1.0 if top_k_loss > 0 else 0.0)
+    return result
+
+
+def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
+          amp: torch.dtype | None, dd: Dist) -> list[torch.Tensor]:
+    """[loss sum, tokens, kept sums..., entered sums...] of this rank's rows, on the device."""
     loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
-    tokens = 0.0
+    tokens = torch.zeros_like(loss_sum)
     kept_sum: list[torch.Tensor] = []
     entered_sum: list[torch.Tensor] = []
-    with torch.random.fork_rng(devices=[]):
-        for batch in batches:
-            rows = batch.tensor_split(dd.world_size)[dd.rank]
-            weight = 1.0 if len(rows) else 0.0
-            x = (rows if len(rows) else batch[:1]).to(device)
-            with autocast(device, amp):
-                out = model(x, labels=x)
-            n = x.shape[0] * (x.shape[1] - 1)
-            loss_sum = loss_sum + out.loss.to(loss_sum.dtype) * weight * n
-            tokens += weight * n
-            if not kept_sum:
-                kept_sum = [torch.zeros_like(loss_sum) for _ in out.kept]
-                entered_sum = [torch.zeros_like(loss_sum) for _ in out.kept]
-            for k, (kept, entered) in enumerate(zip(out.kept, out.entered, strict=True)):
-                kept_sum[k] = kept_sum[k] + kept.sum().to(loss_sum.dtype) * weight
-                entered_sum[k] = entered_sum[k] + entered.sum().to(loss_sum.dtype) * weight
-    model.train(was_training)
-    totals = read_sums([loss_sum, tokens, *kept_sum, *entered_sum], dd, device)
+    for batch in batches:
+        rows = batch.tensor_split(dd.world_size)[dd.rank]
+        weight = 1.0 if len(rows) else 0.0
+        x = (rows if len(rows) else batch[:1]).to(device)
+        with autocast(device, amp):
+            out = model(x, labels=x)
+        n = x.shape[0] * (x.shape[1] - 1)
+        loss_sum = loss_sum + out.loss.to(loss_sum.dtype) * weight * n
+        tokens = tokens + weight * n
+        if not kept_sum:
+            kept_sum = [torch.zeros_like(loss_sum) for _ in out.kept]
+            entered_sum = [torch.zeros_like(loss_sum) for _ in out.kept]
+        for k, (kept, entered) in enumerate(zip(out.kept, out.entered, strict=True)):
+            kept_sum[k] = kept_sum[k] + kept.sum().to(loss_sum.dtype) * weight
+            entered_sum[k] = entered_sum[k] + entered.sum().to(loss_sum.dtype) * weight
+    return [loss_sum, tokens, *kept_sum, *entered_sum]
+
+
+def _summarise(totals: list[float], m: int) -> tuple[float, float, list[float]]:
     loss_sum, tokens = totals[0], totals[1]
-    m = len(kept_sum)
-    kept_fractions = [k / max(e, 1.0) for k, e in zip(totals[2 : 2 + m], totals[2 + m :],
-                                                       strict=True)]
-    loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens),
-            "kept_fractions": kept_fractions}
+    kept = [k / max(e, 1.0) for k, e in zip(totals[2 : 2 + m], totals[2 + m :], strict=True)]
+    return loss_sum / max(tokens, 1.0), tokens, kept
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None,
                         batches: int = 50, batch_size: int | None = None,
                         seq_len: int | None = None, device: str = "auto",
                         dtype: str = "auto") -> dict[str, Any]:
-    """Validation loss, perplexity, tokens and eval-mode kept fractions of a checkpoint."""
+    """Validation loss, perplexity, tokens and kept fractions of a checkpoint, with
+    inference's selection and (a SUBLLM) with training's, and the gap between them."""
     dev = pick_device(device, Dist())
     model, tokenizer_path, run, step = load_any(checkpoint, dev)
     path = tokenizer_path.parent
@@ -167,7 +192,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     eval_set = val_batches(data.tokens("val"), batch_size or int(run.get("batch_size", 16)),
                            seq_len, batches)
     result = evaluate(model, eval_set, dev, autocast_dtype(dtype, dev), Dist())
-    return {"checkpoint": str(path), "step": step, "data": str(data.path),
-            "val_loss": result["loss"], "perplexity": result["perplexity"],
-            "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
-            "keep": model.config.keep_per_depth if model.config.is_subllm else []}
+    out = {"checkpoint": str(path), "step": step, "data": str(data.path),
+           "val_loss": result["loss"], "perplexity": result["perplexity"],
+           "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
+           "keep": model.config.keep_per_depth if model.config.is_subllm else []}
+    if "top_k_loss" in result:  # a SUBLLM: the same batches with training's selection
+        out.update(top_k_val_loss=result["top_k_loss"],
+                   top_k_kept_fractions=result["top_k_kept_fractions"], gap=result["gap"],
+                   threshold=model.config.threshold)
+    return out

@@ -85,6 +85,7 @@ from subllm.train.runtime import (
     peak_memory_gib,
     pick_device,
     plot_loss,
+    plot_routing,
     read_sums,
 )
 
@@ -579,6 +580,10 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
         if state.log is not None:
             state.log.close()
             plot_loss(state.run_dir)
+            if state.config.is_subllm:
+                segments = sorted(state.config.segments, key=lambda g: g.index)
+                plot_routing(state.run_dir, state.config.keep_per_depth,
+                             [g.depth for g in segments])
     return _finish(state, dd)
 
 
@@ -661,8 +666,12 @@ def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None) -> dict[str, 
                   "val_perplexity": result["perplexity"]}
         if result["kept_fractions"]:
             record["val_kept_fractions"] = result["kept_fractions"]
+        if "top_k_loss" in result:
+            record.update(val_top_k_loss=result["top_k_loss"], val_gap=result["gap"],
+                          val_top_k_kept_fractions=result["top_k_kept_fractions"])
         log.write(record)
-        kept = f", kept {fmt_kept(result['kept_fractions'])}" if result["kept_fractions"] else ""
+        kept = (f", kept {fmt_kept(result['kept_fractions'])}, train/inference gap "
+                f"{100 * result['gap']:+.2f} %" if "gap" in result else "")
         _say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
              f"{result['perplexity']:.2f}{kept}")
     return result

@@ -205,7 +205,48 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = run_dir / "loss.png"
+    return _save_png(fig, run_dir / "loss.png")
+
+
+def plot_routing(run_dir: Path, keep_per_depth: list[float], depths: list[int]) -> Path | None:
+    """routing.png: each subsampling module's kept fraction against the step, in training
+    (top-k: the keep ratio by construction, a check), in evaluation with inference's
+    selection and with training's, and the keep ratio it should match."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    series = {key: [(r["step"], r[key]) for r in records if key in r]
+              for key in ("kept_fractions", "val_kept_fractions", "val_top_k_kept_fractions")}
+    if not series["val_kept_fractions"]:
+        return None
+    n = len(depths)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False, sharey=True)
+    styles = {"kept_fractions": ("training batches (top-k)", "-", 1.0),
+              "val_kept_fractions": ("validation, inference selection", "o-", 1.6),
+              "val_top_k_kept_fractions": ("validation, training selection", "x--", 1.0)}
+    for j, ax in enumerate(axes[0]):
+        keep = keep_per_depth[depths[j] - 1]
+        for key, (label, style, lw) in styles.items():
+            points = [(step, v[j]) for step, v in series[key] if j < len(v)]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=label, lw=lw, ms=3)
+        ax.axhline(keep, color="k", lw=0.8, ls=":", label=f"keep {keep:g}")
+        ax.axhspan(keep - 0.03, keep + 0.03, color="k", alpha=0.06)
+        ax.set_title(f"subsampler {j} (depth {depths[j]})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of entering tokens kept")
+    axes[0][0].legend(fontsize=7)
+    return _save_png(fig, run_dir / "routing.png")
+
+
+def _save_png(fig: Any, out: Path) -> Path:
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
