@@ -258,9 +258,11 @@ def official_state(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def reference_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor
-                     ) -> tuple[torch.Tensor, list[int], list[int]]:
-    """The authors' model in eval mode on one sequence, in fp64, from their keys.
+def reference_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor,
+                     positions: str = "parent") -> tuple[torch.Tensor, list[int], list[int]]:
+    """The authors' model in eval mode on one sequence, in fp64, from their keys. Blocks of
+    a nested segment (depth >= 2) rotate by the token's index among the enclosing
+    segment's kept tokens (`parent`: their full pass) or by its original position.
 
     Returns (logits (L, V), tokens kept at each "(" in order, of them how many with a
     fractional upsampling weight 0 < w < 1).
@@ -313,7 +315,11 @@ def reference_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor
             kept.append(int(keep.sum()))
             fractional.append(int(((weight > 0) & (weight < 1)).sum()))
             stack.append((x, pos, keep, weight))
-            x, pos = x[keep], pos[keep]  # blocks inside run at the original positions
+            if positions == "parent" and len(stack) >= 2:  # nested: index in the parent
+                pos = torch.arange(len(x))[keep]
+            else:
+                pos = pos[keep]  # the original positions
+            x = x[keep]
         else:  # upsample, then bypass with the scale of the `closed`-th ")"
             x_out, pos, keep, weight = stack.pop()
             u = x_out.clone()
@@ -342,20 +348,24 @@ def save_official(tmp_path: Path, cfg: dict, sd: dict[str, torch.Tensor], fmt: s
     return path, config_path
 
 
-@pytest.mark.parametrize("structure, keep, tie, fmt", [
-    ("T(T(TT)T)T", "0.64", False, "pt"),
-    ("T(T(TT)T)T", "0.5", True, "safetensors"),
-    ("TTT", None, False, "safetensors"),  # the release's LLaMA baseline config
+@pytest.mark.parametrize("structure, keep, tie, fmt, positions, seed", [
+    ("T(T(TT)T)T", "0.64", False, "pt", None, 1),  # the default: parent
+    ("T(T(TT)T)T", "0.5", True, "safetensors", "original", 1),
+    ("TT(TT(TT)TT)TT", "0.64", False, "safetensors", "parent", 3),
+    ("TTT", None, False, "safetensors", None, 1),  # the release's LLaMA baseline config
 ])
 def test_from_official_matches_an_independent_forward(
-        tmp_path: Path, structure: str, keep: str | None, tie: bool, fmt: str) -> None:
+        tmp_path: Path, structure: str, keep: str | None, tie: bool, fmt: str,
+        positions: str | None, seed: int) -> None:
     cfg = official_config(structure, keep, tie)
-    sd = official_state(cfg, seed=1)
+    sd = official_state(cfg, seed=seed)
     path, config_path = save_official(tmp_path, cfg, sd, fmt)
     out = tmp_path / "out"
+    flags = ["--rope-positions", positions] if positions else []
     assert main(["convert", "--from-official", str(path), "--official-config",
-                 str(config_path), "--out", str(out)]) == 0
+                 str(config_path), "--out", str(out), *flags]) == 0
     config = json.loads((out / "config.json").read_text())
+    assert config["rope_positions"] == (positions or "parent")
     assert config["structure"] == structure and config["tie_word_embeddings"] == tie
     assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 10000.0
     assert config["num_key_value_heads"] == config["num_attention_heads"] == 4
@@ -370,7 +380,7 @@ def test_from_official_matches_an_independent_forward(
     with torch.no_grad():
         result = model(ids)
     for row in range(ids.shape[0]):
-        expected, kept, fractional = reference_logits(sd, cfg, ids[row])
+        expected, kept, fractional = reference_logits(sd, cfg, ids[row], positions or "parent")
         torch.testing.assert_close(result.logits[row].double(), expected, atol=1e-5, rtol=1e-5)
         assert [int(k[row]) for k in result.kept or ()] == kept
         # not vacuous: every subsampling module keeps some tokens and drops others, and some
@@ -378,6 +388,10 @@ def test_from_official_matches_an_independent_forward(
         entered = [int(e[row]) for e in result.entered or ()]
         assert all(0 < k < n for k, n in zip(kept, entered, strict=True)), (kept, entered)
         assert all(n > 0 for n in fractional), fractional
+        if model.model.config.max_depth >= 2:  # nested: the two conventions differ here
+            other = reference_logits(sd, cfg, ids[row], "original" if positions != "original"
+                                     else "parent")[0]
+            assert (other - expected).abs().max() > 1e-3
 
 
 def _rename(sd: dict, old: str, new: str) -> None:
@@ -399,6 +413,9 @@ def _rename(sd: dict, old: str, new: str) -> None:
      "'decoder.layers.1.feedforward.swiglu.w12.weight' has shape [80, 48]"),
     (lambda c, sd: sd.__setitem__("decoder.bypasses.0.bypass_scale", torch.ones(47)),
      "'decoder.bypasses.0.bypass_scale' has shape [47]"),
+    (lambda c, sd: sd.__setitem__("decoder.layers.1.self_attn.position.inv_freq",
+                                  1.0 / 500000 ** (torch.arange(0, 12, 2) / 12)),
+     "is not the base-10000 rotary frequencies"),
     (lambda c, sd: c.pop("decoder_ffn_embed_dim"), "missing field 'decoder_ffn_embed_dim'"),
     (lambda c, sd: c.pop("downsampling_factor_denominator"),
      "missing field 'downsampling_factor_denominator'"),
@@ -433,3 +450,15 @@ def test_from_official_refuses_a_wrapped_state_dict(
     err = _error(capsys, ["convert", "--from-official", str(path), "--official-config",
                           str(config_path), "--out", str(tmp_path / "out")])
     assert "is not a state_dict" in err and "'model'" in err
+
+
+def test_from_official_says_which_rope_convention_it_wrote(tmp_path: Path, capsys) -> None:
+    cfg = official_config("T(T(TT)T)T", "0.64", False)
+    path, config_path = save_official(tmp_path, cfg, official_state(cfg, seed=1),
+                                      "safetensors")
+    assert main(["convert", "--from-official", str(path), "--official-config",
+                 str(config_path), "--out", str(tmp_path / "out")]) == 0
+    assert "rope_positions: parent (the release's full forward pass" in capsys.readouterr().out
+    assert _error(capsys, ["convert", "--from-hf", str(tmp_path / "llama"), "--rope-positions",
+                           "parent", "--out", str(tmp_path / "o2")]).endswith(
+        "--rope-positions goes with --from-official, not --from-hf")

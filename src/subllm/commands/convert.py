@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'T' per Llama layer (default: all 'T', a LLaMA)")
     p.add_argument("--keep", metavar="K", help="with --from-hf: keep ratio, or one per depth: "
                    "0.64,0.5 (default 0.64)")
+    p.add_argument("--rope-positions", choices=("parent", "original"),
+                   help="with --from-official: RoPE positions of nested segments' blocks; "
+                   "parent (default) reproduces the release's full forward pass, original "
+                   "its cached decoding (design.md §3.3)")
     p.add_argument("--tokenizer", metavar="FILE_OR_DIR", help="a tokenizer.json, or a "
                    "directory of Hugging Face tokenizer files (default with --from-hf: the "
                    "Llama directory's)")
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.from_hf is not None:
         if args.official_config is not None:
             raise SubLLMError("--official-config goes with --from-official, not --from-hf")
+        if args.rope_positions is not None:
+            raise SubLLMError("--rope-positions goes with --from-official, not --from-hf")
         src = Path(args.from_hf)
         keep = parse_keep(args.keep) if args.keep is not None else None
         model = from_hf_llama_dir(src, args.structure, keep, dtype=dtype)
@@ -78,15 +84,21 @@ def run(args: argparse.Namespace) -> int:
         src = Path(args.from_official)
         cfg_path = Path(args.official_config)
         official = read_json(cfg_path, "--official-config")
+        positions = args.rope_positions or "parent"
         official_model_config(official, str(cfg_path))  # config errors before reading weights
         model = from_official(read_state_dict(src), official, dtype=dtype, source=str(src),
-                              config_source=str(cfg_path))
+                              config_source=str(cfg_path), rope_positions=positions)
         token_ids = {"bos_token_id": official.get("bos_token_id"),
                      "eos_token_id": official.get("eos_token_id"),
                      "pad_token_id": official.get("pad_token_id", official.get("padding_idx"))}
         gen = None
         tokenizer = args.tokenizer
         info = {"converted from": f"SUBLLM release checkpoint {src} ({cfg_path.name})"}
+        if model.config.max_depth >= 2:
+            print(f"rope_positions: {positions} ("
+                  + ("the release's full forward pass, which its model was trained with; "
+                     "--rope-positions original gives its cached decoding's)"
+                     if positions == "parent" else "the release's cached decoding)"))
     out = write_converted(model, args.out, tokenizer=tokenizer, token_ids=token_ids,
                           generation_config=gen if gen is not None and gen.is_file() else None,
                           dtype=args.dtype, force=args.force, info=info)

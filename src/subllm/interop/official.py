@@ -65,7 +65,8 @@ def _hf_config_keys() -> set[str]:
     return set(PretrainedConfig().to_dict()) | set(_HF4_CONFIG_KEYS)
 
 
-def official_model_config(cfg: Mapping[str, Any], source: str = "the config") -> ModelConfig:
+def official_model_config(cfg: Mapping[str, Any], source: str = "the config",
+                          rope_positions: str = "parent") -> ModelConfig:
     """Our ModelConfig of a model described by the authors' config JSON.
 
     A missing or unknown field, or a value we cannot reproduce, is an error naming it.
@@ -131,9 +132,28 @@ def official_model_config(cfg: Mapping[str, Any], source: str = "the config") ->
             max_seq_len=dims["tokens_per_sample"], rope_theta=OFFICIAL_ROPE_THETA,
             norm_eps=OFFICIAL_NORM_EPS, tie_embeddings=tie,
             threshold="zero",  # the authors' inference rule: their model was trained for it
+            # their full pass numbers nested tokens by the enclosing segment (they trained
+            # with full passes); their cached decoding by original position (design.md §3.3)
+            rope_positions=rope_positions,
         )
     except ConfigError as e:
         raise SubLLMError(f"{source}: {e}") from None
+
+
+def _check_inv_freq(state: Mapping[str, Tensor], config: ModelConfig, source: str) -> None:
+    """The release stores its rotary `inv_freq` buffers; we compute base-10000 ones. Refuse
+    a checkpoint whose buffers say otherwise (its logits would silently differ)."""
+    hd = config.resolved_head_dim
+    expected = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    for key, t in state.items():
+        if not key.endswith(".inv_freq"):
+            continue
+        got = t.detach().double().reshape(-1)
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3):
+            first = ", ".join(f"{v:.4g}" for v in got[:3].tolist())
+            raise SubLLMError(f"{source}: {key!r} ({first}, ...) is not the base-"
+                              f"{config.rope_theta:g} rotary frequencies this converter "
+                              "reproduces; the checkpoint uses another RoPE base or scaling")
 
 
 def _official_names(config: ModelConfig) -> dict[str, tuple[str, slice | None]]:
@@ -181,13 +201,15 @@ def _official_names(config: ModelConfig) -> dict[str, tuple[str, slice | None]]:
 
 def from_official(state: Mapping[str, Tensor], official_config: Mapping[str, Any], *,
                   dtype: torch.dtype | None = None, source: str = "the checkpoint",
-                  config_source: str = "the config") -> SubLLM:
+                  config_source: str = "the config", rope_positions: str = "parent"
+                  ) -> SubLLM:
     """A SubLLM holding a checkpoint of the authors' release (`SubllmModel.state_dict()`).
 
     Eval-mode logits equal those of the authors' model on the same weights (design.md §3).
     dtype: of the result (default: that of the embedding).
     """
-    config = official_model_config(official_config, config_source)
+    config = official_model_config(official_config, config_source, rope_positions)
+    _check_inv_freq(state, config, source)
     with torch.device("meta"):
         model = SubLLM(config)
     shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}

@@ -108,6 +108,7 @@ def block_token_fractions(tree: list[int | Segment], keep: list[float]) -> dict[
 
 
 BALANCERS = ("measured", "paper", "none")
+ROPE_POSITIONS = ("original", "parent")
 THRESHOLDS = ("calibrated", "zero")
 
 
@@ -129,6 +130,10 @@ class ModelConfig:
     keep: float | list[float] = 0.64
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
+    # RoPE positions of the blocks in a nested segment (depth >= 2; design.md §3.3):
+    # "original" (the token's position in the sequence) or "parent" (its index among the
+    # enclosing segment's kept tokens, as the authors' release's full pass does).
+    rope_positions: str = "original"
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     head_dim: int | None = None  # None: dim // n_heads
@@ -265,6 +270,9 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         if not 0.0 < self.bypass_min_end <= self.bypass_min_start <= 1.0:
             raise ConfigError("need 0 < bypass_min_end <= bypass_min_start <= 1")
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ConfigError(f"rope_positions must be one of {', '.join(ROPE_POSITIONS)}, "
+                              f"got {self.rope_positions!r}")
         if self.balancer not in BALANCERS:
             raise ConfigError(f"balancer must be one of {', '.join(BALANCERS)}, got "
                               f"{self.balancer!r}")

@@ -35,7 +35,7 @@ SAME_NAME = (
     "bypass_init", "bypass_min_start", "bypass_min_end", "bypass_min_steps", "bypass_limit_prob",
     "balancer_prob_start", "balancer_prob_end", "balancer_prob_steps", "balancer_strength",
     "balancer_margin", "balancer_rms_min", "balancer_rms_max", "balancer", "threshold",
-    "threshold_decay", "weight_leak",
+    "threshold_decay", "weight_leak", "rope_positions",
 )
 _D = ModelConfig.__dataclass_fields__
 
@@ -85,6 +85,7 @@ class SubLLMConfig(PretrainedConfig):
     threshold: str = _default("threshold")
     threshold_decay: float = _default("threshold_decay")
     weight_leak: float = _default("weight_leak")
+    rope_positions: str = _default("rope_positions")
     hidden_act: str = "silu"
     use_cache: bool = True
     pad_token_id: int | None = None

@@ -67,6 +67,8 @@ class Span:
     mask:  (B, 1, L, L_past + L) bool attention mask; None: plain causal attention when
            `causal`, else no mask (one new token attending to a fully valid past).
     cache_start: where this call's keys go in the level's KV cache (None: no cache).
+    prior: (B,) real tokens of this level already in the cache, per row (None: none); the
+           `parent` RoPE convention numbers a nested segment's tokens after them.
     """
 
     pos: Tensor
@@ -76,6 +78,7 @@ class Span:
     mask: Tensor | None
     cache_start: int | None = None
     causal: bool = True
+    prior: Tensor | None = None
 
 
 def attention_mask_for(

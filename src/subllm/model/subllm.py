@@ -72,6 +72,7 @@ class SubLLM(nn.Module):
                     self.block_levels[c] = seg.index + 1
         self.step = 0
         self.gradient_checkpointing = False
+        self._parent_positions = config.rope_positions == "parent"
         # A segment no row kept a token of is skipped (no work at all). Sharded data-parallel
         # training sets this False: FSDP gathers each block's weights in its forward, so
         # every rank must call the same blocks; an empty segment then runs on one unused
@@ -219,11 +220,12 @@ class SubLLM(nn.Module):
         state = cache.levels[level]
         past_all_valid = state.all_valid
         start, past = state.append(valid, B, L, pos.device)
+        prior = past.sum(1) if start > 0 and self._parent_positions else None
         if start > 0 and L == 1 and valid is None and past_all_valid:
             # One new token, every cached slot real: attend to everything, no mask needed.
-            return Span(pos, valid, cos, sin, None, start, causal=False)
+            return Span(pos, valid, cos, sin, None, start, causal=False, prior=prior)
         mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device)
-        return Span(pos, valid, cos, sin, mask, start)
+        return Span(pos, valid, cos, sin, mask, start, prior=prior)
 
     def _run(self, items: list[int | Segment], h: Tensor, span: Span, cache: KVCache | None,
              kept: list, entered: list) -> Tensor:
@@ -249,7 +251,12 @@ class SubLLM(nn.Module):
             sel = sel.placeholder()
         idx = sel.idx[..., None].expand(-1, -1, x_out.shape[-1])
         x_in = x_out.gather(1, idx)  # (B, K, d)
-        pos_in = span.pos.gather(1, sel.idx)  # original positions (design.md §3.3)
+        if self._parent_positions and seg.depth >= 2:
+            # `parent` (design.md §3.3): the index among the enclosing segment's kept tokens,
+            # counted on from those already cached, so decoding numbers them as prefill does
+            pos_in = sel.idx if span.prior is None else sel.idx + span.prior[:, None]
+        else:
+            pos_in = span.pos.gather(1, sel.idx)  # original positions (design.md §3.3)
         inner = self._span(seg.index + 1, pos_in, sel.valid, cache, x_out.dtype)
         y = self._run(seg.children, x_in, inner, cache, kept, entered)
         return self.bypasses[seg.index](x_out, y, sel, self.step)
