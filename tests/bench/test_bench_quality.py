@@ -163,3 +163,21 @@ def test_eval_points_and_equal_time_interpolation() -> None:
     assert loss_at_time(curve, 2.0) == pytest.approx(3.5)
     assert loss_at_time(curve, 3.0) == pytest.approx(3.0)
     assert loss_at_time(curve, 0.5) is None and loss_at_time(curve, 3.5) is None
+
+
+def test_seeds_repeat_the_comparison_and_summarise_mean_and_spread(work: Path) -> None:
+    out = work / "out-seeds"
+    assert bench(work, out, f"{work / 'llama.yaml'},{work / 'subllm.yaml'}", "--seeds", "2",
+                 "--seed", "4") == 0
+    assert {p.name for p in out.iterdir()} == {"seed-4", "seed-5", "quality_seeds.json",
+                                               "quality_seeds.md", "quality_seeds.png"}
+    r = json.loads((out / "quality_seeds.json").read_text())
+    singles = [json.loads((out / f"seed-{s}" / "quality.json").read_text()) for s in (4, 5)]
+    assert [x["settings"]["seed"] for x in singles] == [4, 5]
+    ratios = [x["ratios"]["val_loss"] for x in singles]
+    assert singles[0]["final"]["a"]["val_loss"] != singles[1]["final"]["a"]["val_loss"]
+    stats = r["stats"]["val_loss_ratio"]
+    assert stats["mean"] == pytest.approx(sum(ratios) / 2)
+    assert stats["std"] == pytest.approx(abs(ratios[0] - ratios[1]) / 2 ** 0.5)
+    assert (stats["min"], stats["max"]) == (min(ratios), max(ratios))
+    assert "| 5 |" in (out / "quality_seeds.md").read_text()

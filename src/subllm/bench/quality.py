@@ -24,6 +24,7 @@ B / A.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -84,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="validation batches of --batch-size x --seq-len tokens (default 20; "
                         "fewer when val.bin is shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    p.add_argument("--seeds", type=positive_int, default=1, metavar="N",
+                   help="repeat the comparison with seeds SEED, SEED+1, ... (each in "
+                   "OUT/seed-S/) and summarise the mean and spread over them in "
+                   "OUT/quality_seeds.{json,md,png} (default 1: one run in OUT)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
@@ -150,6 +155,106 @@ def _ensure_data(data_dir: Path) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seeds == 1:
+        return _run_one(args)
+    out = Path(args.out)
+    reports = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        one = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": 1,
+                                    "out": str(out / f"seed-{seed}")})
+        code = _run_one(one)
+        if code:
+            return code
+        reports.append(json.loads((out / f"seed-{seed}" / "quality.json").read_text()))
+    summary = seeds_summary(reports)
+    paths = write_outputs(out, "quality_seeds", summary, render_seeds_markdown(summary),
+                          plot_seeds)
+    print(seeds_line(summary))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def seeds_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over the seeds' reports of the final validation loss, training time
+    and their B / A ratios."""
+    first = reports[0]
+    per_seed = [{"seed": r["settings"]["seed"],
+                 "a_val_loss": r["final"]["a"]["val_loss"],
+                 "b_val_loss": r["final"]["b"]["val_loss"],
+                 "a_train_s": r["final"]["a"]["train_s"], "b_train_s": r["final"]["b"]["train_s"],
+                 "val_loss_ratio": r["ratios"]["val_loss"],
+                 "train_time_ratio": r["ratios"]["train_time"],
+                 "b_eval_kept_fractions": r["final"]["b"]["eval_kept_fractions"]}
+                for r in reports]
+    keys = ("a_val_loss", "b_val_loss", "a_train_s", "b_train_s", "val_loss_ratio",
+            "train_time_ratio")
+    stats = {k: _spread([row[k] for row in per_seed]) for k in keys}
+    tol = first["target"]["loss_tolerance"]
+    return {"bench": "quality_seeds", "machine": first["machine"], "command": first["command"],
+            "a": first["a"], "b": first["b"], "settings": first["settings"],
+            "device": first["device"], "dtype": first["dtype"], "seeds": per_seed,
+            "stats": stats, "loss_tolerance": tol,
+            "within_tolerance": stats["val_loss_ratio"]["mean"] <= 1 + tol,
+            "curves": {r["settings"]["seed"]: r["curves"] for r in reports}}
+
+
+def seeds_line(r: dict[str, Any]) -> str:
+    q, t = r["stats"]["val_loss_ratio"], r["stats"]["train_time_ratio"]
+    return (f"over {len(r['seeds'])} seeds: B/A val loss {q['mean']:.4f} +- {q['std']:.4f} "
+            f"(range {q['min']:.4f}-{q['max']:.4f}), B/A train time {t['mean']:.3f} +- "
+            f"{t['std']:.3f}; B within {r['loss_tolerance']:.0%} of A on average: "
+            f"{'yes' if r['within_tolerance'] else 'no'}")
+
+
+def render_seeds_markdown(r: dict[str, Any]) -> str:
+    m, s = r["machine"], r["settings"]
+    lines = [f"# subllm bench quality over {len(r['seeds'])} seeds — A = {r['a']['spec']}, "
+             f"B = {r['b']['spec']}", "",
+             f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} "
+             f"torch threads), torch {m['torch']}; device {r['device']}, dtype {r['dtype']}.",
+             f"Each seed: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} = "
+             f"{s['tokens']:,} tokens per model (details in seed-S/quality.md).", "",
+             "| seed | A val loss | B val loss | B/A loss | A train s | B train s | B/A time "
+             "| B eval kept |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in r["seeds"]:
+        lines.append(f"| {row['seed']} | {row['a_val_loss']:.4f} | {row['b_val_loss']:.4f} | "
+                     f"{row['val_loss_ratio']:.4f} | {row['a_train_s']:.1f} | "
+                     f"{row['b_train_s']:.1f} | {row['train_time_ratio']:.3f} | "
+                     f"{_kept(row['b_eval_kept_fractions'])} |")
+    lines += ["", "| | mean | std | min | max |", "|---|---:|---:|---:|---:|"]
+    for k, v in r["stats"].items():
+        lines.append(f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['min']:.4f} | "
+                     f"{v['max']:.4f} |")
+    lines += ["", seeds_line(r) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_seeds(r: dict[str, Any], path: Path) -> None:
+    """Validation loss against tokens, one line per model and seed."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
+    for seed, curves in r["curves"].items():
+        for k, style in (("a", "o-"), ("b", "s--")):
+            pts = curves[k]
+            ax.plot([p["tokens"] for p in pts], [p["val_loss"] for p in pts], style, ms=3,
+                    alpha=0.8, label=f"{RUN_NAMES[k]} seed {seed}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    q = r["stats"]["val_loss_ratio"]
+    ax.set_title(f"B/A val loss {q['mean']:.4f} +- {q['std']:.4f} over {len(r['seeds'])} "
+                 "seeds", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def _run_one(args: argparse.Namespace) -> int:
     import torch
 
     from subllm.train import checkpoint as ckpt
