@@ -110,3 +110,34 @@ def test_a_truncated_train_bin_is_named_once(tmp_path, capsys, prepare_corpus):
                     "the directory is damaged")
     assert "SubLLMError(" not in line and line.count("subllm prepare") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_second_sweep_inputs_are_one_line_and_touch_nothing(tmp_path, capsys,
+                                                            prepare_corpus) -> None:
+    """Found by a sweep of ~475 inputs: each used to trace back, destroy data or do the
+    wrong thing quietly."""
+    data = prepare_corpus(tmp_path, 6)
+    capsys.readouterr()
+    cfg = tmp_path / "c.yaml"
+    one_line(capsys, 2, ["bench"], "name a benchmark: mst")  # was a RecursionError
+    for text, fragment in (("max-steps: null\n", "`max-steps` is null"),
+                           ("lr: null\n", "`lr` is null"), ("data: null\n", "`data` is null"),
+                           ("seq-len: true\n", "`seq-len` must be a value like the flag")):
+        cfg.write_text(text)
+        one_line(capsys, 2, ["train", "--config", str(cfg), "--out", str(tmp_path / "r")],
+                 fragment)
+    one_line(capsys, 2, ["train", "--data", str(data), "--out", str(tmp_path / "r"),
+                         "--seq-len", "1"], "needs at least 2 tokens")
+    for argv in (["train", "--data", str(data), "--out", ""],
+                 ["prepare", "--input", str(tmp_path / "corpus"), "--out", ""]):
+        one_line(capsys, 2, argv, "--out is empty")
+    assert not (tmp_path / "r").exists()
+    # --force replaces an earlier export, never a data directory or anything else
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    one_line(capsys, 2, ["export", "--checkpoint", str(tmp_path / "nowhere"), "--out",
+                         str(data), "--force"], "--force replaces only an earlier export")
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    # prepare into its own corpus would read its outputs as documents next time
+    one_line(capsys, 2, ["prepare", "--input", str(tmp_path / "corpus"), "--out",
+                         str(tmp_path / "corpus" / "prepared")], "lies inside the input")
+    assert not (tmp_path / "corpus" / "prepared").exists()

@@ -104,13 +104,32 @@ def check_out_dir(out: str | Path, force: bool,
                   inputs: tuple[str | Path | None, ...] = ()) -> Path:
     """The output directory, checked before any work: not a file, not one of (or inside, or
     around) the `inputs`, and empty unless `force`."""
+    if not str(out).strip():
+        raise SubLLMError("--out is empty; pass a directory path")
     out = Path(out)
     check_not_overlapping(out, inputs)
     if out.exists() and not out.is_dir():
         raise SubLLMError(f"--out {out} is a file; pass a directory path")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SubLLMError(f"--out {out} exists and is not empty; pass --force to replace it")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise SubLLMError(f"--out {out} exists and is not empty; pass --force to replace "
+                              "it")
+        if not _is_model_dir(out):  # --force replaces an earlier export, nothing else
+            raise SubLLMError(f"--out {out} holds something other than an exported model (no "
+                              "config.json of a model in it); --force replaces only an earlier "
+                              "export or conversion: choose another --out")
     return out
+
+
+def _is_model_dir(path: Path) -> bool:
+    """An earlier `subllm export` / `convert` (or any Hugging Face model) directory."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 LOCK_FILE = ".lock"

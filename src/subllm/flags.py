@@ -113,8 +113,12 @@ def _convert_one(action: argparse.Action, where: str, value: Any) -> Any:
     if value is None:
         return None
     kind = action.type or str
+    if isinstance(value, bool):  # YAML true/false where a number or a name is expected
+        raise SubLLMError(f"{where} must be a value like the flag "
+                          f"{action.option_strings[-1]} {action.metavar or ''} takes, got "
+                          f"{str(value).lower()}".replace("  ", " "))
     try:
-        converted = kind(str(value)) if not isinstance(value, bool) else kind(value)
+        converted = kind(str(value))
     except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
         raise SubLLMError(f"{where}: {e}") from None
     if action.choices is not None and converted not in action.choices:
@@ -188,6 +192,12 @@ def resolve_flags(
         settings.update({k: v for k, v in base.items() if k in actions})
     found, extras = from_file if from_file is not None else file_settings(args, parser,
                                                                            extra_keys)
+    for key, value in found.items():  # `key: null` for a setting that must have a value
+        if value is None and defaults.get(key) is not None:
+            flag = actions[key].option_strings[-1]
+            raise SubLLMError(f"{args.config}: `{key.replace('_', '-')}` is null; give it a "
+                              f"value like {flag} takes or drop the key (default "
+                              f"{defaults[key]})")
     settings.update(found)
     settings.update(explicit_flags(args, parser))
     return settings, extras

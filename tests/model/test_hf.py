@@ -341,10 +341,17 @@ def test_export_cli_errors_are_one_line_and_write_nothing(tmp_path: Path,
     code, err = _run_cli(["export", "--checkpoint", str(tmp_path / "run"), "--out",
                           str(occupied)], capsys)
     assert code == 2 and "--force" in err and (occupied / "keep.txt").read_text() == "mine"
+    code, err = _run_cli(["export", "--checkpoint", str(tmp_path / "run"), "--out",
+                          str(occupied), "--force"], capsys)  # --force never deletes user files
+    assert code == 2 and "only an earlier export" in err
+    assert (occupied / "keep.txt").read_text() == "mine"
+    earlier = tmp_path / "earlier"
+    assert _run_cli(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(earlier)],
+                    capsys)[0] == 0
     code, _ = _run_cli(["export", "--checkpoint", str(tmp_path / "run"), "--out",
-                        str(occupied), "--force", "--dtype", "bf16"], capsys)
-    assert code == 0 and not (occupied / "keep.txt").exists()
-    loaded = AutoModelForCausalLM.from_pretrained(occupied)
+                        str(earlier), "--force", "--dtype", "bf16"], capsys)
+    assert code == 0
+    loaded = AutoModelForCausalLM.from_pretrained(earlier)
     assert loaded.dtype == torch.bfloat16
     ref = model.state_dict()["layers.0.self_attn.q_proj.weight"].to(torch.bfloat16)
     assert torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, ref)

@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 from subllm.bench import BENCHMARKS
+from subllm.errors import SubLLMError
 
 TAKES_REST = True  # add_arguments(parser, rest): see subllm.cli
 DESCRIPTION = "Run a benchmark; results go to --out as JSON, a Markdown table and plots."
@@ -44,5 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser, rest: list[str] | None = None
     parser.set_defaults(func=_usage)
 
 
-def run(args: argparse.Namespace) -> int:  # the chosen benchmark sets its own `func`
+def run(args: argparse.Namespace) -> int:
+    # a named benchmark sets its own `func`; with none named, `func` is this function
+    if getattr(args, "func", None) is run or getattr(args, "bench", None) is None:
+        raise SubLLMError(f"name a benchmark: {', '.join(BENCHMARKS)} (see `subllm bench "
+                          "--help`)")
     return args.func(args)

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if s["checkpoint"] is None:
         raise SubLLMError("give --checkpoint RUN_DIR (the --out of a `subllm train` run, or a "
                           "Hugging Face SubLLM directory from `subllm export`/`convert`)")
+    if s["seq_len"] is not None and s["seq_len"] < 2:
+        raise SubLLMError(f"--seq-len {s['seq_len']}: a validation window needs at least 2 "
+                          "tokens (one input, one target)")
     from subllm.train.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(s["checkpoint"], s["data"], s["batches"], s["batch_size"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from subllm.errors import SubLLMError
@@ -48,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
     s, _ = resolve_flags(args, args._parser, PREPARE_DEFAULTS)
     if s["tokenizer"] is not None and s["vocab_size"] is not None:
         raise SubLLMError("give either vocab-size or tokenizer, not both")
+    if not str(s["out"]).strip():
+        raise SubLLMError("--out is empty; pass a directory path")
+    out = Path(s["out"]).resolve()
+    for inp in s["input"] or ():
+        i = Path(inp).resolve()
+        if out == i or i in out.parents:  # the next prepare would read its own outputs
+            raise SubLLMError(f"--out {s['out']} is or lies inside the input {inp}; write the "
+                              "prepared data outside the corpus")
     meta = prepare(
         s["out"], inputs=s["input"], text_field=s["text_field"],
         vocab_size=s["vocab_size"] or DEFAULT_VOCAB_SIZE, tokenizer=s["tokenizer"],

@@ -156,6 +156,12 @@ def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    for name in ("out", "data"):
+        if not str(getattr(cfg, name)).strip():
+            raise SubLLMError(f"--{name} is empty; pass a directory path")
+    if cfg.seq_len < 2:
+        raise SubLLMError(f"--seq-len {cfg.seq_len}: a training sequence needs at least 2 "
+                          "tokens (one input, one target)")
     if cfg.skip_damaged and not cfg.resume:
         raise SubLLMError("--skip-damaged goes with --resume (it chooses where a run resumes)")
     if cfg.min_lr > cfg.lr:

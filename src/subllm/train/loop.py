@@ -550,6 +550,7 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                 result = train_step(state.model, state.optimizer, micro, device=state.device,
                                     amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
                                     no_sync=no_sync)
+                _sync_cutoffs(state.raw_model, dd)
                 state.step += 1
                 pending.add(state.step, lr, result)
                 bar.update(1)
@@ -629,6 +630,20 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
     if kept:
         record["kept_fractions"] = kept
     return record
+
+
+def _sync_cutoffs(model: SubLLM, dd: Dist) -> None:
+    """Each rank records the top-k cut-offs of its own batches (design.md §3.8); sum them
+    over the ranks, so every rank folds the same mean into the same calibrated threshold
+    (FSDP keeps buffers per rank; DDP would otherwise use rank 0's alone)."""
+    subs = [sub for sub in model.subsamplers if sub.calibrated]
+    if not dd.enabled or not subs:
+        return
+    t = torch.stack([x for sub in subs for x in (sub.pending_sum, sub.pending_count)])
+    dist.all_reduce(t)
+    for i, sub in enumerate(subs):
+        sub.pending_sum.copy_(t[2 * i])
+        sub.pending_count.copy_(t[2 * i + 1])
 
 
 def _check_finite(loss: float, grad_norm: float, step: int, last_saved: Path | None) -> None:
