@@ -59,3 +59,25 @@ def prepare_corpus() -> Callable[..., Path]:
     `root / "corpus"`, prepared into `root / "data"` (returned)."""
     return _prepare_corpus
 
+
+
+# `subllm train` settings of a tiny nested SUBLLM that trains in a second on the corpora above
+TINY_TRAIN = {
+    "preset": "subllm-tiny",
+    "model": {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 6,
+              "structure": "T(T(TT)T)T", "max_seq_len": 128},
+    "seq-len": 64, "batch-size": 4, "warmup": 2, "lr": 3e-3, "log-every": 1,
+    "eval-batches": 2, "eval-every": 0, "save-every": 0, "device": "cpu",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Callable[..., dict]:
+    """`tiny_settings(data, **overrides)`: TINY_TRAIN for the data folder `data`, with
+    flag-named overrides (`**{"save-every": 2}`; `model={...}` updates the model section)."""
+
+    def make(data: Path, **overrides: object) -> dict:
+        model = {**TINY_TRAIN["model"], **overrides.pop("model", {})}  # type: ignore[dict-item]
+        return {**TINY_TRAIN, "model": model, "data": str(data), **overrides}
+
+    return make

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.slow  # ~40 subprocesses, each importing torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BAR = re.compile(r"^\w+:\s+\d+%\|")  # a tqdm progress bar ("train:  50%|...")
-TINY = {
-    "preset": "subllm-tiny",
-    "model": {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 6,
-              "structure": "T(T(TT)T)T", "max_seq_len": 128},
-    "seq-len": 64, "batch-size": 4, "warmup": 2, "lr": 3e-3, "log-every": 1,
-    "eval-batches": 2, "eval-every": 0, "save-every": 2, "device": "cpu", "max-steps": 6,
-}
-
 
 def cli(*argv: str, cwd: Path | None = None, inject: str | None = None,
         timeout: float = 180) -> subprocess.CompletedProcess:
@@ -75,12 +67,13 @@ def snapshot(*roots: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus, tiny_settings) -> Path:
     """data/ (prepared), tiny.yaml, run/ (checkpoints at steps 2 and 4 of 6) and hf/ (its
     export), made in-process; the tests copy what they change."""
     root = tmp_path_factory.mktemp("reliability-cli")
     prepare_corpus(root, 40, lines=40)
-    (root / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "data": str(root / "data")}))
+    settings = tiny_settings(root / "data", **{"save-every": 2, "max-steps": 6})
+    (root / "tiny.yaml").write_text(yaml.safe_dump(settings))
     assert main(["train", "--config", str(root / "tiny.yaml"), "--out", str(root / "run"),
                  "--stop-at", "4"]) == 0
     assert main(["export", "--checkpoint", str(root / "run"), "--out", str(root / "hf")]) == 0

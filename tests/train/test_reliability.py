@@ -14,14 +14,6 @@ import yaml
 from subllm.cli import main
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-TINY = {
-    "preset": "subllm-tiny",
-    "model": {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 6,
-              "structure": "T(T(TT)T)T", "max_seq_len": 128},
-    "seq-len": 64, "batch-size": 4, "warmup": 2, "lr": 3e-3, "log-every": 1,
-    "eval-batches": 2, "eval-every": 0, "save-every": 0, "device": "cpu",
-}
-
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -29,10 +21,10 @@ def env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus, tiny_settings) -> Path:
     root = tmp_path_factory.mktemp("reliability")
     prepare_corpus(root, 40, lines=40)
-    (root / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "data": str(root / "data")}))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(root / "data")))
     return root
 
 
@@ -113,10 +105,10 @@ def test_a_killed_training_does_not_block_resume(work: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize("flags", [("--seq-len", "100000"),
                                    ("--config-vocab",)])
 def test_a_failed_start_leaves_nothing_behind(work: Path, tmp_path: Path, flags: tuple,
-                                              capsys: pytest.CaptureFixture) -> None:
+                                              capsys: pytest.CaptureFixture,
+                                              tiny_settings) -> None:
     if flags == ("--config-vocab",):  # a model vocabulary smaller than the data's
-        cfg = {**TINY, "data": str(work / "data"),
-               "model": {**TINY["model"], "vocab_size": 8}}
+        cfg = tiny_settings(work / "data", model={"vocab_size": 8})
         (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
         argv = ["train", "--config", str(tmp_path / "small.yaml")]
     else:

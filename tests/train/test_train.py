@@ -22,14 +22,6 @@ from subllm.train import checkpoint as ckpt
 
 SRC = Path(__file__).resolve().parents[2] / "src"  # <repo>/tests/<package>/this file
 # A 6-block SUBLLM with two nested segments, small enough for ~20 ms per step on one core.
-TINY = {
-    "preset": "subllm-tiny",
-    "model": {"dim": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 6,
-              "structure": "T(T(TT)T)T", "max_seq_len": 128},
-    "seq-len": 64, "batch-size": 4, "warmup": 2, "lr": 3e-3, "log-every": 1,
-    "eval-batches": 2, "eval-every": 0, "save-every": 0, "device": "cpu",
-}
-
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -37,11 +29,11 @@ def env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus, tiny_settings) -> Path:
     """A small corpus prepared once, and the tiny config."""
     root = tmp_path_factory.mktemp("pipeline")
     prepare_corpus(root, 40, lines=40)  # 40 docs of 40 lines of 12 words, seed 0, vocab 300
-    (root / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "data": str(root / "data")}))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(root / "data")))
     return root
 
 

@@ -8,7 +8,9 @@ mechanism) pushes the fraction of positive scores towards the keep ratio.
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,6 +96,12 @@ class _BalanceScores(torch.autograd.Function):
         return g + extra.to(g.dtype), None, None, None, None, None, None, None
 
 
+@functools.lru_cache(maxsize=64)
+def _normal_quantile(p: float) -> float:
+    """The standard normal quantile, computed once per keep band (not per backward)."""
+    return statistics.NormalDist().inv_cdf(min(max(p, 1e-6), 1 - 1e-6))
+
+
 class _PaperBalance(torch.autograd.Function):
     """The published balancer (design.md §3.5 as the paper states it): m / sd into the
     Gaussian quantile band [q(keep - 0.05), q(keep + 0.05)], rms into [rms_min, rms_max];
@@ -110,8 +118,7 @@ class _PaperBalance(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         s, valid = ctx.saved_tensors
         lo, hi, rms_min, rms_max, strength = ctx.consts
-        q_lo, q_hi = (float(torch.special.ndtri(torch.tensor(v, dtype=torch.float64)))
-                      for v in (min(max(lo, 1e-6), 1 - 1e-6), min(max(hi, 1e-6), 1 - 1e-6)))
+        q_lo, q_hi = _normal_quantile(lo), _normal_quantile(hi)
         with torch.enable_grad():
             x = s.detach().float().requires_grad_(True)
             v = x[valid] if valid is not None else x.reshape(-1)
