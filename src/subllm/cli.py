@@ -12,9 +12,13 @@ verb writes its outputs atomically, so such a failure leaves the previous output
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # verb -> (module in subllm.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -79,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     # transformers' own progress bars ("Writing model shards", "Loading weights") would
     # bury our one-line messages; the CLI prints its own progress
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # `kill -USR1 PID` prints where every thread of a running subllm is (a stuck rank of a
+    # distributed run, a slow step) to stderr, and the process goes on
+    if hasattr(faulthandler, "register") and threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, OSError):  # stderr without a file descriptor
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

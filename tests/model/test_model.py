@@ -33,8 +33,9 @@ def assert_subsampled(out):
         assert (k > 0).all() and (k < e).all(), (k, e)
 
 
-def test_eval_prefill_plus_decode_equals_full_forward():
-    m = eval_model(1)
+@pytest.mark.parametrize("threshold", ["rank", "calibrated", "zero"])
+def test_eval_prefill_plus_decode_equals_full_forward(threshold):
+    m = eval_model(1, threshold=threshold)
     x = torch.randint(0, 97, (3, 40))
     full = m(x)
     assert_subsampled(full)
@@ -75,8 +76,9 @@ def test_causality_in_eval_mode():
     assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
 
 
-def test_left_padding_equals_unpadded_rows():
-    m = eval_model(4)
+@pytest.mark.parametrize("threshold", ["rank", "calibrated"])
+def test_left_padding_equals_unpadded_rows(threshold):
+    m = eval_model(4, threshold=threshold)
     x = torch.randint(0, 97, (1, 12))
     pad = torch.cat([torch.zeros(1, 5, dtype=torch.long), x], 1)
     mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 12)], 1).long()

@@ -32,7 +32,7 @@ def test_the_calibrated_cutoff_converges_to_the_top_k_cut_of_the_score_distribut
     Phi(0.7 / sqrt(2)) = 0.69 of them: the control that does not follow the keep ratio."""
     torch.manual_seed(0)
     keep = 0.6
-    sub = Subsampler(tiny(), keep)
+    sub = Subsampler(tiny(threshold="calibrated"), keep)
     with torch.no_grad():
         sub.score.weight.zero_()
         sub.score.weight[0, :2] = 1.0
@@ -93,7 +93,7 @@ def test_a_state_dict_from_before_the_calibrated_cutoff_loads_with_the_papers_ru
     model = SubLLM(tiny()).eval()
     old = {k: v for k, v in model.state_dict().items()
            if not any(k.endswith(name) for name in CUTOFF_BUFFERS)}
-    fresh = SubLLM(tiny())
+    fresh = SubLLM(tiny(threshold="calibrated"))
     with torch.no_grad():
         fresh.subsamplers[0].cutoff.fill_(3.0)
     fresh.load_state_dict(old)  # strict: the missing buffers are filled in, with 0
@@ -151,3 +151,94 @@ def test_the_papers_balancer_gradient_matches_an_fp64_transcription_of_the_paper
 def test_routing_settings_are_checked(field: str, value) -> None:
     with pytest.raises(ConfigError, match=field):
         tiny(**{field: value})
+
+
+# --------------------------------------------------------------------------------------
+# The rank rule (design.md §3.8): training's top-k made causal
+
+
+def rank_reference(s: list[list[float]], valid: list[list[bool]], keep: float
+                   ) -> list[list[bool]]:
+    """The rule as stated, in plain Python: keep token t iff fewer than round(keep * n_t)
+    (halves up) of the row's real tokens before it score higher, n_t = real tokens <= t."""
+    out = []
+    for row, ok in zip(s, valid, strict=True):
+        kept = []
+        for t, (st, vt) in enumerate(zip(row, ok, strict=True)):
+            n = sum(ok[: t + 1])
+            above = sum(1 for j in range(t) if ok[j] and row[j] > st)
+            kept.append(vt and above < math.floor(keep * n + 0.5))
+        out.append(kept)
+    return out
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.64, 0.9])
+def test_the_rank_rule_equals_its_plain_statement_with_padding_chunks_and_a_past(
+        keep: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    from subllm.model import subsample
+
+    torch.manual_seed(int(keep * 100))
+    B, L = 3, 37
+    s = torch.randn(B, L, dtype=torch.float64)
+    s[0, 5:9] = s[0, 4]  # ties: an equal score is not higher
+    valid = torch.rand(B, L) > 0.2
+    valid[1, :11] = False  # left padding
+    expected = torch.tensor(rank_reference(s.tolist(), valid.tolist(), keep))
+    full = subsample.causal_rank_keep(s, valid, keep)
+    assert torch.equal(full, expected)
+    assert 0 < int(full.sum()) < int(valid.sum())
+    # in small query chunks, and continued from a cached past, the decisions are the same
+    monkeypatch.setattr(subsample, "RANK_CHUNK_ELEMENTS", 50)
+    assert torch.equal(subsample.causal_rank_keep(s, valid, keep), expected)
+    for cut in (1, 20, L - 1):
+        tail = subsample.causal_rank_keep(s[:, cut:], valid[:, cut:], keep,
+                                          s[:, :cut], valid[:, :cut])
+        assert torch.equal(tail, expected[:, cut:])
+
+
+def test_the_rank_rule_keeps_the_share_wherever_the_scores_sit_and_a_threshold_does_not(
+        ) -> None:
+    """Both rules calibrated on ~N(0, 1) scores (training passes); then every score moves by
+    half a standard deviation (another text, a scorer that moved): the rank rule's kept share
+    stays at keep, the calibrated threshold's follows the shift (0.15-0.17; the control)."""
+    torch.manual_seed(5)
+    keep, L = 0.64, 256
+    ranked = Subsampler(tiny(), keep)
+    with torch.no_grad():
+        ranked.score.weight.normal_(0.0, 32 ** -0.5)
+    ranked.train()
+    for _ in range(200):
+        ranked(torch.randn(8, L, 32).requires_grad_(True), None)
+        ranked.apply_pending()
+    ranked.eval()
+    calibrated = Subsampler(tiny(threshold="calibrated"), keep).eval()
+    calibrated.load_state_dict(ranked.state_dict())
+    w = ranked.score.weight[0]
+    x = torch.randn(32, L, 32)
+    shares = {}
+    with torch.no_grad():
+        for shift in (-0.5, 0.0, 0.5):
+            y = x + shift * w / w.pow(2).sum()  # every score moves by `shift`
+            shares[shift] = [float(m(y, None).count.sum()) / y.shape[0] / L
+                             for m in (ranked, calibrated)]
+    for rank_share, _ in shares.values():
+        assert abs(rank_share - keep) < 0.015, shares  # rounding: 0.630 at 256 tokens
+    assert abs(shares[0.0][1] - keep) < 0.04, shares  # calibrated on these scores
+    assert shares[-0.5][1] < keep - 0.12 and shares[0.5][1] > keep + 0.12, shares
+
+
+def test_a_saved_config_without_threshold_loads_with_the_rule_it_was_trained_for(
+        tmp_path) -> None:
+    """Checkpoints and exports from before `threshold` existed decided by score > 0."""
+    from subllm.model.hf_config import SubLLMConfig
+    from subllm.train import checkpoint as ckpt
+
+    assert ModelConfig().threshold == "rank"  # new models
+    d = tiny().to_dict()
+    del d["threshold"]
+    (tmp_path / "model_config.json").write_text(__import__("json").dumps(d))
+    assert ckpt.load_model_config(tmp_path)["threshold"] == "zero"
+    hf = SubLLMConfig.from_model_config(tiny()).to_dict()
+    del hf["threshold"]
+    assert SubLLMConfig.from_dict(hf).threshold == "zero"
+    assert SubLLMConfig.from_dict({**hf, "threshold": "rank"}).threshold == "rank"

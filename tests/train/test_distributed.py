@@ -3,8 +3,10 @@ hangs (gloo on CPU, 2-4 processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +65,7 @@ def test_small_validation_finishes_and_equals_one_process(small_val: Path, engin
            str(ranks), "-m", "subllm", "train", "--config", str(small_val / "tiny.yaml"),
            "--out", str(run), "--distributed", engine, "--batch-size", "1",
            "--dist-timeout", "60"]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+    proc = run_bounded(cmd, env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = val_losses(run)
     assert sorted(logged) == [2, 4]
@@ -117,6 +119,39 @@ if os.environ.get("RANK") == "1":
         return original(*args, **kwargs)
     loop.train_step = flaky
 """
+
+
+def run_bounded(cmd: list[str], environ: dict[str, str], timeout: float
+                ) -> subprocess.CompletedProcess:
+    """Run `cmd` (torchrun and its ranks) in a session of its own. Past `timeout` every
+    process of it prints its threads' stacks (`subllm` dumps them on SIGUSR1) and is then
+    killed, so a hang fails with the place it hung, and no rank outlives the test."""
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:8])} ... still running after {timeout:g} s; the stacks "
+                    f"of its processes:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """The processes of session `sid` but its leader (torchrun's ranks), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and int(stat.parent.name) != sid:  # field 6: session
+                pids.append(int(stat.parent.name))
+    return pids
 
 
 def free_port() -> int:

@@ -109,7 +109,11 @@ def block_token_fractions(tree: list[int | Segment], keep: list[float]) -> dict[
 
 BALANCERS = ("measured", "paper", "none")
 ROPE_POSITIONS = ("original", "parent")
-THRESHOLDS = ("calibrated", "zero")
+THRESHOLDS = ("rank", "calibrated", "zero")
+# A saved config without `threshold` predates the choice: its model was trained for, and
+# decided at inference by, score > 0 (no cut-off buffers either). Loading saved configs
+# (checkpoints, exported config.json) fills this in; new configs get the default.
+SAVED_WITHOUT_THRESHOLD = "zero"
 
 
 @dataclass
@@ -160,12 +164,13 @@ class ModelConfig:
     # rule: m / sd into the Gaussian quantile band keep +- 0.05, scaled by |g| elementwise)
     # or "none".
     balancer: str = "measured"
-    # The inference rule (design.md §3.8): "calibrated" keeps a token whose score is above a
-    # running estimate of the training top-k cut-off score (a buffer of each subsampler,
-    # updated in every training forward pass), so training and inference keep the same
-    # fraction by construction; "zero" is the paper's rule, score > 0 (models converted from
-    # the authors' release use it).
-    threshold: str = "calibrated"
+    # The inference rule (design.md §3.8): "rank" keeps a token whose score ranks in the top
+    # `keep` share of its row so far (training's top-k made causal: the kept share holds on
+    # any text); "calibrated" keeps a token whose score is above a running estimate of the
+    # training top-k cut-off score (a buffer of each subsampler, updated in every training
+    # forward pass; "rank" uses it for the upsampling weights); "zero" is the paper's rule,
+    # score > 0 (models converted from the authors' release use it).
+    threshold: str = "rank"
     threshold_decay: float = 0.99  # of the cut-off's running mean (about 100 steps)
     # Share of the gradient the upsampling weight clamp(score, 0, 1) passes below 0 in
     # training (0: the paper's plain clamp, under which dropped tokens' scores pile up at

@@ -15,7 +15,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from .config import ModelConfig
+from .config import SAVED_WITHOUT_THRESHOLD, ModelConfig
 
 # SubLLMConfig field -> ModelConfig field, where the names differ.
 HF_TO_OURS = {
@@ -101,6 +101,13 @@ class SubLLMConfig(PretrainedConfig):
             self.keep = list(self.keep)
         super().__post_init__(**kwargs)
         self.to_model_config()  # validate: a bad structure or shape fails here, by name
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # a config.json without `threshold` was exported before the rule was a choice
+        if "threshold" not in config_dict and "threshold" not in kwargs:
+            config_dict = {**config_dict, "threshold": SAVED_WITHOUT_THRESHOLD}
+        return super().from_dict(config_dict, **kwargs)
 
     def model_config_kwargs(self) -> dict:
         kwargs = {ours: getattr(self, hf) for hf, ours in HF_TO_OURS.items()}

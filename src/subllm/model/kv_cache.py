@@ -6,7 +6,7 @@ is tracked once per nesting level, since every block of a level sees the same to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,6 +41,28 @@ class LayerKV:
         if self.k is None:
             return 0
         return 2 * self.k[:, :, :length].numel() * self.k.element_size()
+
+
+class ScoreHistory:
+    """The scores one subsampling module gave the tokens entering it, slot by slot in its
+    parent level's cache (validity: that level's `LevelState`): the rank rule ranks each
+    new token against them (design.md §3.8). Grows by doubling, like `LayerKV`."""
+
+    def __init__(self) -> None:
+        self.scores: Tensor | None = None  # (B, capacity)
+
+    def update(self, scores: Tensor, start: int) -> None:
+        end = start + scores.shape[1]
+        if self.scores is None or self.scores.shape[1] < end:
+            cap = max(end, 2 * (self.scores.shape[1] if self.scores is not None else 0), 64)
+            grown = scores.new_zeros(scores.shape[0], cap)
+            if self.scores is not None:
+                grown[:, :start] = self.scores[:, :start]
+            self.scores = grown
+        self.scores[:, start:end] = scores
+
+    def past(self, start: int) -> Tensor | None:
+        return None if self.scores is None or start == 0 else self.scores[:, :start]
 
 
 # --------------------------------------------------------------------------------------
@@ -82,7 +104,8 @@ class LevelState:
 
 @dataclass
 class KVCache:
-    """Per-block keys/values plus per-level slot validity and each row's next position.
+    """Per-block keys/values, per-level slot validity, each subsampling module's scores
+    (the rank rule) and each row's next position.
 
     Blocks inside a segment only cache the tokens their segment kept; a token no row kept
     adds nothing to them.
@@ -91,10 +114,13 @@ class KVCache:
     layers: list[LayerKV]
     levels: list[LevelState]
     next_pos: Tensor | None = None  # (B,)
+    scores: list[ScoreHistory] = field(default_factory=list)  # per subsampling module
 
     @classmethod
     def empty(cls, n_layers: int, n_levels: int) -> KVCache:
-        return cls([LayerKV() for _ in range(n_layers)], [LevelState() for _ in range(n_levels)])
+        """n_levels: 1 + the number of subsampling modules (one level inside each)."""
+        return cls([LayerKV() for _ in range(n_layers)], [LevelState() for _ in range(n_levels)],
+                   scores=[ScoreHistory() for _ in range(n_levels - 1)])
 
     @property
     def seen(self) -> int:
@@ -113,6 +139,9 @@ class KVCache:
         for lv in self.levels:
             if lv.valid is not None:
                 lv.valid = lv.valid.index_select(0, rows.to(lv.valid.device))
+        for h in self.scores:
+            if h.scores is not None:
+                h.scores = h.scores.index_select(0, rows.to(h.scores.device))
         if self.next_pos is not None:
             self.next_pos = self.next_pos.index_select(0, rows.to(self.next_pos.device))
 

@@ -69,6 +69,7 @@ class Span:
     cache_start: where this call's keys go in the level's KV cache (None: no cache).
     prior: (B,) real tokens of this level already in the cache, per row (None: none); the
            `parent` RoPE convention numbers a nested segment's tokens after them.
+    level: the nesting level (0 = top, j + 1 = directly inside segment j; KV cache).
     """
 
     pos: Tensor
@@ -79,6 +80,7 @@ class Span:
     cache_start: int | None = None
     causal: bool = True
     prior: Tensor | None = None
+    level: int = 0
 
 
 def attention_mask_for(

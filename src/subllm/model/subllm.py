@@ -216,16 +216,18 @@ class SubLLM(nn.Module):
         cos, sin = rope_cos_sin(pos, self.config.resolved_head_dim, self.config.rope_theta, dtype)
         B, L = pos.shape
         if cache is None:
-            return Span(pos, valid, cos, sin, attention_mask_for(valid, None, L, pos.device))
+            return Span(pos, valid, cos, sin, attention_mask_for(valid, None, L, pos.device),
+                        level=level)
         state = cache.levels[level]
         past_all_valid = state.all_valid
         start, past = state.append(valid, B, L, pos.device)
         prior = past.sum(1) if start > 0 and self._parent_positions else None
         if start > 0 and L == 1 and valid is None and past_all_valid:
             # One new token, every cached slot real: attend to everything, no mask needed.
-            return Span(pos, valid, cos, sin, None, start, causal=False, prior=prior)
+            return Span(pos, valid, cos, sin, None, start, causal=False, prior=prior,
+                        level=level)
         mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device)
-        return Span(pos, valid, cos, sin, mask, start, prior=prior)
+        return Span(pos, valid, cos, sin, mask, start, prior=prior, level=level)
 
     def _run(self, items: list[int | Segment], h: Tensor, span: Span, cache: KVCache | None,
              kept: list, entered: list) -> Tensor:
@@ -243,7 +245,14 @@ class SubLLM(nn.Module):
 
     def _segment(self, seg: Segment, x_out: Tensor, span: Span, cache: KVCache | None,
                  kept: list, entered: list) -> Tensor:
-        sel = self.subsamplers[seg.index](x_out, span.valid, self.step)
+        past = None
+        if cache is not None and span.cache_start:  # the rank rule ranks against these
+            history = cache.scores[seg.index]
+            past = (history.past(span.cache_start),
+                    cache.levels[span.level].valid[:, :span.cache_start])
+        sel = self.subsamplers[seg.index](x_out, span.valid, self.step, past)
+        if cache is not None and sel.scores is not None:
+            cache.scores[seg.index].update(sel.scores, span.cache_start)
         kept[seg.index], entered[seg.index] = sel.count, sel.entered
         if sel.size == 0:  # no row kept anything: the segment's blocks need do no work
             if self.skip_empty_segments or cache is not None:

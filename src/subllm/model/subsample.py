@@ -1,9 +1,11 @@
 """The subsampling module `(` and its score balancer (docs/design.md §3.2, §3.5, §3.8).
 
-Training keeps the top-k scores of each row (k = ceil(keep * L)); inference keeps every
-token whose score is above the calibrated cut-off (or above 0, the paper's rule), which is
-causal. The balancer is gradient-only: it keeps the scores' scale in range and (the paper's
-mechanism) pushes the fraction of positive scores towards the keep ratio.
+Training keeps the top-k scores of each row (k = ceil(keep * L)); inference decides each
+token causally: by default it keeps a token whose score ranks in the top `keep` share of
+its row so far (`threshold: rank`, training's top-k made causal), or one whose score is
+above the calibrated cut-off, or above 0 (the paper's rule). The balancer is gradient-only:
+it keeps the scores' scale in range and (the paper's mechanism) pushes the fraction of
+positive scores towards the keep ratio.
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ class Selection:
     idx: (B, K) positions in the module's input; weight: (B, K) upsampling weights (0 on
     unused slots); valid: (B, K) bool or None when every slot of every row is used;
     count: (B,) tokens kept per row; entered: (B,) tokens that entered the module.
+    scores: (B, L) the (shifted) scores the decision was made on, detached; the KV cache
+    keeps them so that the rank rule can rank later tokens against them.
     """
 
     idx: Tensor
@@ -184,6 +188,7 @@ class Selection:
     valid: Tensor | None
     count: Tensor
     entered: Tensor
+    scores: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -197,7 +202,7 @@ class Selection:
         return Selection(torch.zeros(B, 1, dtype=torch.long, device=device),
                          torch.zeros(B, 1, device=device),
                          torch.zeros(B, 1, dtype=torch.bool, device=device),
-                         self.count, self.entered)
+                         self.count, self.entered, self.scores)
 
 
 # the calibrated cut-off's running mean and the batch cut-offs recorded since its last update
@@ -215,11 +220,53 @@ def keep_count(keep: float, n: int) -> int:
     return math.ceil(round(n * keep, 6))
 
 
+# Elements of the (B, chunk, L) comparison `causal_rank_keep` builds at once (16 M: 16 MB of
+# bools), so that ranking a long sequence never holds a (B, L, L) tensor.
+RANK_CHUNK_ELEMENTS = 1 << 24
+
+
+def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
+                     past: Tensor | None = None, past_valid: Tensor | None = None) -> Tensor:
+    """The rank rule (design.md §3.8): keep token t of a row iff fewer than
+    round(keep * n_t) of the row's real tokens before t score higher, n_t counting those
+    and t itself. It is training's top-k made causal: it keeps the share `keep` of a row
+    wherever its scores sit (another text, a scorer that moved, training vs inference
+    hidden states), and the decision for t uses only tokens up to t, so prefill and
+    token-by-token decoding agree.
+
+    s: (B, L) scores; valid: (B, L) bool or None (all real); past / past_valid: (B, P) the
+    row's earlier scores and their validity (KV-cached decoding). Returns (B, L) bool.
+    """
+    B, L = s.shape
+    v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
+    n = v.long().cumsum(1)  # (B, L) real tokens up to and including t
+    above = torch.zeros(B, L, dtype=torch.long, device=s.device)
+    if past is not None and past.shape[1] > 0:
+        pv = torch.ones_like(past, dtype=torch.bool) if past_valid is None else past_valid
+        n = n + pv.sum(1, keepdim=True)
+        step = max(1, RANK_CHUNK_ELEMENTS // max(1, B * past.shape[1]))
+        for a in range(0, L, step):
+            higher = (past[:, None, :] > s[:, a:a + step, None]) & pv[:, None, :]
+            above[:, a:a + step] += higher.sum(-1)
+    step = max(1, RANK_CHUNK_ELEMENTS // max(1, B * L))
+    for a in range(0, L, step):
+        b = min(L, a + step)
+        # (B, b-a, b): does token j (< t) score higher than query t?
+        higher = (s[:, None, :b] > s[:, a:b, None]) & v[:, None, :b]
+        j, t_ = torch.arange(b, device=s.device), torch.arange(a, b, device=s.device)
+        earlier = j[None, :] < t_[:, None]  # (b-a, b)
+        above[:, a:b] += (higher & earlier).sum(-1)
+    quota = torch.floor(n.double() * keep + 0.5).long()  # round(keep * n_t), halves up
+    return (above < quota) & v
+
+
 class Subsampler(nn.Module):
     """Scores tokens and keeps the important ones (design.md §3.2, §3.8).
 
-    With `threshold: calibrated` the score a token is kept on is `score(x) - cutoff`, where
-    `cutoff` is a running mean of the training batches' top-k cut-off score: training keeps
+    Inference keeps tokens by `threshold`: `rank` (the default) by the rank rule of
+    `causal_rank_keep`, `calibrated` by the shifted score below, `zero` by score > 0.
+    With `threshold: calibrated` (and `rank`, whose upsampling weights use it) the score a token is kept on is `score(x) - cutoff`, where `cutoff` is a
+    running mean of the training batches' top-k cut-off score: training keeps
     the top k of the shifted scores (the same tokens as of the raw ones) and inference keeps
     the shifted scores above 0, so both keep the fraction `keep` of the tokens, and the
     upsampling weights clamp(shifted, 0, 1) are the same function in both modes. Training
@@ -233,7 +280,8 @@ class Subsampler(nn.Module):
     def __init__(self, config: ModelConfig, keep: float) -> None:
         super().__init__()
         self.keep = keep
-        self.calibrated = config.threshold == "calibrated"
+        self.calibrated = config.threshold in ("calibrated", "rank")
+        self.ranked = config.threshold == "rank"
         self.decay = config.threshold_decay
         self.leak = config.weight_leak
         self.score = nn.Linear(config.dim, 1, bias=False)
@@ -272,7 +320,10 @@ class Subsampler(nn.Module):
         self.pending_sum.zero_()
         self.pending_count.zero_()
 
-    def forward(self, x: Tensor, valid: Tensor | None, step: int = 0) -> Selection:
+    def forward(self, x: Tensor, valid: Tensor | None, step: int = 0,
+                past: tuple[Tensor, Tensor | None] | None = None) -> Selection:
+        """x: (B, L, dim); valid: (B, L) or None; past: the scores (B, P) this module gave
+        the row's earlier tokens and their validity (KV-cached decoding, rank rule)."""
         B, L, _ = x.shape
         s = self.score(x).squeeze(-1).float()  # (B, L)
         if self.calibrated:
@@ -287,7 +338,10 @@ class Subsampler(nn.Module):
             s = self.balancer(s, valid, step)
         if (self.training and self.rule != "threshold") or self.rule == "top_k":
             return self._top_k(s, valid, entered)
-        return self._threshold(s, valid, entered)
+        kept = None
+        if self.ranked:
+            kept = causal_rank_keep(s, valid, self.keep, *(past or (None, None)))
+        return self._threshold(s, valid, entered, kept)
 
     @torch.no_grad()
     def _record_cutoff(self, s: Tensor, valid: Tensor | None, entered: Tensor) -> None:
@@ -349,13 +403,15 @@ class Subsampler(nn.Module):
         idx, w, used = idx.gather(1, perm), w.gather(1, perm), used.gather(1, perm)
         return Selection(idx, w, None if valid is None else used, k, entered)
 
-    def _threshold(self, s: Tensor, valid: Tensor | None, entered: Tensor) -> Selection:
-        """Inference: keep every token with a positive score, weight clamp(s, 0, 1).
+    def _threshold(self, s: Tensor, valid: Tensor | None, entered: Tensor,
+                   kept: Tensor | None = None) -> Selection:
+        """Inference: keep the tokens `kept` (default: a positive score), weight clamp(s, 0, 1).
 
-        Causal: the decision for a token depends only on its own hidden state.
+        Causal: the decision for a token depends only on its own hidden state (threshold)
+        or on the scores up to it (rank rule).
         """
         B, L = s.shape
-        kept = s > 0
+        kept = s > 0 if kept is None else kept
         if valid is not None:
             kept &= valid
         count = kept.sum(1)
@@ -367,15 +423,15 @@ class Subsampler(nn.Module):
         used = idx < L
         idx = torch.where(used, idx, idx - L)
         w = s.clamp(0.0, 1.0).gather(1, idx) * used
-        return Selection(idx, w, None if least == K else used, count, entered)
+        return Selection(idx, w, None if least == K else used, count, entered, s.detach())
 
 
 
 @contextmanager
 def selection_rule(model: nn.Module, rule: str | None):
     """Within the block, every subsampler of `model` (any wrapper: DDP, FSDP, PEFT, HF)
-    selects by `rule` whatever the mode: "top_k" (training's), "threshold" (inference's),
-    or None (by mode)."""
+    selects by `rule` whatever the mode: "top_k" (training's), "threshold" (inference's,
+    whichever `threshold` the model has: rank, calibrated or zero), or None (by mode)."""
     if rule not in (None, "top_k", "threshold"):
         raise ValueError(f"rule must be None, 'top_k' or 'threshold', got {rule!r}")
     subs = [m for m in model.modules() if isinstance(m, Subsampler)]

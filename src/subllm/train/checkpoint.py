@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from subllm.errors import SubLLMError
-from subllm.model.config import ModelConfig
+from subllm.model.config import SAVED_WITHOUT_THRESHOLD, ModelConfig
 from subllm.model.subllm import SubLLM
 
 CHECKPOINTS = "checkpoints"
@@ -277,7 +277,9 @@ def load_train_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def load_model_config(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / "model_config.json").read_text())
+    d = json.loads((Path(checkpoint) / "model_config.json").read_text())
+    d.setdefault("threshold", SAVED_WITHOUT_THRESHOLD)  # saved before the rule was a choice
+    return d
 
 
 def load_train_config(checkpoint: str | Path) -> dict[str, Any]:
