@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -396,7 +397,9 @@ def _load_shards(shards: Path, names: list[str]) -> dict[str, torch.Tensor]:
     meta = _model_keys(shards)
     out = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in names}
     try:
-        dcp.load({"model": out}, storage_reader=_reader(shards), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": out}, storage_reader=_reader(shards), no_dist=True)
     except Exception as e:  # DCP wraps every reader error in a CheckpointException
         raise SubLLMError(f"cannot read the weights in {shards} ({_first_line(e)[:200]}); the "
                           "checkpoint is damaged") from None

@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,8 @@ class TrainState:
     start_step: int = 0
     step: int = 0
     last_saved: Path | None = None
+    saving: Any = None  # a sharded checkpoint written in the background (_ShardedSave)
+    async_group: Any = None  # the process group of background saves
     last_eval: dict[str, Any] | None = None
     log: RunLog | None = None  # rank 0 only
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
@@ -494,7 +497,10 @@ def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
     if ckpt.is_sharded(state.resume_from):
         sd = {"model": get_model_state_dict(state.model),
               "optim": get_optimizer_state_dict(state.model, state.optimizer)}
-        dcp.load(sd, checkpoint_id=state.resume_from / ckpt.SHARDED, no_dist=not dd.enabled)
+        with warnings.catch_warnings():  # one process: "assuming the intent is to load in a
+            warnings.simplefilter("ignore", UserWarning)  # single process" (it is)
+            dcp.load(sd, checkpoint_id=state.resume_from / ckpt.SHARDED,
+                     no_dist=not dd.enabled)
         set_model_state_dict(state.model, sd["model"])
         set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
     else:
@@ -647,7 +653,8 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                 if save_now or stopping or state.step == end:
                     _read(pending, state, dd)  # nothing non-finite gets saved
                     state.phase = "saving a checkpoint"
-                    state.last_saved = save(state, dd)
+                    last = stopping or state.step == end
+                    state.last_saved = save(state, dd, cfg.async_checkpoint and not last)
                 if stopping:
                     return _interrupted(state, stop.signum, dd)
         bar.close()
@@ -772,11 +779,25 @@ def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None) -> dict[str, 
     return result
 
 
-def save(state: TrainState, dd: Dist) -> Path | None:
+def save(state: TrainState, dd: Dist, background: bool = False) -> Path | None:
     """Collective: every rank calls it; rank 0 writes (sharded: every rank writes its
-    shards, rank 0 the rest). Returns the path on rank 0."""
+    shards, rank 0 the rest). Returns the path on rank 0: the newest complete checkpoint.
+
+    `background` (sharded runs, --async-checkpoint): the shards are copied to host memory
+    and written by a thread while training goes on; the checkpoint becomes visible (state.pt,
+    rename) at the next save, which waits for it first. The last save of a run is never in
+    the background."""
     if _sharded(state.cfg, dd):
-        return _save_sharded(state, dd)
+        if state.saving is not None:  # the previous background save, completed first
+            pending, state.saving = state.saving, None
+            state.last_saved = _complete_sharded(state, dd, pending) or state.last_saved
+        pending = _write_shards(state, dd, background)
+        if pending is None:  # already saved at this step
+            return state.last_saved if dd.main else None
+        if pending.future is not None:
+            state.saving = pending
+            return state.last_saved
+        return _complete_sharded(state, dd, pending)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(state.model, options=options)
     optim_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
@@ -802,59 +823,100 @@ def save(state: TrainState, dd: Dist) -> Path | None:
     return _gate(dd, f"saving the checkpoint of step {state.step}", write if dd.main else None)
 
 
-def _save_sharded(state: TrainState, dd: Dist) -> Path | None:
-    """A sharded checkpoint: nothing is gathered. Every rank writes the shards it holds of
-    the weights and the optimizer state into rank 0's staging directory
-    (`torch.distributed.checkpoint`, whose coordinator writes `.metadata` once all are
-    written); then rank 0 adds state.pt (data position, step, every rank's RNG states) and
-    the configs and renames it into place, so the checkpoint is complete or invisible."""
+@dataclass
+class _ShardedSave:
+    """A sharded checkpoint whose shards are written (or being written: `future`), not yet
+    complete: what rank 0 adds to it, taken when it was started."""
+
+    step: int
+    staged: Path
+    train_state: dict[str, Any]
+    last_saved: Path | None  # the newest complete checkpoint when it was started
+    future: Any = None  # dcp.async_save's Future; None: written
+
+
+def _write_shards(state: TrainState, dd: Dist, background: bool) -> _ShardedSave | None:
+    """Every rank writes the shards it holds of the weights and the optimizer state into
+    rank 0's staging directory (`torch.distributed.checkpoint`, whose coordinator writes
+    `.metadata` once every rank's are written); nothing is gathered. None: the run already
+    holds a checkpoint of this step (a signal right after a save)."""
     rng: list[Any] = [None] * dd.world_size
     dist.all_gather_object(rng, ckpt.rng_state())
     box: list[Any] = [ckpt.is_saved(state.run_dir, state.step), os.getpid()]
     dist.broadcast_object_list(box, src=0)  # rank 0's decision and staging directory
-    if box[0]:  # already saved at this step (a signal right after a save)
-        return state.run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(state.step) \
-            if dd.main else None
-    staged = ckpt.staging_dir(state.run_dir, state.step, box[1])
-    name = ckpt.checkpoint_name(state.step)
-
-    def failed(e: BaseException) -> SubLLMError:
-        kept = (f"{state.last_saved.name} is intact (continue with --resume)"
-                if state.last_saved else "no checkpoint of this run was saved yet")
-        first = os_error_line(e) if isinstance(e, OSError) else str(e).strip()[:200]
-        return SubLLMError(f"{first} while writing checkpoint {name}; {kept}")
+    if box[0]:
+        return None
+    pending = _ShardedSave(
+        state.step, ckpt.staging_dir(state.run_dir, state.step, box[1]),
+        {"format": 2, "data": state.batches.state_dict(), "rng": rng,
+         "world_size": dd.world_size}, state.last_saved)
 
     def fresh() -> None:
-        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(pending.staged, ignore_errors=True)
         try:
-            staged.mkdir(parents=True)
+            pending.staged.mkdir(parents=True)
         except OSError as e:
-            raise failed(e) from None
+            raise _save_failed(e, pending) from None
 
     _gate(dd, f"creating the checkpoint of step {state.step}", fresh if dd.main else None)
     sd = {"model": get_model_state_dict(state.model),
           "optim": get_optimizer_state_dict(state.model, state.optimizer)}
+    where = pending.staged / ckpt.SHARDED
     try:  # collective: DCP gathers every rank's outcome and raises the same on all of them
-        dcp.save(sd, checkpoint_id=staged / ckpt.SHARDED)
-    except dcp.api.CheckpointException as e:
-        if dd.main:
-            shutil.rmtree(staged, ignore_errors=True)
-        errors = [err for err, _ in e.failures.values()]
-        raise failed(errors[0] if errors else e) from None
-    del sd
+        if background:
+            # its own gloo group: the writer thread's collectives never interleave with
+            # training's on the default group (torchtitan does the same)
+            pending.future = dcp.async_save(sd, checkpoint_id=where,
+                                            process_group=_async_group(state))
+        else:
+            dcp.save(sd, checkpoint_id=where)
+    except dcp.CheckpointException as e:
+        raise _shards_failed(e, pending, dd) from None
+    return pending
+
+
+def _async_group(state: TrainState) -> Any:
+    if state.async_group is None:
+        state.async_group = dist.new_group(backend="gloo")
+    return state.async_group
+
+
+def _complete_sharded(state: TrainState, dd: Dist, pending: _ShardedSave) -> Path | None:
+    """Wait for the shards (a background save), then rank 0 adds state.pt (data position,
+    step, every rank's RNG states) and the configs and renames the staging directory into
+    place: the checkpoint is complete or invisible. The path on rank 0."""
+    if pending.future is not None:
+        try:
+            pending.future.result()
+        except dcp.CheckpointException as e:
+            raise _shards_failed(e, pending, dd) from None
 
     def finish() -> Path:
-        train_state = {"format": 2, "data": state.batches.state_dict(), "rng": rng,
-                       "world_size": dd.world_size}
         try:
             return ckpt.save_checkpoint(
-                state.run_dir, state.step, None, train_state, state.config.to_dict(),
+                state.run_dir, pending.step, None, pending.train_state, state.config.to_dict(),
                 run_config(state.cfg, state.data), state.data.tokenizer_path,
-                keep=state.cfg.keep_checkpoints, staged=staged)
+                keep=state.cfg.keep_checkpoints, staged=pending.staged)
         except OSError as e:  # save_checkpoint removed the staging directory
-            raise failed(e) from None
+            raise _save_failed(e, pending) from None
 
-    return _gate(dd, f"saving the checkpoint of step {state.step}", finish if dd.main else None)
+    return _gate(dd, f"saving the checkpoint of step {pending.step}",
+                 finish if dd.main else None)
+
+
+def _shards_failed(e: Any, pending: _ShardedSave, dd: Dist) -> SubLLMError:
+    if dd.main:
+        shutil.rmtree(pending.staged, ignore_errors=True)
+    errors = [err for err, _ in e.failures.values()]
+    return _save_failed(errors[0] if errors else e, pending)
+
+
+def _save_failed(e: BaseException, pending: _ShardedSave) -> SubLLMError:
+    kept = (f"{pending.last_saved.name} is intact (continue with --resume)"
+            if pending.last_saved else "no checkpoint of this run was saved yet")
+    first = os_error_line(e) if isinstance(e, OSError) else str(e).strip()[:200]
+    return SubLLMError(f"{first} while writing checkpoint {ckpt.checkpoint_name(pending.step)}; "
+                       f"{kept}")
 
 
 def _interrupted(state: TrainState, signum: int | None, dd: Dist) -> dict[str, Any]:
