@@ -495,6 +495,7 @@ def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
     the whole of them). An unsharded one: the optimizer state keyed by name (the weights
     were read by _build_model)."""
     if ckpt.is_sharded(state.resume_from):
+        _init_adamw_state(state.optimizer)
         sd = {"model": get_model_state_dict(state.model),
               "optim": get_optimizer_state_dict(state.model, state.optimizer)}
         with warnings.catch_warnings():  # one process: "assuming the intent is to load in a
@@ -511,6 +512,21 @@ def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
     rngs = saved["rng"]
     ckpt.set_rng_state(rngs[dd.rank] if dd.rank < len(rngs) else rngs[0])
     state.start_step = state.step = int(saved["step"])
+
+
+@torch.no_grad()
+def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state as its first step creates it (zeros), for DCP to load into in place.
+    DCP's get_optimizer_state_dict would create it by a step at lr 0 on zero gradients:
+    a full set of gradients more at the peak of a resume (+1/3 of weights + optimizer)."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32,
+                                    device=p.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 def _announce(state: TrainState, dd: Dist) -> None:
