@@ -533,6 +533,9 @@ def _announce(state: TrainState, dd: Dist) -> None:
     cfg, config = state.cfg, state.config
     what = "SUBLLM" if config.is_subllm else "LLaMA"
     mode = f", {dd.world_size} x {cfg.distributed.upper()}" if dd.enabled else ""
+    if _sharded(cfg, dd) and cfg.replicate > 1:
+        mode = f", {dd.world_size} x HSDP ({cfg.replicate} replicas x " \
+               f"{dd.world_size // cfg.replicate} shards)"
     name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
     _say(dd, f"{what} {name} {config.structure} ({state.raw_model.num_params() / 1e6:.2f}M "
          f"params) on {state.device}{mode}, {'bf16' if state.amp else 'fp32'}; global batch "
