@@ -412,3 +412,27 @@ def _param_counts(config) -> list[int]:
     with torch.device("meta"):
         model = SubLLM(config)
     return [p.numel() for p in model.parameters()]
+
+
+def test_seeded_init_does_not_depend_on_how_the_model_was_built() -> None:
+    """init_weights(seed): a model built normally and one built on the meta device and
+    allocated with to_empty get the same weights, tied weights tied again; the global RNG
+    is not drawn from."""
+    from subllm import ModelConfig, SubLLM
+
+    config = ModelConfig.preset("subllm-tiny")
+    assert config.tie_embeddings
+    torch.manual_seed(1)
+    a = SubLLM(config)
+    a.init_weights(seed=3)
+    with torch.device("meta"):
+        b = SubLLM(config)
+    b.to_empty(device="cpu")
+    state = torch.get_rng_state()
+    b.init_weights(seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+    assert b.lm_head.weight is b.embed_tokens.weight
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    b.init_weights(seed=4)
+    assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)

@@ -112,6 +112,7 @@ class SubLLM(nn.Module):
         parameter (FSDP2's `fully_shard`) has its full tensor drawn on the CPU, one
         parameter at a time, and keeps its local shard (docs/training.md, "Several
         processes or GPUs")."""
+        self.tie_weights()
         if seed is not None:
             owners = dict(self.named_modules())
             for name, p in self.named_parameters():
@@ -129,6 +130,12 @@ class SubLLM(nn.Module):
             elif isinstance(m, Subsampler):
                 for name in CUTOFF_BUFFERS:
                     getattr(m, name).zero_()
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the head's weight the embedding's again: `to_empty`
+        (and any `_apply` that makes new tensors) gives each of them its own."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def _init_parameter(self, owner: nn.Module, t: Tensor, gen: torch.Generator | None
                         ) -> None:

@@ -404,8 +404,7 @@ def _build_model(cfg: TrainConfig, config: ModelConfig, dd: Dist, device: torch.
     if _sharded(cfg, dd):
         _shard(model, cfg, dd, device, amp)
     model.to_empty(device=device)
-    if config.tie_embeddings and model.lm_head.weight is not model.embed_tokens.weight:
-        model.lm_head.weight = model.embed_tokens.weight  # to_empty made two tensors of one
+    model.tie_weights()  # to_empty made two tensors of the tied one
     if weights is not None:
         _load_weights(model, weights, cfg)
     elif fill:
