@@ -249,7 +249,8 @@ def test_a_damaged_sharded_checkpoint_is_found_and_skipped(fsdp2: Path, work: Pa
 @pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes_train_checkpoint_and_resume(
         work: Path, single: Path) -> None:
-    """The multi-node recipe on one machine: two agents, one process each, c10d rendezvous."""
+    """The multi-node recipe on one machine: two agents, one process each, c10d rendezvous;
+    with --async-checkpoint and --keep-checkpoints."""
     run = work / "two-nodes"
 
     def two_nodes(*flags: str) -> None:
@@ -265,9 +266,13 @@ def test_two_torchrun_agents_as_two_nodes_train_checkpoint_and_resume(
             _, err = a.communicate(timeout=300)
             assert a.returncode == 0, err[-3000:]
 
+    # checkpoints at 2 and 4 written in the background, 5 (the last) at once; 2 pruned
     two_nodes(*common(work, run, "--batch-size", "2", "--distributed", "fsdp",
-                      "--stop-at", "5"))
-    assert ckpt.step_of(ckpt.latest_checkpoint(run)) == 5
+                      "--stop-at", "5", "--save-every", "2", "--keep-checkpoints", "2",
+                      "--async-checkpoint"))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000004", "step-00000005"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    shutil.rmtree(run / "checkpoints" / "step-00000005")  # resume from the background one
     two_nodes("--out", str(run), "--resume")
     assert sorted(losses(run)) == list(range(1, 11))
     assert max_diff(losses(single), losses(run)) < TOL
