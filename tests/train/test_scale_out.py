@@ -403,6 +403,8 @@ def test_each_rank_holds_about_its_shard_at_start_up_save_and_resume(
         assert sorted(base) == [0, 1, 2, 3]
         for r in (r for r in rows if r["fn"] != "_setup"):  # _setup: the baseline only
             above = (r["peak"] - base[r["rank"]]) / W
+            print(f"rank {r['rank']} {r['fn']}: {(r['peak'] - base[r['rank']]) / 1e6:.0f} MB "
+                  f"= {above:.2f} W")
             if r["fn"] == "_build_model" and "start-up" in phases:
                 assert above < 0.6, (r, above)
             else:
