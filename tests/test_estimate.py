@@ -417,3 +417,39 @@ def test_bench_estimate_flag_errors(flags, message, tmp_path, capsys):
     assert main(["bench", "estimate", *flags, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fsdp_shards_weights_gradients_and_optimizer_state(dtype):
+    """--fsdp N: per rank 1/N of the fp32 weights, gradients and AdamW state (counted on a
+    real model's parameters), plus the all-gathered root and two blocks (2-byte under
+    FSDP2's mixed precision, which also leaves autocast nothing to copy)."""
+    from subllm import SubLLM
+
+    config = ModelConfig.preset("subllm-small")
+    with torch.device("meta"):
+        model = SubLLM(config)
+    n = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    root = n - config.n_layers * block
+    one = estimate_memory(config, 1024, dtype=dtype)
+    four = estimate_memory(config, 1024, dtype=dtype, fsdp=4)
+    step = four["phases"]["optimizer step"]
+    assert step["optimizer_state"] == -(-2 * 4 * n // 4)
+    assert step["gradients"] == -(-4 * n // 4)
+    gathered = 4 if dtype == "fp32" else 2
+    assert step["weights"] == -(-4 * n // 4) + (root + 2 * block) * gathered
+    assert all(ph["weight_copies"] == 0 for ph in four["phases"].values())
+    assert four["peak_bytes"] < one["peak_bytes"]
+    assert four["settings"]["fsdp"] == 4
+    assert estimate_memory(config, 1024, dtype=dtype, fsdp=1) == one  # unchanged
+
+
+def test_fsdp_flag(capsys):
+    assert main(["estimate", "--preset", "subllm-small", "--seq-len", "1024", "--fsdp",
+                 "8"]) == 0
+    assert "per rank of 8 FSDP ranks" in capsys.readouterr().out
+    assert main(["estimate", "--preset", "subllm-small", "--seq-len", "1024", "--fsdp",
+                 "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fsdp must be a positive number of ranks" in err[0]

@@ -452,17 +452,34 @@ class Plan:
     mst: bool = False
     optimizer: str = "adamw"
     device: str = "cuda"
+    fsdp: int = 1  # ranks the weights, gradients and optimizer state are sharded over
 
 
 def _phases(p: Plan) -> dict[str, dict[str, int]]:
-    """Bytes alive, by component, at every point of a step where the peak can be."""
+    """Bytes alive, by component, at every point of a step where the peak can be.
+
+    fsdp N > 1 (`subllm train --distributed fsdp` on N ranks, per rank): the fp32 weights,
+    the accumulated gradients and the optimizer state are 1/N each; besides them a rank
+    holds, all-gathered, the root's parameters (embedding, head, norm, routers) and two
+    blocks' (the one running and the one prefetched), in 2 bytes under mixed precision
+    (FSDP2's MixedPrecisionPolicy: no autocast copies then), and the running block's
+    unsharded gradients until they are reduce-scattered."""
     s, B, L = p.shape, p.batch_size, p.seq_len
     b = _bytes(p.dtype, p.precision)
     ckpt = p.checkpointing or p.mst
+    N = p.fsdp
+
+    def shard(n: int) -> int:
+        return -(-n // N)
+
     n_params = s.param_count()
     weights = n_params * b.weight
-    grads_full = n_params * b.weight
-    opt_state = OPTIMIZERS[p.optimizer] * n_params * b.weight
+    if N > 1:
+        gathered = 2 if b.mode == "mixed" else b.weight
+        root = n_params - s.n_layers * s.block_params()
+        weights = shard(weights) + (root + 2 * s.block_params()) * gathered
+    grads_full = shard(n_params * b.weight)
+    opt_state = shard(OPTIMIZERS[p.optimizer] * n_params * b.weight)
     rows, segs = s.level_lengths(p.seq_len)
     if p.device == "cpu":
         overhead = CPU_RUNTIME_OVERHEAD[b.mode]
@@ -470,10 +487,11 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
             overhead += CPU_2BYTE_LEVEL_OVERHEAD * (len(set(rows)) - 1)
     else:
         overhead = CUDA_RUNTIME_OVERHEAD
-    lin_copies = 2 * s.linear_params() if b.mode == "mixed" else 0
+    copies = b.mode == "mixed" and N == 1  # FSDP gathers bf16 weights: nothing to cast
+    lin_copies = 2 * s.linear_params() if copies else 0
     block_w_copy = 2 * (s.linear_params() - s.vocab_size * s.dim) // max(s.n_layers, 1) \
-        if b.mode == "mixed" else 0
-    head_w_copy = 2 * s.vocab_size * s.dim if b.mode == "mixed" else 0
+        if copies else 0
+    head_w_copy = 2 * s.vocab_size * s.dim if copies else 0
     block_grad = s.block_params() * b.weight
     head_grad = (s.vocab_size * s.dim + s.dim) * b.weight  # LM head (or tied) + final norm
 
@@ -507,7 +525,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
         m = max(1, math.ceil(V / d))
         c = min(n, max(1, math.ceil(n / m), LOSS_MIN_CHUNK))
         h_bytes = 4 if b.mode != "pure" else 2  # the final norm's output dtype
-        w_copy = 2 * V * d if b.mode == "mixed" else 0  # the head weight in the compute dtype
+        w_copy = 2 * V * d if copies else 0  # the head weight in the compute dtype
         # the final norm's output and its copy of the rows with targets, fp32 gradient
         # buffers for them and for the head weight
         base = T * d * h_bytes + n * d * h_bytes + w_copy
@@ -545,7 +563,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
     # ---- the blocks, last to first -----------------------------------------------------
     # a segment's own tensors are freed once backward has gone through its first block
     first_block = _segment_first_blocks(s)
-    grads = head_grad
+    grads = shard(head_grad)
     best: dict[str, int] | None = None
     below_act, below_attn = sum(kept_act), sum(kept_attn)
     for i in range(s.n_layers - 1, -1, -1):
@@ -570,7 +588,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
             mlp_tmp = 6 * tc * f * a + t * d * r * (chunks - 1) // chunks
             if a != r:  # the 2-byte cast of the MLP's output gradient, sliced per chunk
                 mlp_tmp += t * d * a
-            mlp_w_grads = 3 * d * f * b.weight  # accumulated over the chunks done
+            mlp_w_grads = 3 * d * f * b.weight  # accumulated over the chunks done (unsharded)
         else:
             # at the SwiGLU product's backward: its incoming gradient and the two it
             # produces exist, the product itself is freed
@@ -600,7 +618,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
                 row[k] += int(v)
             if best is None or sum(row.values()) > sum(best.values()):
                 best = row
-        grads += block_grad
+        grads += shard(block_grad)
     assert best is not None
     phases["backward (blocks)"] = best
 
@@ -609,7 +627,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
     add("backward (embedding)", gradients=grads_full, transient=emb_tmp + T * d * r)
     opt_tmp = 0
     if p.device == "cpu" and p.optimizer in ("adamw", "adam"):
-        opt_tmp = 2 * s.largest_param() * b.weight  # sqrt and division, one parameter
+        opt_tmp = 2 * shard(s.largest_param() * b.weight)  # sqrt and division, one param
     add("optimizer step", gradients=grads_full, transient=opt_tmp)
     return phases
 
@@ -625,6 +643,7 @@ def estimate_memory(
     device: str = "cuda",
     precision: str = "mixed",
     name: str = "",
+    fsdp: int = 1,
 ) -> dict[str, Any]:
     """Predicted peak memory of one training step (forward with labels + backward +
     optimizer step), in bytes.
@@ -632,15 +651,21 @@ def estimate_memory(
     model: a preset name, a subllm ModelConfig or config file, a transformers config
     (PretrainedConfig, dict, or config.json path) of the Llama family, or a ModelShape.
     dtype: fp32, or bf16/fp16 with `precision` "mixed" (autocast over fp32 weights) or
-    "pure" (the model cast to the dtype). mst implies checkpointing.
+    "pure" (the model cast to the dtype). mst implies checkpointing. fsdp N: per rank
+    of N ranks sharding the model with FSDP2 (see _phases).
 
     Returns {"peak_bytes", "phase" (where the peak is), "breakdown" (bytes by component at
     the peak), "phases" (every phase's components), "model", "settings"}.
     """
     shape = resolve_shape(model, name)
     _check_settings(seq_len, batch_size, dtype, precision, optimizer, device)
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1:
+        raise SubLLMError(f"--fsdp must be a positive number of ranks, got {fsdp!r}")
+    if fsdp > 1 and dtype != "fp32" and precision == "pure":
+        raise SubLLMError("--fsdp goes with --precision mixed (FSDP2 keeps fp32 master "
+                          "weights and gathers 2-byte copies)")
     plan = Plan(shape, seq_len, batch_size, dtype, precision if dtype != "fp32" else "mixed",
-                checkpointing or mst, mst, optimizer, device)
+                checkpointing or mst, mst, optimizer, device, fsdp)
     phases = _phases(plan)
     peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = phases[peak_phase]
@@ -653,7 +678,7 @@ def estimate_memory(
         "settings": {"seq_len": seq_len, "batch_size": batch_size, "dtype": dtype,
                      "precision": plan.precision if dtype != "fp32" else "fp32",
                      "checkpointing": plan.checkpointing, "mst": mst,
-                     "optimizer": optimizer, "device": device},
+                     "optimizer": optimizer, "device": device, "fsdp": fsdp},
     }
 
 
@@ -746,7 +771,8 @@ def format_estimate(res: dict[str, Any]) -> str:
         f"dim {m['dim']}, {m['n_layers']} blocks, vocab {m['vocab_size']}"
         + (f", structure {m['structure']} keep {m['keep']}" if "(" in m["structure"] else ""),
         f"step         batch {st['batch_size']} x {st['seq_len']} tokens, {prec_txt}, "
-        f"{mode}, {st['optimizer']}, {st['device']}",
+        f"{mode}, {st['optimizer']}, {st['device']}"
+        + (f", per rank of {st['fsdp']} FSDP ranks" if st.get("fsdp", 1) > 1 else ""),
         f"peak         {fmt_bytes(res['peak_bytes'])}  (at: {res['phase']})",
     ]
     for comp in COMPONENTS:

@@ -57,7 +57,8 @@ def _load_model_arg(args: argparse.Namespace) -> ModelShape:
 def run(args: argparse.Namespace) -> int:
     shape = _load_model_arg(args)
     settings = dict(dtype=args.dtype, checkpointing=args.checkpointing, mst=args.mst,
-                    optimizer=args.optimizer, device=args.device, precision=args.precision)
+                    optimizer=args.optimizer, device=args.device, precision=args.precision,
+                    fsdp=args.fsdp)
     res = estimate_memory(shape, args.seq_len, args.batch_size, **settings)
     if args.gpu_memory is not None:
         budget = parse_memory(args.gpu_memory)
@@ -112,6 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda (default: fused AdamW, cuBLAS workspace) or cpu (resident "
                         "memory: per-parameter AdamW temporaries, runtime overhead)")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+                   help="per-rank memory when N ranks shard the model with FSDP2 "
+                   "(`subllm train --distributed fsdp`; default 1: one device)")
     p.add_argument("--gpu-memory", default=None,
                    help="memory to fit, e.g. 80GB: also print the longest sequence that fits")
     p.add_argument("--reserve", default=None,

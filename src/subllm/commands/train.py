@@ -78,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
     p.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="data-parallel engine under torchrun (default ddp)")
+    p.add_argument("--replicate", type=positive_int, metavar="R",
+                   help="with --distributed fsdp: HSDP, R replicas of shard groups of "
+                   "processes/R (e.g. one group per node; default 1: plain FSDP)")
+    p.add_argument("--async-checkpoint", dest="async_checkpoint", action="store_true",
+                   default=None, help="with --distributed fsdp: write each sharded checkpoint "
+                   "in the background while training goes on (one at a time)")
     p.add_argument("--dist-timeout", dest="dist_timeout", type=positive_float, metavar="S",
                    help="under torchrun: seconds a collective waits for the other ranks before "
                    "the run stops with an error naming the step (default 600)")

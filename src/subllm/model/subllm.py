@@ -8,11 +8,13 @@ structure tree.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from .bypass import Bypass
@@ -27,6 +29,24 @@ from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler
 # --------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------
+
+
+def _param_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, parameter name), the same in every process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def assign_full(p: Tensor, full: Tensor) -> None:
+    """Copy the full (global-shape) tensor `full` into the parameter `p`; a DTensor `p`
+    (sharded or replicated by FSDP2 / HSDP) takes only its local piece, computed here
+    without communication."""
+    if isinstance(p, DTensor):
+        local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(local.to_local())
+    else:
+        p.copy_(full)
 
 
 @dataclass
@@ -83,21 +103,52 @@ class SubLLM(nn.Module):
 
     # ---- parameters -------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re-)initialise every parameter; call after `to_empty` on a meta-built model."""
-        std = self.config.init_std
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re-)initialise every parameter; call after `to_empty` on a meta-built model.
+
+        seed None: drawn from the global RNG, module after module. seed given: each
+        parameter from its own generator, seeded with (seed, its name), so the values do
+        not depend on what else is drawn nor on how the parameters are sharded: a DTensor
+        parameter (FSDP2's `fully_shard`) has its full tensor drawn on the CPU, one
+        parameter at a time, and keeps its local shard (docs/training.md, "Several
+        processes or GPUs")."""
+        self.tie_weights()
+        if seed is not None:
+            owners = dict(self.named_modules())
+            for name, p in self.named_parameters():
+                full = torch.empty(p.shape, dtype=p.dtype)  # the global shape, on the CPU
+                gen = torch.Generator().manual_seed(_param_seed(seed, name))
+                self._init_parameter(owners[name.rpartition(".")[0]], full, gen)
+                assign_full(p, full)
+                del full
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, Bypass):
-                nn.init.constant_(m.scale, self.config.bypass_init)
-            elif isinstance(m, ScoreBalancer):
+            if seed is None and isinstance(m, (nn.Linear, nn.Embedding, RMSNorm, Bypass)):
+                for p in m.parameters(recurse=False):  # a tied weight is drawn twice
+                    self._init_parameter(m, p, None)
+            if isinstance(m, ScoreBalancer):
                 m.g_rms.zero_()
             elif isinstance(m, Subsampler):
                 for name in CUTOFF_BUFFERS:
                     getattr(m, name).zero_()
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, make the head's weight the embedding's again: `to_empty`
+        (and any `_apply` that makes new tensors) gives each of them its own."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_parameter(self, owner: nn.Module, t: Tensor, gen: torch.Generator | None
+                        ) -> None:
+        """The initial value of a parameter of `owner`, drawn into `t` with `gen` (None: the
+        global RNG): the rule of `init_weights`."""
+        if isinstance(owner, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(t, mean=0.0, std=self.config.init_std, generator=gen)
+        elif isinstance(owner, RMSNorm):
+            nn.init.ones_(t)
+        elif isinstance(owner, Bypass):
+            nn.init.constant_(t, self.config.bypass_init)
+        else:
+            raise SubLLMError(f"init_weights: no rule for a parameter of {type(owner).__name__}")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights counted once

@@ -1,10 +1,18 @@
 """Training checkpoints: written whole or not at all, resumable exactly.
 
-A run directory holds `checkpoints/step-XXXXXXXX/`, each with
-    model.safetensors    the weights (full, unsharded; tied weights stored once)
+A run directory holds `checkpoints/step-XXXXXXXX/`, each with either
+    model.safetensors    the weights (full, unsharded; tied weights stored once), and
     state.pt             optimizer (keyed by parameter name), data position, step and every
                          rank's RNG states: plain tensors and containers, loaded with
                          `torch.load(weights_only=True)`
+(one process, DDP), or (FSDP2 / HSDP under torchrun: nothing is gathered)
+    sharded/             weights and optimizer state as `torch.distributed.checkpoint`
+                         (DCP) wrote them: each rank's shards (`__R_0.distcp`) and
+                         `.metadata`; keys `model.<param>` and `optim.state.<param>...`;
+                         any number of processes reads it back (resharding), and
+                         `load_weights` consolidates it in one process without torchrun
+    state.pt             the same minus the optimizer (format 2)
+and in both
     model_config.json    the ModelConfig
     train_config.yaml    the resolved training settings
     tokenizer.json       a copy of the data's tokenizer, so a checkpoint is self-contained
@@ -22,7 +30,9 @@ import os
 import random
 import re
 import shutil
+import warnings
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +49,26 @@ from subllm.model.subllm import SubLLM
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})$")
 _FILES = ("model.safetensors", "state.pt", "model_config.json", "train_config.yaml")
+SHARDED = "sharded"  # the DCP directory of a sharded checkpoint
+_METADATA = ".metadata"  # what DCP's coordinator writes last, once every shard is written
 
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def is_sharded(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint holds its weights as DCP shards (`sharded/`)."""
+    return (Path(checkpoint) / SHARDED).is_dir()
+
+
+def _weights_file(path: Path) -> Path:
+    return path / SHARDED / _METADATA if is_sharded(path) else path / "model.safetensors"
+
+
 def _complete(path: Path) -> bool:
-    return bool(_NAME.match(path.name)) and all((path / f).is_file() for f in _FILES)
+    return (bool(_NAME.match(path.name)) and _weights_file(path).is_file()
+            and all((path / f).is_file() for f in _FILES[1:]))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -65,7 +87,7 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)
-             and any((p / f).exists() for f in _FILES)]
+             and any((p / f).exists() for f in (*_FILES, SHARDED))]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
@@ -77,14 +99,21 @@ def damage(checkpoint: str | Path, state: bool = True) -> str | None:
     writes). `state=False` skips state.pt (loading weights does not need it)."""
     path = Path(checkpoint)
     needed = _FILES if state else tuple(f for f in _FILES if f != "state.pt")
+    if is_sharded(path):
+        needed = needed[1:]
     missing = [f for f in needed if not (path / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as e:
-        return f"model.safetensors unreadable: {_first_line(e)}"
+    if is_sharded(path):
+        why = _shards_damage(path / SHARDED)
+        if why is not None:
+            return why
+    else:
+        try:
+            with safe_open(str(path / "model.safetensors"), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"model.safetensors unreadable: {_first_line(e)}"
     if state and not zipfile.is_zipfile(path / "state.pt"):
         return "state.pt is not a saved training state (garbage or truncated)"
     try:
@@ -93,6 +122,33 @@ def damage(checkpoint: str | Path, state: bool = True) -> str | None:
     except (OSError, ValueError, yaml.YAMLError) as e:
         return f"a config file is unreadable: {_first_line(e)}"
     return None
+
+
+def _shards_damage(shards: Path) -> str | None:
+    """What is wrong with a DCP directory, without reading a tensor: its `.metadata` must
+    unpickle, and every shard file it names must exist and reach the end of the last byte
+    range it names (a truncated copy fails here)."""
+    try:
+        meta = _reader(shards).read_metadata()
+        ends: dict[str, int] = {}
+        for info in (meta.storage_data or {}).values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0),
+                                           info.offset + info.length)
+    except Exception as e:  # unpickling errors come in many types
+        return f"{SHARDED}/{_METADATA} unreadable: {_first_line(e)[:200]}"
+    for name, end in sorted(ends.items()):
+        f = shards / name
+        if not f.is_file():
+            return f"{SHARDED}/{name} missing"
+        if f.stat().st_size < end:
+            return f"{SHARDED}/{name} is truncated ({f.stat().st_size} of {end} bytes)"
+    return None
+
+
+def _reader(shards: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(shards))
 
 
 def _first_line(e: BaseException) -> str:
@@ -209,27 +265,47 @@ def _write_state(path: Path, train_state: dict[str, Any]) -> None:
     torch.save(train_state, path)
 
 
+def staging_dir(run_dir: str | Path, step: int, tag: int | None = None) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed into place; `tag`
+    (default: this pid) keeps two writers apart."""
+    return (Path(run_dir) / CHECKPOINTS
+            / f".tmp-{checkpoint_name(step)}-{os.getpid() if tag is None else tag}")
+
+
+def is_saved(run_dir: str | Path, step: int) -> bool:
+    """Whether the run already holds a complete checkpoint of `step`."""
+    return _complete(Path(run_dir) / CHECKPOINTS / checkpoint_name(step))
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     train_state: dict[str, Any],
     model_config: dict[str, Any],
     train_config: dict[str, Any],
     tokenizer_path: str | Path | None = None,
     keep: int | None = None,
+    staged: Path | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and prune all but the newest `keep`; returns its path."""
+    """Write a checkpoint atomically and prune all but the newest `keep`; returns its path.
+
+    `model_state` None: the weights are already in `staged` (a `staging_dir` holding the
+    DCP shards every rank wrote, `sharded/`); the rest is added there and it is renamed."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     if _complete(final):  # already saved at this step (e.g. a signal right after a save)
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staged if staged is not None else staging_dir(run_dir, step)
+    if staged is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
-        _write_weights(tmp / "model.safetensors", model_state)
+        if model_state is not None:
+            _write_weights(tmp / "model.safetensors", model_state)
         _write_state(tmp / "state.pt", {**train_state, "step": step})
         (tmp / "model_config.json").write_text(json.dumps(model_config, indent=2) + "\n")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(train_config, sort_keys=False))
@@ -251,6 +327,11 @@ def save_checkpoint(
 
 
 def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The full weights of a checkpoint by parameter name (sharded ones consolidated here,
+    in this process: no torchrun, no GPU)."""
+    if is_sharded(checkpoint):
+        shards = Path(checkpoint) / SHARDED
+        return _load_shards(shards, list(_model_keys(shards)))
     path = Path(checkpoint) / "model.safetensors"
     try:
         tensors = load_file(str(path))
@@ -262,6 +343,67 @@ def load_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     for name, target in aliases.items():
         tensors[name] = tensors[target]
     return tensors
+
+
+class Weights(Mapping):
+    """A checkpoint's weights by parameter name, each read from disk when asked for: a
+    model can be filled one tensor at a time (`subllm.model.subllm.assign_full`), so memory
+    holds one full tensor beyond the model (a sharded model: beyond its shard)."""
+
+    def __init__(self, checkpoint: str | Path) -> None:
+        self.path = Path(checkpoint)
+        self._shards = self.path / SHARDED if is_sharded(self.path) else None
+        if self._shards is not None:
+            self._keys = _model_keys(self._shards)
+            return
+        file = self.path / "model.safetensors"
+        try:
+            self._file = safe_open(str(file), framework="pt")
+            aliases = json.loads((self._file.metadata() or {}).get("aliases", "{}"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SubLLMError(f"cannot read weights {file} ({_first_line(e)}); the checkpoint "
+                              "is damaged") from None
+        self._keys = {k: k for k in self._file.keys()} | aliases
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._shards is not None:
+            return _load_shards(self._shards, [name])[name]
+        return self._file.get_tensor(self._keys[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _model_keys(shards: Path) -> dict[str, Any]:
+    """{parameter name: its DCP tensor metadata} of the model in a DCP directory."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = _reader(shards).read_metadata().state_dict_metadata
+    except Exception as e:  # unpickling errors come in many types
+        raise SubLLMError(f"cannot read {shards / _METADATA} ({_first_line(e)[:200]}); the "
+                          "checkpoint is damaged") from None
+    return {k[len("model."):]: m for k, m in meta.items()
+            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+
+
+def _load_shards(shards: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Full tensors of model parameters from a DCP directory, in this process (no_dist)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = _model_keys(shards)
+    out = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in names}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": out}, storage_reader=_reader(shards), no_dist=True)
+    except Exception as e:  # DCP wraps every reader error in a CheckpointException
+        raise SubLLMError(f"cannot read the weights in {shards} ({_first_line(e)[:200]}); the "
+                          "checkpoint is damaged") from None
+    return out
 
 
 def load_train_state(checkpoint: str | Path) -> dict[str, Any]:

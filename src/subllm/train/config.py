@@ -61,6 +61,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     distributed: str = "ddp"
+    replicate: int = 1  # --distributed fsdp: HSDP with this many replicas of the shards
+    async_checkpoint: bool = False  # sharded checkpoints written while training goes on
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks
     resume: bool = False
     skip_damaged: bool = False  # --resume past a damaged newest checkpoint (set aside)
@@ -175,6 +177,11 @@ def check_config(cfg: TrainConfig) -> None:
                           f"{cfg.dist_timeout}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise SubLLMError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
+    if isinstance(cfg.replicate, bool) or not isinstance(cfg.replicate, int) or cfg.replicate < 1:
+        raise SubLLMError(f"--replicate must be a positive number of replicas, got "
+                          f"{cfg.replicate!r}")
+    if cfg.replicate > 1 and cfg.distributed != "fsdp":
+        raise SubLLMError("--replicate (HSDP) goes with --distributed fsdp")
 
 
 # ---------------------------------------------------------------------------------------------

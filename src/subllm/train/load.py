@@ -9,6 +9,7 @@ one of its checkpoints. `load_pretrained` gives its model config and weights (wh
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,32 @@ from subllm.model.subllm import SubLLM
 from subllm.train import checkpoint as ckpt
 
 
-def load_pretrained(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], Path | None]:
+class _SubLLMWeights(Mapping):
+    """The SubLLM weights of a Hugging Face directory (keys without `model.`), each read
+    when asked for."""
+
+    def __init__(self, files: TensorFiles, tie: bool) -> None:
+        self.files = files
+        self.keys_ = [k[len("model."):] for k in files]
+        if tie and "embed_tokens.weight" in self.keys_ and "lm_head.weight" not in self.keys_:
+            self.keys_.append("lm_head.weight")
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key == "lm_head.weight" and "model.lm_head.weight" not in self.files:
+            key = "embed_tokens.weight"  # tied
+        return self.files["model." + key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def load_pretrained(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor], Path | None]:
     """(model config, weights, tokenizer.json or None) of a Hugging Face SubLLM directory
-    (`subllm export` / `subllm convert`) or a `subllm train` run or checkpoint."""
+    (`subllm export` / `subllm convert`) or a `subllm train` run or checkpoint. The weights
+    are read one tensor at a time, when asked for."""
     path = Path(path)
     if not path.exists():
         raise SubLLMError(f"{path} does not exist; pass a Hugging Face SubLLM directory "
@@ -34,7 +58,7 @@ def load_pretrained(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], P
     if not (path / "config.json").is_file():
         c = ckpt.resolve_checkpoint(path)
         tokenizer = c / "tokenizer.json"
-        return (ModelConfig.from_dict(ckpt.load_model_config(c)), ckpt.load_weights(c),
+        return (ModelConfig.from_dict(ckpt.load_model_config(c)), ckpt.Weights(c),
                 tokenizer if tokenizer.is_file() else None)
     raw = read_json(path / "config.json", "no config")
     kind = raw.get("model_type")
@@ -48,15 +72,12 @@ def load_pretrained(path: str | Path) -> tuple[ModelConfig, dict[str, Tensor], P
     except (OSError, ValueError, TypeError) as e:
         raise SubLLMError(f"cannot read {path / 'config.json'}: {first_line(e)}") from None
     files = TensorFiles(path)
-    state = {}
     for key in files:
         if not key.startswith("model."):  # SubLLMForCausalLM holds the SubLLM as `model`
             raise SubLLMError(f"{path}: unexpected weight {key!r}; not a SubLLM checkpoint")
-        state[key[len("model."):]] = files[key]
-    if config.tie_embeddings and "embed_tokens.weight" in state:
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     tokenizer = path / "tokenizer.json"
-    return config, state, tokenizer if tokenizer.is_file() else None
+    return (config, _SubLLMWeights(files, config.tie_embeddings),
+            tokenizer if tokenizer.is_file() else None)
 
 
 def load_any(checkpoint: str | Path, device: torch.device

@@ -12,9 +12,12 @@
         -> final checkpoint, eval, loss.png, summary (and the demo's sample)
 
 Launched with torchrun it trains data-parallel: DDP by default, FSDP2 (`fully_shard`) with
-`--distributed fsdp`; gloo on CPU, NCCL on GPU. Every rank builds the same model from the
-same seed; rank r reads its own slice of each global batch (data.TrainBatches); only
-rank 0 writes logs and checkpoints.
+`--distributed fsdp` (HSDP with `--replicate R`); gloo on CPU, NCCL on GPU. Every rank
+builds the model on the meta device, shards it (FSDP2) and then allocates and fills only
+its own shards: each parameter drawn from its own seed (the same values for any number of
+processes) or read from a checkpoint one tensor at a time. Rank r reads its own slice of
+each global batch (data.TrainBatches); only rank 0 writes logs; sharded runs write their
+checkpoints with torch.distributed.checkpoint, every rank its own shards.
 """
 
 from __future__ import annotations
@@ -22,26 +25,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import yaml
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -50,7 +58,7 @@ from subllm.errors import SubLLMError, os_error_line
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
 from subllm.model.mst import apply_mst
-from subllm.model.subllm import SubLLM
+from subllm.model.subllm import SubLLM, assign_full
 from subllm.train import checkpoint as ckpt
 from subllm.train.config import (
     DEFAULT_DATA_DIR,
@@ -142,6 +150,8 @@ class TrainState:
     start_step: int = 0
     step: int = 0
     last_saved: Path | None = None
+    saving: Any = None  # a sharded checkpoint written in the background (_ShardedSave)
+    async_group: Any = None  # the process group of background saves
     last_eval: dict[str, Any] | None = None
     log: RunLog | None = None  # rank 0 only
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
@@ -211,7 +221,7 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
     _gate(dd, "preparing the default corpus", (lambda: _prepare_default(cfg, dd))
           if dd.main else None)
 
-    def checks() -> tuple[TokenData, TrainConfig, ModelConfig, dict | None, torch.device]:
+    def checks() -> tuple[TokenData, TrainConfig, ModelConfig, Mapping | None, torch.device]:
         data = load_data(Path(cfg.data))
         new_cfg, config, init_weights = _model_config(cfg, data, dd)
         return data, new_cfg, config, init_weights, pick_device(new_cfg.device, dd)
@@ -231,9 +241,14 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
                       None if dd.main else find)
         if not dd.main:
             resume_from, saved = found
-    raw_model = _build_model(cfg, config, resume_from, init_weights).to(device)
-    del init_weights
-    model = _parallelize(raw_model, cfg, dd, device)
+    if resume_from is not None and ckpt.is_sharded(resume_from):
+        weights, fill = None, False  # _restore reads this rank's shards (with the optimizer)
+    elif resume_from is not None:
+        weights, fill = ckpt.Weights(resume_from), True
+    else:
+        weights, fill = init_weights, True
+    raw_model, model = _build_model(cfg, config, dd, device, amp, weights, fill)
+    del init_weights, weights
     state = TrainState(
         cfg=cfg, demo=demo, data=data, config=config, device=device, amp=amp,
         run_dir=Path(cfg.out), raw_model=raw_model, model=model,
@@ -262,7 +277,7 @@ def _prepare_default(cfg: TrainConfig, dd: Dist) -> None:
 
 
 def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
-                  ) -> tuple[TrainConfig, ModelConfig, dict[str, Tensor] | None]:
+                  ) -> tuple[TrainConfig, ModelConfig, Mapping[str, Tensor] | None]:
     """(the settings, the model config, --init-from's weights or None)."""
     if cfg.init_from is None:
         return cfg, build_model_config(cfg, data), None
@@ -369,40 +384,94 @@ def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     return d
 
 
-def _build_model(cfg: TrainConfig, config: ModelConfig, resume_from: Path | None,
-                 init_weights: dict[str, Tensor] | None) -> SubLLM:
-    """The SubLLM from the seed (the same on every rank), a checkpoint or --init-from."""
-    torch.manual_seed(cfg.seed)
-    model = SubLLM(config)
-    if resume_from is not None:
-        model.load_state_dict(ckpt.load_weights(resume_from))
-    elif init_weights is not None:
-        try:
-            model.load_state_dict(init_weights)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise SubLLMError(f"--init-from {cfg.init_from}: its weights do not fit its model "
-                              f"config ({first})") from None
+def _build_model(cfg: TrainConfig, config: ModelConfig, dd: Dist, device: torch.device,
+                 amp: torch.dtype | None, weights: Mapping[str, Tensor] | None, fill: bool
+                 ) -> tuple[SubLLM, torch.nn.Module]:
+    """(the SubLLM, what trains: it, in DDP, or itself sharded by FSDP2).
+
+    Built on the meta device (no memory), given MsT / checkpointing, sharded (FSDP2), and
+    only then allocated on `device`: this rank's shards, or the whole model (one process,
+    DDP). Then filled: from `weights` one tensor at a time (a checkpoint, --init-from), or
+    each parameter from its own seed, so one process and any number of shards start from
+    the same values (`SubLLM.init_weights(seed=...)`); fill=False leaves it to `_restore`."""
+    torch.manual_seed(cfg.seed)  # what training draws from (the weights have their own seeds)
+    with torch.device("meta"):
+        model = SubLLM(config)
     if cfg.mst:
         apply_mst(model, checkpointing=cfg.checkpointing)
     if cfg.checkpointing:
         model.gradient_checkpointing = True
-    return model
-
-
-def _parallelize(model: SubLLM, cfg: TrainConfig, dd: Dist, device: torch.device
-                 ) -> torch.nn.Module:
-    """FSDP2 shards every block and then the rest in place; DDP wraps."""
-    if dd.enabled and cfg.distributed == "fsdp":
-        model.skip_empty_segments = False  # every rank runs every block (FSDP gathers)
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    if dd.enabled:
-        return DistributedDataParallel(
+    if _sharded(cfg, dd):
+        _shard(model, cfg, dd, device, amp)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty made two tensors of the tied one
+    if weights is not None:
+        _load_weights(model, weights, cfg)
+    elif fill:
+        model.init_weights(seed=cfg.seed)
+    if dd.enabled and not _sharded(cfg, dd):
+        return model, DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
+    return model, model
+
+
+def _sharded(cfg: TrainConfig, dd: Dist) -> bool:
+    """FSDP2 (or HSDP) under torchrun: parameters, gradients, optimizer state and
+    checkpoints are sharded."""
+    return dd.enabled and cfg.distributed == "fsdp"
+
+
+def _shard(model: SubLLM, cfg: TrainConfig, dd: Dist, device: torch.device,
+           amp: torch.dtype | None) -> None:
+    """FSDP2 shards every block, then the rest (embedding, norm, head, routers), in place.
+
+    Mixed precision (--dtype bf16): FSDP2 all-gathers the parameters in bf16 for forward
+    and backward and reduce-scatters the gradients in fp32 into fp32 sharded parameters,
+    which the optimizer (its state sharded the same way) updates; autocast stays on as
+    under DDP, so the ops autocast keeps in fp32 stay there. DDP instead keeps fp32
+    parameters, autocasts each op, and all-reduces fp32 gradients (docs/training.md)."""
+    model.skip_empty_segments = False  # every rank runs every block (FSDP gathers)
+    mesh = _mesh(cfg, dd, device)
+    policy = (MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+              if amp is not None else MixedPrecisionPolicy())
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _mesh(cfg: TrainConfig, dd: Dist, device: torch.device) -> DeviceMesh:
+    """1-D: every rank holds 1/world of each parameter (FSDP). --replicate R: 2-D, R
+    replicas x world/R shards (HSDP, as torchtitan's data_parallel_replicate): parameters
+    are sharded within a group of world/R ranks (one node, say) and replicated across the
+    R groups; gradients are reduce-scattered in the group, then all-reduced across."""
+    if cfg.replicate == 1:
+        return init_device_mesh(device.type, (dd.world_size,), mesh_dim_names=("shard",))
+    if dd.world_size % cfg.replicate:
+        raise SubLLMError(f"--replicate {cfg.replicate} does not divide the {dd.world_size} "
+                          "processes; choose a divisor of the number of processes")
+    return init_device_mesh(device.type, (cfg.replicate, dd.world_size // cfg.replicate),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+@torch.no_grad()
+def _load_weights(model: SubLLM, weights: Mapping[str, Tensor], cfg: TrainConfig) -> None:
+    """Fill every parameter and buffer from `weights`, one full tensor read at a time, each
+    rank keeping its own shard (`assign_full`)."""
+    where = f"--init-from {cfg.init_from}" if cfg.init_from else "the checkpoint"
+    targets = model.state_dict(keep_vars=True)  # tied weights under both names
+    missing = [k for k in targets if k not in weights]
+    unexpected = [k for k in weights if k not in targets]
+    if missing or unexpected:
+        what = (f"missing {', '.join(missing[:3])}" if missing else
+                f"unexpected {', '.join(unexpected[:3])}")
+        raise SubLLMError(f"{where}: its weights do not fit its model config ({what})")
+    for name, t in targets.items():
+        full = weights[name]
+        if tuple(full.shape) != tuple(t.shape):
+            raise SubLLMError(f"{where}: its weights do not fit its model config ({name} has "
+                              f"shape {tuple(full.shape)}, the model {tuple(t.shape)})")
+        assign_full(t, full)
+        del full
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
@@ -418,19 +487,54 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
-    """Continue exactly where the checkpoint left off: optimizer, data position, RNG, step."""
-    options = StateDictOptions(full_state_dict=state.cfg.distributed == "fsdp" and dd.enabled)
-    set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"], options=options)
+    """Continue exactly where the checkpoint left off: optimizer, data position, RNG, step.
+
+    A sharded checkpoint (format 2): every rank reads only the pieces of the weights and
+    optimizer state it holds (any number of processes: DCP reshards; one process or DDP:
+    the whole of them). An unsharded one: the optimizer state keyed by name (the weights
+    were read by _build_model)."""
+    if ckpt.is_sharded(state.resume_from):
+        _init_adamw_state(state.optimizer)
+        sd = {"model": get_model_state_dict(state.model),
+              "optim": get_optimizer_state_dict(state.model, state.optimizer)}
+        with warnings.catch_warnings():  # one process: "assuming the intent is to load in a
+            warnings.simplefilter("ignore", UserWarning)  # single process" (it is)
+            dcp.load(sd, checkpoint_id=state.resume_from / ckpt.SHARDED,
+                     no_dist=not dd.enabled)
+        set_model_state_dict(state.model, sd["model"])
+        set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
+    else:
+        options = StateDictOptions(full_state_dict=_sharded(state.cfg, dd))
+        set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
+                                 options=options)
     state.batches.load_state_dict(saved["data"])
     rngs = saved["rng"]
     ckpt.set_rng_state(rngs[dd.rank] if dd.rank < len(rngs) else rngs[0])
     state.start_step = state.step = int(saved["step"])
 
 
+@torch.no_grad()
+def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state as its first step creates it (zeros), for DCP to load into in place.
+    DCP's get_optimizer_state_dict would create it by a step at lr 0 on zero gradients:
+    a full set of gradients more at the peak of a resume (+1/3 of weights + optimizer)."""
+    for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32,
+                                    device=p.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 def _announce(state: TrainState, dd: Dist) -> None:
     cfg, config = state.cfg, state.config
     what = "SUBLLM" if config.is_subllm else "LLaMA"
     mode = f", {dd.world_size} x {cfg.distributed.upper()}" if dd.enabled else ""
+    if _sharded(cfg, dd) and cfg.replicate > 1:
+        mode = f", {dd.world_size} x HSDP ({cfg.replicate} replicas x " \
+               f"{dd.world_size // cfg.replicate} shards)"
     name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
     _say(dd, f"{what} {name} {config.structure} ({state.raw_model.num_params() / 1e6:.2f}M "
          f"params) on {state.device}{mode}, {'bf16' if state.amp else 'fp32'}; global batch "
@@ -567,7 +671,8 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                 if save_now or stopping or state.step == end:
                     _read(pending, state, dd)  # nothing non-finite gets saved
                     state.phase = "saving a checkpoint"
-                    state.last_saved = save(state, dd)
+                    last = stopping or state.step == end
+                    state.last_saved = save(state, dd, cfg.async_checkpoint and not last)
                 if stopping:
                     return _interrupted(state, stop.signum, dd)
         bar.close()
@@ -692,8 +797,25 @@ def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None) -> dict[str, 
     return result
 
 
-def save(state: TrainState, dd: Dist) -> Path | None:
-    """Collective: every rank calls it; rank 0 writes. Returns the path on rank 0."""
+def save(state: TrainState, dd: Dist, background: bool = False) -> Path | None:
+    """Collective: every rank calls it; rank 0 writes (sharded: every rank writes its
+    shards, rank 0 the rest). Returns the path on rank 0: the newest complete checkpoint.
+
+    `background` (sharded runs, --async-checkpoint): the shards are copied to host memory
+    and written by a thread while training goes on; the checkpoint becomes visible (state.pt,
+    rename) at the next save, which waits for it first. The last save of a run is never in
+    the background."""
+    if _sharded(state.cfg, dd):
+        if state.saving is not None:  # the previous background save, completed first
+            pending, state.saving = state.saving, None
+            state.last_saved = _complete_sharded(state, dd, pending) or state.last_saved
+        pending = _write_shards(state, dd, background)
+        if pending is None:  # already saved at this step
+            return state.last_saved if dd.main else None
+        if pending.future is not None:
+            state.saving = pending
+            return state.last_saved
+        return _complete_sharded(state, dd, pending)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(state.model, options=options)
     optim_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
@@ -717,6 +839,102 @@ def save(state: TrainState, dd: Dist) -> Path | None:
                               f"{ckpt.checkpoint_name(state.step)}; {kept}") from None
 
     return _gate(dd, f"saving the checkpoint of step {state.step}", write if dd.main else None)
+
+
+@dataclass
+class _ShardedSave:
+    """A sharded checkpoint whose shards are written (or being written: `future`), not yet
+    complete: what rank 0 adds to it, taken when it was started."""
+
+    step: int
+    staged: Path
+    train_state: dict[str, Any]
+    last_saved: Path | None  # the newest complete checkpoint when it was started
+    future: Any = None  # dcp.async_save's Future; None: written
+
+
+def _write_shards(state: TrainState, dd: Dist, background: bool) -> _ShardedSave | None:
+    """Every rank writes the shards it holds of the weights and the optimizer state into
+    rank 0's staging directory (`torch.distributed.checkpoint`, whose coordinator writes
+    `.metadata` once every rank's are written); nothing is gathered. None: the run already
+    holds a checkpoint of this step (a signal right after a save)."""
+    rng: list[Any] = [None] * dd.world_size
+    dist.all_gather_object(rng, ckpt.rng_state())
+    box: list[Any] = [ckpt.is_saved(state.run_dir, state.step), os.getpid()]
+    dist.broadcast_object_list(box, src=0)  # rank 0's decision and staging directory
+    if box[0]:
+        return None
+    pending = _ShardedSave(
+        state.step, ckpt.staging_dir(state.run_dir, state.step, box[1]),
+        {"format": 2, "data": state.batches.state_dict(), "rng": rng,
+         "world_size": dd.world_size}, state.last_saved)
+
+    def fresh() -> None:
+        shutil.rmtree(pending.staged, ignore_errors=True)
+        try:
+            pending.staged.mkdir(parents=True)
+        except OSError as e:
+            raise _save_failed(e, pending) from None
+
+    _gate(dd, f"creating the checkpoint of step {state.step}", fresh if dd.main else None)
+    sd = {"model": get_model_state_dict(state.model),
+          "optim": get_optimizer_state_dict(state.model, state.optimizer)}
+    where = pending.staged / ckpt.SHARDED
+    try:  # collective: DCP gathers every rank's outcome and raises the same on all of them
+        if background:
+            # its own gloo group: the writer thread's collectives never interleave with
+            # training's on the default group (torchtitan does the same)
+            pending.future = dcp.async_save(sd, checkpoint_id=where,
+                                            process_group=_async_group(state))
+        else:
+            dcp.save(sd, checkpoint_id=where)
+    except dcp.CheckpointException as e:
+        raise _shards_failed(e, pending, dd) from None
+    return pending
+
+
+def _async_group(state: TrainState) -> Any:
+    if state.async_group is None:
+        state.async_group = dist.new_group(backend="gloo")
+    return state.async_group
+
+
+def _complete_sharded(state: TrainState, dd: Dist, pending: _ShardedSave) -> Path | None:
+    """Wait for the shards (a background save), then rank 0 adds state.pt (data position,
+    step, every rank's RNG states) and the configs and renames the staging directory into
+    place: the checkpoint is complete or invisible. The path on rank 0."""
+    if pending.future is not None:
+        try:
+            pending.future.result()
+        except dcp.CheckpointException as e:
+            raise _shards_failed(e, pending, dd) from None
+
+    def finish() -> Path:
+        try:
+            return ckpt.save_checkpoint(
+                state.run_dir, pending.step, None, pending.train_state, state.config.to_dict(),
+                run_config(state.cfg, state.data), state.data.tokenizer_path,
+                keep=state.cfg.keep_checkpoints, staged=pending.staged)
+        except OSError as e:  # save_checkpoint removed the staging directory
+            raise _save_failed(e, pending) from None
+
+    return _gate(dd, f"saving the checkpoint of step {pending.step}",
+                 finish if dd.main else None)
+
+
+def _shards_failed(e: Any, pending: _ShardedSave, dd: Dist) -> SubLLMError:
+    if dd.main:
+        shutil.rmtree(pending.staged, ignore_errors=True)
+    errors = [err for err, _ in e.failures.values()]
+    return _save_failed(errors[0] if errors else e, pending)
+
+
+def _save_failed(e: BaseException, pending: _ShardedSave) -> SubLLMError:
+    kept = (f"{pending.last_saved.name} is intact (continue with --resume)"
+            if pending.last_saved else "no checkpoint of this run was saved yet")
+    first = os_error_line(e) if isinstance(e, OSError) else str(e).strip()[:200]
+    return SubLLMError(f"{first} while writing checkpoint {ckpt.checkpoint_name(pending.step)}; "
+                       f"{kept}")
 
 
 def _interrupted(state: TrainState, signum: int | None, dd: Dist) -> dict[str, Any]:
