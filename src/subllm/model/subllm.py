@@ -89,6 +89,8 @@ class SubLLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
             elif isinstance(m, Bypass):
@@ -163,6 +165,15 @@ class SubLLM(nn.Module):
                 f"sequence of {past + L} tokens exceeds the model's context "
                 f"(max_seq_len={self.config.max_seq_len}); shorten the input"
             )
+        window = self.config.sliding_window
+        if window is not None and past + L > window:
+            # Only full attention is implemented: it equals the sliding window's while the
+            # sequence fits in the window, so longer ones are refused (design.md §2.1).
+            raise SubLLMError(
+                f"sequence of {past + L} tokens is longer than the model's sliding attention "
+                f"window ({window}); sliding-window attention is not implemented, so use "
+                f"sequences of at most {window} tokens"
+            )
         valid = None
         if attention_mask is not None:
             valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
@@ -213,7 +224,8 @@ class SubLLM(nn.Module):
 
     def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
               dtype: torch.dtype) -> Span:
-        cos, sin = rope_cos_sin(pos, self.config.resolved_head_dim, self.config.rope_theta, dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(pos, c.resolved_head_dim, c.rope_theta, dtype, c.rope_scaling)
         B, L = pos.shape
         if cache is None:
             return Span(pos, valid, cos, sin, attention_mask_for(valid, None, L, pos.device))
