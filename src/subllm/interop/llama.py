@@ -293,6 +293,7 @@ def from_hf_dir(directory: str | Path, structure: str | None = None,
         hf_config = config_class.from_pretrained(str(d))
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise SubLLMError(f"cannot read {d / 'config.json'}: {first_line(e)}") from None
+    _config_from_hf(hf_config, structure, keep)  # what is unsupported, before any weights
     return from_llama_weights(hf_config, TensorFiles(d), structure, keep, dtype=dtype,
                               source=str(d))
 

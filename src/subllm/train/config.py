@@ -65,6 +65,9 @@ class TrainConfig:
     resume: bool = False
     skip_damaged: bool = False  # --resume past a damaged newest checkpoint (set aside)
     init_from: str | None = None  # start from this model's weights and config (see below)
+    # Router warm-up: for the first N steps only the scorers and bypass scales learn (a
+    # model converted from a LLaMA-family checkpoint keeps its blocks while routing forms)
+    train_only_routers: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (YAML only)
 
 
@@ -115,7 +118,9 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
 # What --init-from takes from the model it starts from, never from the settings: the
 # fields that shape the weights or change what they compute.
 ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                       "structure", "head_dim", "tie_embeddings", "rope_theta", "norm_eps")
+                       "structure", "head_dim", "tie_embeddings", "rope_theta", "norm_eps",
+                       "rope_scaling", "qkv_bias", "o_bias", "qk_norm", "sliding_window",
+                       "hf_family")
 
 
 def init_model_config(cfg: TrainConfig, data: TokenData, base: Any) -> Any:
@@ -153,6 +158,16 @@ def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
             f"--seq-len {cfg.seq_len} exceeds the model's context (max_seq_len "
             f"{config.max_seq_len}); lower --seq-len or set `model: {{max_seq_len: N}}` in --config"
         )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and cfg.seq_len > window:
+        raise SubLLMError(
+            f"--seq-len {cfg.seq_len} is longer than the model's sliding attention window "
+            f"({window}); sliding-window attention is not implemented: use --seq-len <= {window}"
+        )
+    if cfg.train_only_routers and not config.is_subllm:
+        raise SubLLMError(f"--train-only-routers {cfg.train_only_routers}: the model "
+                          f"({config.structure}) has no scorers or bypass scales to train; "
+                          "give it a subsampled structure")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -173,6 +188,10 @@ def check_config(cfg: TrainConfig) -> None:
     if not cfg.dist_timeout > 0:
         raise SubLLMError(f"--dist-timeout must be a positive number of seconds, got "
                           f"{cfg.dist_timeout}")
+    if isinstance(cfg.train_only_routers, bool) or not isinstance(cfg.train_only_routers, int) \
+            or cfg.train_only_routers < 0:
+        raise SubLLMError(f"--train-only-routers must be a number of steps >= 0, got "
+                          f"{cfg.train_only_routers!r}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise SubLLMError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
 
