@@ -253,3 +253,50 @@ def test_sequences_past_the_sliding_window_are_refused(
                           "--device", "cpu"])
     assert "--seq-len 96 is longer than the model's sliding attention window (64)" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---- the recipe: convert, then `subllm train --init-from` with a router warm-up ------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_recipe_router_warmup_then_training(family: str, hf_dirs: dict[str, Path], data: Path,
+                                            tmp_path: Path) -> None:
+    from subllm.train import checkpoint as ckpt
+
+    sub = convert(hf_dirs[family], tmp_path / "sub", "--structure", "T(TT)T", "--keep", "0.5")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--init-from", str(sub),
+                 "--train-only-routers", "4", "--max-steps", "16", "--seq-len", "32",
+                 "--batch-size", "4", "--lr", "3e-3", "--warmup", "1", "--eval-every", "0",
+                 "--eval-batches", "2", "--save-every", "4", "--keep-checkpoints", "4",
+                 "--log-every", "1", "--device", "cpu"]) == 0
+    start = {k[len("model."):]: v for k, v in load_file(str(sub / "model.safetensors")).items()}
+    at = {s: ckpt.load_weights(run / "checkpoints" / f"step-{s:08d}") for s in (4, 8)}
+    blocks = [k for k in start if not k.startswith(("subsamplers.", "bypasses."))]
+    assert len(blocks) > 4 * 9
+    # the warm-up: only the scorers and bypass scales moved ...
+    for k in blocks:
+        torch.testing.assert_close(at[4][k], start[k], atol=0, rtol=0)
+    for k in ("subsamplers.0.score.weight", "bypasses.0.scale"):
+        assert not torch.equal(at[4][k], start[k]), k
+    # ... then everything trains
+    k = "layers.1.mlp.up_proj.weight"
+    assert not torch.equal(at[8][k], start[k])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train_loss"] for r in records if "train_loss" in r]
+    assert sum(train[-3:]) < 0.85 * sum(train[:3]), train  # the loss falls
+    val = [r for r in records if "val_loss" in r][-1]
+    # and the routing holds: inference's kept fraction near keep, little train/eval gap
+    assert abs(val["val_kept_fractions"][0] - 0.5) < 0.15, val
+    assert abs(val["val_gap"]) < 0.05, val
+
+
+def test_train_only_routers_needs_routers(hf_dirs: dict[str, Path], data: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    out = convert(hf_dirs["llama"], tmp_path / "out")
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                          "--init-from", str(out), "--train-only-routers", "3", "--seq-len", "32",
+                          "--device", "cpu"])
+    assert "--train-only-routers 3: the model (TTTT) has no scorers or bypass scales" in err
