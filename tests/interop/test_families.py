@@ -300,3 +300,26 @@ def test_train_only_routers_needs_routers(hf_dirs: dict[str, Path], data: Path, 
                           "--init-from", str(out), "--train-only-routers", "3", "--seq-len", "32",
                           "--device", "cpu"])
     assert "--train-only-routers 3: the model (TTTT) has no scorers or bypass scales" in err
+
+
+# ---- subllm info / estimate ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_info_and_estimate_know_the_family(family: str, hf_dirs: dict[str, Path],
+                                           capsys: pytest.CaptureFixture) -> None:
+    src = AutoModelForCausalLM.from_pretrained(hf_dirs[family])
+    n = sum(p.numel() for p in src.parameters())  # tied weights once
+    capsys.readouterr()
+    for arg in (hf_dirs[family], hf_dirs[family] / "config.json"):
+        assert main(["info", str(arg), "--json"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["parameters"] == n and d["config"]["hf_family"] == family
+    assert main(["info", str(hf_dirs[family])]) == 0
+    features = capsys.readouterr().out
+    assert f"from {family}" in features
+    assert ("q/k RMSNorm" in features) == (family == "qwen3")
+    assert ("sliding window 64" in features) == (family == "mistral")
+    assert main(["estimate", "--hf-config", str(hf_dirs[family] / "config.json"),
+                 "--seq-len", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["parameters"] == n

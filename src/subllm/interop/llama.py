@@ -224,6 +224,21 @@ def _config_from_hf(hf_config: Any, structure: str | None, keep: float | list[fl
     return ModelConfig(**kwargs)
 
 
+def model_config_of_hf(raw: dict[str, Any], where: str) -> ModelConfig:
+    """The all-"T" ModelConfig a `transformers` config.json (a dict) converts into: what
+    `subllm convert --from-hf` would build (`subllm info`)."""
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise SubLLMError(f"{where}: model_type {family!r} is not supported; supported: "
+                          f"{', '.join(FAMILIES)}")
+    config_class, _ = _family_classes(family)
+    try:
+        hf_config = config_class.from_dict(raw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SubLLMError(f"cannot read {where}: {first_line(e)}") from None
+    return _config_from_hf(hf_config, None, None)
+
+
 def from_hf(hf_model: Any, structure: str | None = None,
             keep: float | list[float] | None = None) -> SubLLM:
     """A SubLLM of the given structure whose blocks are those of a `transformers`

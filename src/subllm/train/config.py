@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from subllm.errors import SubLLMError
-from subllm.model.config import PRESETS, ModelConfig, parse_structure
+from subllm.model.config import HF_FAMILIES, PRESETS, ModelConfig, parse_structure
 
 if TYPE_CHECKING:
     from subllm.train.data import TokenData
@@ -216,6 +216,10 @@ def model_config_of(spec: str) -> tuple[ModelConfig, str]:
     if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
         return ModelConfig.preset(spec), spec  # raises with the nearest preset names
     data = _read_mapping(path)
+    if path.suffix == ".json" and data.get("model_type") in HF_FAMILIES:
+        from subllm.interop.llama import model_config_of_hf  # a transformers config.json
+
+        return model_config_of_hf(data, str(path)), path.stem
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
     if data.keys() <= model_keys:  # a model config (a preset plus overrides, or fields)
         return ModelConfig.from_file(path), path.stem
@@ -270,6 +274,10 @@ def _model_config_of_dir(path: Path) -> ModelConfig:
     if hf.is_file():
         raw = json.loads(hf.read_text())
         kind = raw.get("model_type")
+        if kind in HF_FAMILIES:  # a Llama / Qwen / Mistral directory: what convert builds
+            from subllm.interop.llama import model_config_of_hf
+
+            return model_config_of_hf(raw, str(hf))
         if kind != "subllm":
             raise SubLLMError(f"{path} holds a {kind!r} model, not a SubLLM; for its memory "
                               f"use `subllm estimate --hf-config {hf}`")
