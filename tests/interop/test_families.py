@@ -323,3 +323,50 @@ def test_info_and_estimate_know_the_family(family: str, hf_dirs: dict[str, Path]
     assert main(["estimate", "--hf-config", str(hf_dirs[family] / "config.json"),
                  "--seq-len", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["parameters"] == n
+
+
+REMOTE = """
+import importlib.abc, sys
+
+
+class NoSubllm(importlib.abc.MetaPathFinder):  # as if subllm were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "subllm" or name.startswith("subllm."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoSubllm())
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_converted_qwen3_loads_with_trust_remote_code_without_subllm(
+        hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The exported model code carries the new fields (qk-norm, head_dim, rope scaling)."""
+    import os
+    import subprocess
+    import sys
+
+    out = convert(hf_dirs["qwen3"], tmp_path / "out", "--structure", "T(TT)T", "--keep", "0.5")
+    ours = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, SEQ))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", REMOTE, str(out), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        ref = ours(ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), ref,
+                               atol=1e-6, rtol=0)
