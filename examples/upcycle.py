@@ -124,15 +124,20 @@ def run_family(family: str, args: argparse.Namespace) -> dict:
                  "--keep", str(args.keep), "--out", str(conv), "--force"]) == 0
     step0 = eval_dir(conv, args, root / "converted-eval.json")
     runs = {}
-    for name, warm in (("router warm-up", n), ("no warm-up", 0)):
-        run = root / ("run-warmup" if warm else "run-plain")
+    # the reference: the source itself trained the same steps (what the SUBLLM costs)
+    plans = [("router warm-up", "run-warmup", conv, n, step0),
+             ("no warm-up", "run-plain", conv, 0, step0)]
+    if not args.no_reference:
+        plans.append(("source continued (all-T)", "run-source", same, 0, all_t_loss))
+    for name, folder, start, warm, first in plans:
+        run = root / folder
         t0 = time.perf_counter()
-        train(args, run, 10 * n, init_from=conv, train_only_routers=warm, lr=args.lr,
+        train(args, run, 10 * n, init_from=start, train_only_routers=warm, lr=args.lr,
               warmup=5, min_lr=args.lr / 10, eval_every=n)
         losses = val_losses(run)
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         kept = [r["val_kept_fractions"] for r in records if "val_kept_fractions" in r][-1]
-        runs[name] = {"val_loss": {0: step0, n: losses[n], 10 * n: losses[10 * n]},
+        runs[name] = {"val_loss": {0: first, n: losses[n], 10 * n: losses[10 * n]},
                       "val_loss_all": losses, "final_val_kept_fractions": kept,
                       "seconds": time.perf_counter() - t0}
     return {"family": family, "hf_class": type(hf).__name__, "source_val_loss": source_loss,
@@ -155,7 +160,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     for r in results:
         for name, run in r["runs"].items():
             v = run["val_loss"]
-            kept = ", ".join(f"{k:.2f}" for k in run["final_val_kept_fractions"])
+            kept = ", ".join(f"{k:.2f}" for k in run["final_val_kept_fractions"]) or "-"
             lines.append(f"| {r['family']} ({r['hf_class']}) | {r['source_val_loss']:.4f} "
                          f"({r['all_T_val_loss']:.4f}) | "
                          f"{name} | {v[0]:.3f} | {v[n]:.3f} | {v[10 * n]:.3f} | {kept} |")
@@ -175,6 +180,8 @@ def cli() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference run (the source trained the same steps)")
     args = p.parse_args()
     torch.set_num_threads(1)
     results = [run_family(f, args) for f in args.families.split(",")]

@@ -489,8 +489,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
     # what each block keeps between its forward and its backward
     kept_act = [B * n * (d * r if ckpt else bb.attn_half + bb.mlp_half) for n in rows]
     kept_attn = [0 if ckpt else B * n * bb.attention for n in rows]
-    mask = (B * L * L if s.source == "transformers" and s.sliding_window  # transformers'
-            and L > s.sliding_window else 0)
+    mask = B * L * L if s.sliding_window and L > s.sliding_window else 0  # the bool mask
     seg_bytes = [B * _segment_saved(s, b, n_in, n_k) for n_in, n_k in segs]
     rope = B * (L + sum(n_k for _, n_k in segs)) * _rope_bytes(s, b) + 8 * T  # + token ids
     final = T * _final_saved(s, b, p.mst)
@@ -865,7 +864,7 @@ def _features(c: dict[str, Any]) -> str:
         rs = c["rope_scaling"]
         out.append(f"rope {rs['rope_type']} x{rs['factor']:g} (theta {c['rope_theta']:g})")
     if c.get("sliding_window"):
-        out.append(f"sliding window {c['sliding_window']} (longer sequences refused)")
+        out.append(f"sliding window {c['sliding_window']}")
     if c.get("tie_embeddings"):
         out.append("tied embeddings")
     return ", ".join(out)

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import subllm  # noqa: F401  (registers the SubLLM Auto classes)
-from subllm import ConfigError, ModelConfig, SubLLMError
+from subllm import ConfigError, ModelConfig
 from subllm.cli import main
 from subllm.interop.llama import from_hf, to_hf
 
@@ -45,9 +45,9 @@ FAMILIES = {
                          "original_max_position_embeddings": 32})),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
         head_dim=24, rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0})),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=64)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=32)),
 }
-SEQ = 48  # past every original context above, inside Mistral's window
+SEQ = 48  # past every original context above and past Mistral's window
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,9 @@ def test_all_T_logits_and_decoding_equal_transformers(
     torch.testing.assert_close(a[1, 7:], b[1, 7:], atol=1e-5, rtol=0)
     # KV-cache decoding gives transformers' greedy tokens
     prompt = x[:, :20]
-    ref = src.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
-                       do_sample=False, pad_token_id=0)
-    assert torch.equal(ours.model.generate(prompt, max_new_tokens=12), ref)
+    ref = src.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                       do_sample=False, pad_token_id=0)  # 40 tokens: past Mistral's window
+    assert torch.equal(ours.model.generate(prompt, max_new_tokens=20), ref)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -163,7 +163,7 @@ def test_to_hf_writes_the_family_class(family: str, hf_dirs: dict[str, Path],
     x = torch.randint(0, src.config.vocab_size, (2, SEQ))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, src(x).logits, atol=1e-5, rtol=0)
-    assert (getattr(reloaded.config, "sliding_window", None) == 64) == (family == "mistral")
+    assert (getattr(reloaded.config, "sliding_window", None) == 32) == (family == "mistral")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -236,23 +236,49 @@ def test_unsupported_family_rope_and_mlp_bias(tmp_path: Path,
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_sequences_past_the_sliding_window_are_refused(
-        hf_dirs: dict[str, Path], data: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
-    out = convert(hf_dirs["mistral"], tmp_path / "out")
-    assert "sliding window 64 < context 128" in capsys.readouterr().out
-    model = AutoModelForCausalLM.from_pretrained(out).model.eval()
-    with pytest.raises(SubLLMError, match=r"longer than the model's sliding attention window "
-                                          r"\(64\)"):
-        model(torch.zeros(1, 65, dtype=torch.long))
-    with pytest.raises(SubLLMError, match="sliding attention window"):
-        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=5)
-    capsys.readouterr()
-    err = _error(capsys, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
-                          "--init-from", str(out), "--seq-len", "96", "--max-steps", "1",
-                          "--device", "cpu"])
-    assert "--seq-len 96 is longer than the model's sliding attention window (64)" in err
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("family, extra", [
+    ("mistral", {}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0}),
+])
+def test_the_sliding_window_is_what_matches(family: str, extra: dict) -> None:
+    """Past the window, attention is the window's, not full attention (which would differ),
+    with padding, and in a subsampled model the cached decoding equals the full pass."""
+    src = make_hf(family, 97, seed=3, **extra)
+    ours = from_hf(src).eval()
+    window = ours.config.sliding_window
+    assert window == (32 if family == "mistral" else 16)
+    x = torch.randint(0, 97, (2, 80))
+    mask = torch.ones_like(x)
+    mask[1, :9] = 0
+    with torch.no_grad():
+        ref = src(x, attention_mask=mask).logits
+        got = ours(x, attention_mask=mask).logits
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[1, 9:], ref[1, 9:], atol=1e-5, rtol=0)
+        ours.config.sliding_window = None
+        assert (ours(x).logits - src(x).logits).abs().max() > 1e-2
+    sub = from_hf(src, structure="T(TT)T", keep=0.5).eval()
+    with torch.no_grad():
+        full = sub(x, attention_mask=mask).logits
+        out = sub(x[:, :30], attention_mask=mask[:, :30], use_cache=True)
+        steps = [out.logits]
+        for t in range(30, 80):
+            out = sub(x[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=out.cache)
+            steps.append(out.logits)
+    got = torch.cat(steps, 1)
+    torch.testing.assert_close(got[0], full[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1, 9:], full[1, 9:], atol=1e-5, rtol=0)
+
+
+def test_a_window_on_some_layers_only_is_refused(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    d = tmp_path / "qwen"
+    Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, use_sliding_window=True, sliding_window=16,
+                max_window_layers=2).save_pretrained(d)
+    err = _error(capsys, ["convert", "--from-hf", str(d), "--out", str(tmp_path / "a")])
+    assert "sliding window on some layers only" in err and "max_window_layers=2" in err
 
 
 # ---- the recipe: convert, then `subllm train --init-from` with a router warm-up ------------
@@ -319,7 +345,7 @@ def test_info_and_estimate_know_the_family(family: str, hf_dirs: dict[str, Path]
     features = capsys.readouterr().out
     assert f"from {family}" in features
     assert ("q/k RMSNorm" in features) == (family == "qwen3")
-    assert ("sliding window 64" in features) == (family == "mistral")
+    assert ("sliding window 32" in features) == (family == "mistral")
     assert main(["estimate", "--hf-config", str(hf_dirs[family] / "config.json"),
                  "--seq-len", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["parameters"] == n

@@ -75,11 +75,6 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = args.tokenizer or (src if tokenizer_files(src) else None)
         arch = (raw.get("architectures") or [family])[0]
         info = {"converted from": f"{arch} checkpoint {src}"}
-        window = model.config.sliding_window
-        if window is not None and window < model.config.max_seq_len:
-            print(f"sliding window {window} < context {model.config.max_seq_len}: sliding-window "
-                  f"attention is not implemented, so sequences longer than {window} tokens are "
-                  "refused (within the window, full attention is exact)")
         if model.config.is_subllm:
             info["freshly initialised"] = (f"{len(model.subsamplers)} scorer(s) and "
                                            f"{len(model.bypasses)} bypass scale(s)")

@@ -173,10 +173,13 @@ def _rope_scaling_from_hf(c: Any, family: str) -> tuple[float, dict[str, Any] | 
 def _sliding_window_from_hf(c: Any, family: str) -> int | None:
     if family == "mistral":
         return getattr(c, "sliding_window", None)
-    if family in ("qwen2", "qwen3") and "sliding_attention" in (getattr(c, "layer_types", None)
-                                                              or []):
-        # Qwen's layers from max_window_layers on slide; inside the window every layer's
-        # attention is full, which is all we run (design.md §2.1)
+    kinds = set(getattr(c, "layer_types", None) or [])
+    if family in ("qwen2", "qwen3") and "sliding_attention" in kinds:
+        if kinds != {"sliding_attention"}:  # Qwen: layers from max_window_layers on slide
+            raise ConfigError(
+                f"a sliding window on some layers only (use_sliding_window with "
+                f"max_window_layers={getattr(c, 'max_window_layers', None)}) is not "
+                "supported; one window for every layer is")
         return c.sliding_window
     return None
 

@@ -155,9 +155,8 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k, v projections (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama's / Qwen3's attention_bias)
     qk_norm: bool = False  # RMSNorm over head_dim on each query and key head (Qwen3)
-    # Sliding-window attention (Mistral): tokens attend to the last `sliding_window`
-    # positions. Only full attention is implemented, which equals it while a sequence is no
-    # longer than the window, so a longer sequence is refused (design.md §2.1).
+    # Sliding-window attention (Mistral): a token attends to the keys of the last
+    # `sliding_window` positions, itself included (design.md §2.1).
     sliding_window: int | None = None
     # The `transformers` family a converted model came from (HF_FAMILIES), so that
     # `to_hf` writes its own class back; None for our own models.

@@ -76,13 +76,6 @@ def _validate(model: SubLLM, input_ids: Tensor, max_new_tokens: int, temperature
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"the model's context ({ctx}); lower max_new_tokens to {ctx - input_ids.shape[1]}"
         )
-    window = model.config.sliding_window
-    if window is not None and total > window:  # refused up front, not half-way through
-        raise SubLLMError(
-            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} is "
-            f"longer than the model's sliding attention window ({window}), which is not "
-            f"implemented; lower max_new_tokens to {max(window - input_ids.shape[1], 0)}"
-        )
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= model.config.vocab_size:
         raise SubLLMError(
             f"token ids must be in [0, {model.config.vocab_size}); is the tokenizer the model's?"

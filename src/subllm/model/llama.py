@@ -127,8 +127,9 @@ class Span:
     pos:   (B, L) original token positions (RoPE uses these, design.md §3.3).
     valid: (B, L) bool, False for padding / unfilled slots; None when every token is real.
     cos, sin: (B, L, head_dim) rotary tables for `pos`, computed once per level.
-    mask:  (B, 1, L, L_past + L) bool attention mask; None: plain causal attention when
-           `causal`, else no mask (one new token attending to a fully valid past).
+    mask:  (B, 1, L, L_past + L) bool attention mask (padding, cache, sliding window); None:
+           plain causal attention when `causal`, else no mask (one new token attending to
+           a fully valid past).
     cache_start: where this call's keys go in the level's KV cache (None: no cache).
     prior: (B,) real tokens of this level already in the cache, per row (None: none); the
            `parent` RoPE convention numbers a nested segment's tokens after them.
@@ -145,22 +146,30 @@ class Span:
 
 
 def attention_mask_for(
-    valid: Tensor | None, past_valid: Tensor | None, length: int, device: torch.device
+    valid: Tensor | None, past_valid: Tensor | None, length: int, device: torch.device,
+    window: int | None = None, pos: Tensor | None = None, past_pos: Tensor | None = None,
 ) -> Tensor | None:
-    """Boolean (B, 1, L, P + L) mask: causal among the new tokens, valid keys only.
+    """Boolean (B, 1, L, P + L) mask: causal among the new tokens, valid keys only, and with
+    a sliding `window` only keys whose position is within `window - 1` of the query's
+    (`pos`: (B, L), `past_pos`: (B, P); design.md §2.1).
 
-    Returns None when plain causal attention is exact (no cache, no padding). Every
-    query may attend to itself, so rows of padding never see an empty key set (NaN).
+    Returns None when plain causal attention is exact (no cache, no padding, no window).
+    Every query may attend to itself, so rows of padding never see an empty key set (NaN).
     """
-    if valid is None and past_valid is None:
+    if valid is None and past_valid is None and window is None:
         return None
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     new = causal[None] if valid is None else causal[None] & valid[:, None, :]  # (B, L, L)
-    new = new | torch.eye(length, dtype=torch.bool, device=device)
     if past_valid is not None and past_valid.shape[1] > 0:
         b = max(new.shape[0], past_valid.shape[0])
         past = past_valid[:, None, :].expand(b, length, -1)
         new = torch.cat([past, new.expand(b, -1, -1)], dim=-1)
+    if window is not None:  # Mistral: key j visible from query i when pos_i - pos_j < window
+        keys = pos if past_pos is None or past_pos.shape[1] == 0 else torch.cat(
+            [past_pos, pos], dim=1)
+        new = new & ((pos[:, :, None] - keys[:, None, :]) < window)
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    new = new | F.pad(eye, (new.shape[-1] - length, 0))  # (L, P + L): each query itself
     return new[:, None]
 
 

@@ -165,15 +165,6 @@ class SubLLM(nn.Module):
                 f"sequence of {past + L} tokens exceeds the model's context "
                 f"(max_seq_len={self.config.max_seq_len}); shorten the input"
             )
-        window = self.config.sliding_window
-        if window is not None and past + L > window:
-            # Only full attention is implemented: it equals the sliding window's while the
-            # sequence fits in the window, so longer ones are refused (design.md §2.1).
-            raise SubLLMError(
-                f"sequence of {past + L} tokens is longer than the model's sliding attention "
-                f"window ({window}); sliding-window attention is not implemented, so use "
-                f"sequences of at most {window} tokens"
-            )
         valid = None
         if attention_mask is not None:
             valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
@@ -227,16 +218,25 @@ class SubLLM(nn.Module):
         c = self.config
         cos, sin = rope_cos_sin(pos, c.resolved_head_dim, c.rope_theta, dtype, c.rope_scaling)
         B, L = pos.shape
+        # A sliding window (design.md §2.1) over this level's positions. At the top level
+        # positions are consecutive, so it can only hide a key once the level holds more
+        # than `window` slots; inside a segment the kept tokens' positions have gaps.
+        window = c.sliding_window
         if cache is None:
-            return Span(pos, valid, cos, sin, attention_mask_for(valid, None, L, pos.device))
+            window = window if window is not None and (level > 0 or L > window) else None
+            return Span(pos, valid, cos, sin,
+                        attention_mask_for(valid, None, L, pos.device, window, pos))
         state = cache.levels[level]
         past_all_valid = state.all_valid
-        start, past = state.append(valid, B, L, pos.device)
+        start, past, past_pos = state.append(valid, B, L, pos.device,
+                                             pos if window is not None else None)
+        window = window if window is not None and (level > 0 or start + L > window) else None
         prior = past.sum(1) if start > 0 and self._parent_positions else None
-        if start > 0 and L == 1 and valid is None and past_all_valid:
+        if start > 0 and L == 1 and valid is None and past_all_valid and window is None:
             # One new token, every cached slot real: attend to everything, no mask needed.
             return Span(pos, valid, cos, sin, None, start, causal=False, prior=prior)
-        mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device)
+        mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device, window,
+                                  pos, past_pos if start > 0 else None)
         return Span(pos, valid, cos, sin, mask, start, prior=prior)
 
     def _run(self, items: list[int | Segment], h: Tensor, span: Span, cache: KVCache | None,

@@ -158,12 +158,6 @@ def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
             f"--seq-len {cfg.seq_len} exceeds the model's context (max_seq_len "
             f"{config.max_seq_len}); lower --seq-len or set `model: {{max_seq_len: N}}` in --config"
         )
-    window = getattr(config, "sliding_window", None)
-    if window is not None and cfg.seq_len > window:
-        raise SubLLMError(
-            f"--seq-len {cfg.seq_len} is longer than the model's sliding attention window "
-            f"({window}); sliding-window attention is not implemented: use --seq-len <= {window}"
-        )
     if cfg.train_only_routers and not config.is_subllm:
         raise SubLLMError(f"--train-only-routers {cfg.train_only_routers}: the model "
                           f"({config.structure}) has no scorers or bypass scales to train; "
