@@ -45,7 +45,7 @@ FAMILIES = {
                          "original_max_position_embeddings": 32})),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
         head_dim=24, rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0})),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=32)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=24)),
 }
 SEQ = 48  # past every original context above and past Mistral's window
 
@@ -116,7 +116,8 @@ def test_all_T_logits_and_decoding_equal_transformers(
     # KV-cache decoding gives transformers' greedy tokens
     prompt = x[:, :20]
     ref = src.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
-                       do_sample=False, pad_token_id=0)  # 40 tokens: past Mistral's window
+                       do_sample=False, pad_token_id=0,  # 40 tokens: past Mistral's window
+                       eos_token_id=None)  # as ours: no stop
     assert torch.equal(ours.model.generate(prompt, max_new_tokens=20), ref)
 
 
@@ -163,7 +164,7 @@ def test_to_hf_writes_the_family_class(family: str, hf_dirs: dict[str, Path],
     x = torch.randint(0, src.config.vocab_size, (2, SEQ))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, src(x).logits, atol=1e-5, rtol=0)
-    assert (getattr(reloaded.config, "sliding_window", None) == 32) == (family == "mistral")
+    assert (getattr(reloaded.config, "sliding_window", None) == 24) == (family == "mistral")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -247,7 +248,7 @@ def test_the_sliding_window_is_what_matches(family: str, extra: dict) -> None:
     src = make_hf(family, 97, seed=3, **extra)
     ours = from_hf(src).eval()
     window = ours.config.sliding_window
-    assert window == (32 if family == "mistral" else 16)
+    assert window == (24 if family == "mistral" else 16)
     x = torch.randint(0, 97, (2, 80))
     mask = torch.ones_like(x)
     mask[1, :9] = 0
@@ -345,7 +346,7 @@ def test_info_and_estimate_know_the_family(family: str, hf_dirs: dict[str, Path]
     features = capsys.readouterr().out
     assert f"from {family}" in features
     assert ("q/k RMSNorm" in features) == (family == "qwen3")
-    assert ("sliding window 32" in features) == (family == "mistral")
+    assert ("sliding window 24" in features) == (family == "mistral")
     assert main(["estimate", "--hf-config", str(hf_dirs[family] / "config.json"),
                  "--seq-len", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["parameters"] == n
