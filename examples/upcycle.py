@@ -4,10 +4,11 @@ For each family: train a small source model of that family on the prepared data 
 source is a trained model, not a random one), write it with `transformers`' own class
 (`to_hf` + `save_pretrained`), convert it with `subllm convert --from-hf --structure S`,
 and continue training with `subllm train --init-from`, once with a router warm-up
-(`--train-only-routers N`) and once without, for 10 N steps. Reported: the validation loss
-of the source (computed by the `transformers` model itself) and of the converted model at
-step 0, N and 10 N, on the same validation batches. Writes OUT/upcycle.json and
-OUT/upcycle.md.
+(`--train-only-routers N`) and once without, for 10 N steps; as the reference, the source
+itself (converted all-`T`) trained the same 10 N steps. Reported: the validation loss of
+the source (computed by the `transformers` model itself, and by `subllm eval` on its
+all-`T` conversion) and of each run at step 0, N and 10 N, on the same validation
+batches, and the final eval-mode kept fraction. Writes OUT/upcycle.json and OUT/upcycle.md.
 
     python examples/upcycle.py --data data/default --out bench-out/upcycle --router-steps 20
 """
@@ -47,6 +48,8 @@ FAMILIES = {
 
 
 def train(args: argparse.Namespace, out: Path, steps: int, **flags: object) -> None:
+    if args.reuse and (out / "metrics.jsonl").is_file():
+        return  # --reuse: a finished run of an earlier invocation
     argv = ["train", "--data", str(args.data), "--out", str(out), "--max-steps", str(steps),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
             "--eval-batches", str(args.eval_batches), "--save-every", "0", "--log-every", "10",
@@ -96,9 +99,9 @@ def run_family(family: str, args: argparse.Namespace) -> dict:
     n = args.router_steps
     # 1. a trained source model of the family, in transformers' own class
     settings = root / "source.yaml"
-    if root.exists():  # this script's own earlier output
+    if root.exists() and not args.reuse:  # this script's own earlier output
         shutil.rmtree(root)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     model = {**SHAPE, **FAMILIES[family], "structure": "T" * SHAPE["n_layers"]}
     settings.write_text(yaml.safe_dump({"preset": "llama-tiny", "model": model}))
     train(args, root / "source-run", args.source_steps, config=settings, lr=2e-3,
@@ -116,7 +119,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict:
     source_loss = hf_val_loss(src, args)
     # the all-T conversion is the source itself: the same loss through subllm's own eval
     same = root / "converted-all-T"
-    assert main(["convert", "--from-hf", str(src), "--out", str(same)]) == 0
+    assert main(["convert", "--from-hf", str(src), "--out", str(same), "--force"]) == 0
     all_t_loss = eval_dir(same, args, root / "all-T-eval.json")
     # 2. convert into a SUBLLM; 3. continue training, with and without the router warm-up
     conv = root / "converted"
@@ -136,7 +139,8 @@ def run_family(family: str, args: argparse.Namespace) -> dict:
               warmup=5, min_lr=args.lr / 10, eval_every=n)
         losses = val_losses(run)
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        kept = [r["val_kept_fractions"] for r in records if "val_kept_fractions" in r][-1]
+        kept = ([r["val_kept_fractions"] for r in records if "val_kept_fractions" in r]
+                or [[]])[-1]
         runs[name] = {"val_loss": {0: first, n: losses[n], 10 * n: losses[10 * n]},
                       "val_loss_all": losses, "final_val_kept_fractions": kept,
                       "seconds": time.perf_counter() - t0}
@@ -180,6 +184,8 @@ def cli() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the finished runs of an earlier invocation in --out")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference run (the source trained the same steps)")
     args = p.parse_args()
