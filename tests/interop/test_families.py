@@ -317,6 +317,20 @@ def test_recipe_router_warmup_then_training(family: str, hf_dirs: dict[str, Path
     # and the routing holds: inference's kept fraction near keep, little train/eval gap
     assert abs(val["val_kept_fractions"][0] - 0.5) < 0.15, val
     assert abs(val["val_gap"]) < 0.05, val
+    # the run exports with the family's features (rope scaling, biases, qk-norm, window)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").model.eval()
+    converted = AutoModelForCausalLM.from_pretrained(sub).model
+    for field in ("rope_scaling", "qkv_bias", "o_bias", "qk_norm", "sliding_window", "head_dim",
+                  "hf_family", "tie_embeddings"):
+        assert getattr(exported.config, field) == getattr(converted.config, field), field
+    x = torch.randint(0, exported.config.vocab_size, (1, 40))
+    final = ckpt.load_weights(ckpt.latest_checkpoint(run))
+    with torch.no_grad():
+        converted.load_state_dict(final)
+        converted.set_step(1)  # folds the last step's cut-off, as export does
+        torch.testing.assert_close(exported(x).logits, converted.eval()(x).logits, atol=1e-6,
+                                   rtol=0)
 
 
 def test_train_only_routers_needs_routers(hf_dirs: dict[str, Path], data: Path, tmp_path: Path,
