@@ -78,6 +78,7 @@ def test_parameter_terms_match_our_models(preset):
     {**HF_SMALL, "tie_word_embeddings": True, "num_key_value_heads": 1},
     {**HF_SMALL, "model_type": "qwen2"},  # q, k, v biases
     {**HF_SMALL, "model_type": "mistral", "head_dim": 32},
+    {**HF_SMALL, "model_type": "qwen3", "head_dim": 24, "attention_bias": True},  # qk-norm
     {**HF_SMALL, "attention_bias": True, "mlp_bias": True},
 ])
 def test_parameter_terms_match_transformers_models(cfg):

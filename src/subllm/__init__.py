@@ -28,6 +28,8 @@ _LAZY = {
     "SubLLMForCausalLM": "subllm.hf",
     "from_hf_llama": "subllm.interop.llama",
     "to_hf_llama": "subllm.interop.llama",
+    "from_hf": "subllm.interop.llama",
+    "to_hf": "subllm.interop.llama",
 }
 
 __all__ = ["ConfigError", "SubLLMError", "__version__", *_LAZY]
@@ -49,7 +51,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from subllm.hf import SubLLMConfig, SubLLMForCausalLM
-    from subllm.interop.llama import from_hf_llama, to_hf_llama
+    from subllm.interop.llama import from_hf, from_hf_llama, to_hf, to_hf_llama
     from subllm.model.config import PRESETS, ModelConfig, parse_structure
     from subllm.model.kv_cache import KVCache
     from subllm.model.mst import apply_mst

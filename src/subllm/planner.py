@@ -101,7 +101,7 @@ CUDA_DEFAULT_RESERVE = 1 * GiB  # CUDA context + allocator fragmentation, for th
 MLP_MIN_CHUNK = 1024  # subllm.mst.apply_mst defaults
 LOSS_MIN_CHUNK = 256
 GRANULE = 256
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "attention",
               "logits_loss", "weight_copies", "transient", "runtime_overhead")
@@ -146,6 +146,7 @@ class ModelShape:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm weight of head_dim on q and on k per block
     sliding_window: int | None = None
     max_seq_len: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -171,6 +172,8 @@ class ModelShape:
             n += d
         if self.mlp_bias:
             n += 2 * f + d
+        if self.qk_norm:
+            n += 2 * self.head_dim
         return n
 
     def block_linear_params(self) -> int:
@@ -236,7 +239,8 @@ def shape_from_config(config: Any, name: str = "") -> ModelShape:
         head_dim=config.resolved_head_dim, ffn_dim=config.ffn_dim,
         tie_embeddings=config.tie_embeddings, structure=config.structure,
         keep=tuple(config.keep_per_depth) if config.is_subllm else (),
-        max_seq_len=config.max_seq_len,
+        qkv_bias=config.qkv_bias, o_bias=config.o_bias, qk_norm=config.qk_norm,
+        sliding_window=config.sliding_window, max_seq_len=config.max_seq_len,
     )
 
 
@@ -249,7 +253,7 @@ def _hf_int(cfg: dict[str, Any], key: str, where: str, default: Any = None) -> i
 
 def shape_from_hf_config(cfg: Any, name: str = "") -> ModelShape:
     """A ModelShape from a transformers config (a `config.json` dict or a PretrainedConfig)
-    of the Llama family: LlamaConfig, MistralConfig, Qwen2Config fields."""
+    of the Llama family: LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config fields."""
     if not isinstance(cfg, dict):
         if hasattr(cfg, "to_dict"):
             cfg = cfg.to_dict()
@@ -287,6 +291,7 @@ def shape_from_hf_config(cfg: Any, name: str = "") -> ModelShape:
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
         o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
         mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
         sliding_window=sliding if isinstance(sliding, int) and sliding > 0 else None,
         max_seq_len=cfg.get("max_position_embeddings"),
         extra={"model_type": model_type},
@@ -502,7 +507,7 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
     # what each block keeps between its forward and its backward
     kept_act = [B * n * (d * r if ckpt else bb.attn_half + bb.mlp_half) for n in rows]
     kept_attn = [0 if ckpt else B * n * bb.attention for n in rows]
-    mask = B * L * L if s.sliding_window and L > s.sliding_window else 0  # transformers'
+    mask = B * L * L if s.sliding_window and L > s.sliding_window else 0  # the bool mask
     seg_bytes = [B * _segment_saved(s, b, n_in, n_k) for n_in, n_k in segs]
     rope = B * (L + sum(n_k for _, n_k in segs)) * _rope_bytes(s, b) + 8 * T  # + token ids
     final = T * _final_saved(s, b, p.mst)
@@ -869,6 +874,28 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
+def _features(c: dict[str, Any]) -> str:
+    """The Llama-family extras of a config (design.md §2.1), in one line."""
+    out = []
+    if c.get("hf_family"):
+        out.append(f"from {c['hf_family']}")
+    if c.get("head_dim") and c["head_dim"] != c["dim"] // c["n_heads"]:
+        out.append(f"head_dim {c['head_dim']}")
+    bias = [n for n, on in (("q/k/v", c.get("qkv_bias")), ("o", c.get("o_bias"))) if on]
+    if bias:
+        out.append(f"{' and '.join(bias)} bias")
+    if c.get("qk_norm"):
+        out.append("q/k RMSNorm")
+    if c.get("rope_scaling"):
+        rs = c["rope_scaling"]
+        out.append(f"rope {rs['rope_type']} x{rs['factor']:g} (theta {c['rope_theta']:g})")
+    if c.get("sliding_window"):
+        out.append(f"sliding window {c['sliding_window']}")
+    if c.get("tie_embeddings"):
+        out.append("tied embeddings")
+    return ", ".join(out)
+
+
 def format_info(d: dict[str, Any]) -> str:
     c = d["config"]
     lines = [
@@ -881,6 +908,9 @@ def format_info(d: dict[str, Any]) -> str:
         f"context {c['max_seq_len']}",
         f"structure     {d['structure']}",
     ]
+    features = _features(c)
+    if features:
+        lines.insert(3, f"features      {features}")
     if not d["segments"]:
         lines.append("segments      none (a LLaMA)")
     for s in d["segments"]:

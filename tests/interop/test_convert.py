@@ -80,9 +80,11 @@ def test_to_hf_llama_refuses_subsampled_model():
         to_hf_llama(m)
 
 
-def test_from_hf_llama_refuses_rope_scaling():
+def test_from_hf_llama_refuses_unsupported_rope_scaling():
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4,
-                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
-    with pytest.raises(ConfigError, match="rope scaling 'linear' is not supported"):
+                      num_attention_heads=4, max_position_embeddings=64,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                       "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
+                                       "original_max_position_embeddings": 32})
+    with pytest.raises(ConfigError, match="rope scaling 'longrope' is not supported"):
         from_hf_llama(LlamaForCausalLM(cfg))

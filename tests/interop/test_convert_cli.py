@@ -138,7 +138,7 @@ def test_from_hf_structure_must_have_one_T_per_layer(
         llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     err = _error(capsys, ["convert", "--from-hf", str(llama_dir), "--structure", "T(TT)",
                           "--out", str(tmp_path / "x")])
-    assert "has 3 'T' blocks but the Llama has 4 layers" in err
+    assert "has 3 'T' blocks but the model has 4 layers" in err
     assert not (tmp_path / "x").exists()
 
 

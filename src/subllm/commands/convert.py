@@ -1,5 +1,5 @@
-"""`subllm convert`: a Llama or a SUBLLM-release checkpoint -> a Hugging Face SubLLM
-directory."""
+"""`subllm convert`: a Llama / Qwen2 / Qwen3 / Mistral or a SUBLLM-release checkpoint -> a
+Hugging Face SubLLM directory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from subllm.errors import SubLLMError
 from subllm.train.config import parse_keep
 
 DESCRIPTION = ("Write a Hugging Face SubLLM directory (as `subllm export` does) from a local "
-               "transformers Llama checkpoint (--from-hf: blocks copied, scorers and bypass "
+               "transformers Llama, Qwen2, Qwen3 or Mistral checkpoint (--from-hf: blocks "
+               "copied, scorers and bypass "
                "scales freshly initialised) or from a checkpoint of the SUBLLM authors' "
                "release (--from-official). Continue training it with `subllm train "
                "--init-from DIR`.")
@@ -19,14 +20,16 @@ DESCRIPTION = ("Write a Hugging Face SubLLM directory (as `subllm export` does) 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="LLAMA_DIR",
-                        help="a transformers Llama directory (config.json + safetensors)")
+    source.add_argument("--from-hf", metavar="HF_DIR",
+                        help="a transformers LlamaForCausalLM, Qwen2ForCausalLM, "
+                        "Qwen3ForCausalLM or MistralForCausalLM directory (config.json + "
+                        "safetensors)")
     source.add_argument("--from-official", metavar="CHECKPOINT",
                         help="the authors' state_dict: a torch.save file or .safetensors")
     p.add_argument("--official-config", metavar="CONFIG_JSON",
                    help="the authors' model config JSON (with --from-official)")
     p.add_argument("--structure", metavar="S", help="with --from-hf: structure over T ( ), one "
-                   "'T' per Llama layer (default: all 'T', a LLaMA)")
+                   "'T' per layer of the model (default: all 'T', the model itself)")
     p.add_argument("--keep", metavar="K", help="with --from-hf: keep ratio, or one per depth: "
                    "0.64,0.5 (default 0.64)")
     p.add_argument("--rope-positions", choices=("parent", "original"),
@@ -35,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its cached decoding (design.md §3.3)")
     p.add_argument("--tokenizer", metavar="FILE_OR_DIR", help="a tokenizer.json, or a "
                    "directory of Hugging Face tokenizer files (default with --from-hf: the "
-                   "Llama directory's)")
+                   "model directory's)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
                    help="dtype of the saved weights (default: the checkpoint's)")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from subllm.interop.export import DTYPES, tokenizer_files, write_converted
-    from subllm.interop.llama import from_hf_llama_dir
+    from subllm.interop.llama import from_hf_dir
     from subllm.interop.official import from_official, official_model_config
     from subllm.interop.weights import read_json, read_state_dict
 
@@ -64,12 +67,14 @@ def run(args: argparse.Namespace) -> int:
             raise SubLLMError("--rope-positions goes with --from-official, not --from-hf")
         src = Path(args.from_hf)
         keep = parse_keep(args.keep) if args.keep is not None else None
-        model = from_hf_llama_dir(src, args.structure, keep, dtype=dtype)
+        model = from_hf_dir(src, args.structure, keep, dtype=dtype)
         raw = read_json(src / "config.json", "no config")
+        family = model.config.hf_family
         token_ids = {k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         gen = src / "generation_config.json"
         tokenizer = args.tokenizer or (src if tokenizer_files(src) else None)
-        info = {"converted from": f"Llama checkpoint {src}"}
+        arch = (raw.get("architectures") or [family])[0]
+        info = {"converted from": f"{arch} checkpoint {src}"}
         if model.config.is_subllm:
             info["freshly initialised"] = (f"{len(model.subsamplers)} scorer(s) and "
                                            f"{len(model.bypasses)} bypass scale(s)")
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                           dtype=args.dtype, force=args.force, info=info)
     c = model.config
     what = (f"SUBLLM {c.structure} (keep {c.keep})" if c.is_subllm
-            else f"LLaMA ({c.n_layers} blocks)")
+            else f"{c.hf_family or 'LLaMA'} ({c.n_layers} blocks)")
     print(f"converted {src} -> {out}: {what}, {model.num_params() / 1e6:.2f}M parameters"
           + ("" if tokenizer else "; no tokenizer (pass --tokenizer FILE_OR_DIR)"))
     print(f"continue training: subllm train --init-from {out} --data DATA_DIR --out RUN_DIR")

@@ -15,7 +15,8 @@ DESCRIPTION = ("Describe a model: parameter count, structure with the keep ratio
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="PRESET_OR_CONFIG",
                    help="a preset name (e.g. subllm-1.3b), a YAML/JSON model config, a `subllm "
-                   "train` settings file, a run directory or a Hugging Face SubLLM directory")
+                   "train` settings file, a run directory, a Hugging Face SubLLM directory, or a "
+                   "transformers Llama / Qwen2 / Qwen3 / Mistral directory or config.json")
     p.add_argument("--seq-len", type=int, default=None,
                    help="sequence length for the FLOPs estimate (default: the context)")
     p.add_argument("--json", action="store_true", help="print JSON")

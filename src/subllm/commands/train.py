@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("seed", int, "N", "seed of the weights and the data order"),
         ("init_from", str, "DIR", "start a new run from the weights and model config of a "
          "Hugging Face SubLLM directory (subllm export / convert) or a `subllm train` run"),
+        ("train_only_routers", non_negative_int, "N", "router warm-up: for the first N steps "
+         "train only the scorers and bypass scales, the blocks stay as they are"),
         ("device", str, "D", "auto, cpu, cuda, cuda:1, ..."),
     ]
     for dest, kind, metavar, text in specs:

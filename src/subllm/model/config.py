@@ -109,11 +109,22 @@ def block_token_fractions(tree: list[int | Segment], keep: list[float]) -> dict[
 
 BALANCERS = ("measured", "paper", "none")
 ROPE_POSITIONS = ("original", "parent")
+# rope_scaling types and the keys each needs (required, optional), as `transformers`.
+ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor", "original_max_position_embeddings"), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "truncate")),
+}
 THRESHOLDS = ("rank", "calibrated", "zero")
 # A saved config without `threshold` predates the choice: its model was trained for, and
 # decided at inference by, score > 0 (no cut-off buffers either). Loading saved configs
 # (checkpoints, exported config.json) fills this in; new configs get the default.
 SAVED_WITHOUT_THRESHOLD = "zero"
+HF_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass
@@ -141,6 +152,19 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     head_dim: int | None = None  # None: dim // n_heads
+    # Rotary scaling as in `transformers`' `rope_parameters` (rope_theta aside): None, or
+    # {"rope_type": "llama3" | "linear" | "yarn" | "dynamic", "factor": ..., ...} with the
+    # keys of ROPE_SCALING_KEYS (design.md §2.1; Llama-3.1, long-context Qwen).
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False  # biases on q, k, v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama's / Qwen3's attention_bias)
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head (Qwen3)
+    # Sliding-window attention (Mistral): a token attends to the keys of the last
+    # `sliding_window` positions, itself included (design.md §2.1).
+    sliding_window: int | None = None
+    # The `transformers` family a converted model came from (HF_FAMILIES), so that
+    # `to_hf` writes its own class back; None for our own models.
+    hf_family: str | None = None
     init_std: float = 0.02
     # Bypass (design.md §3.4): initial scale, and the schedule of its lower limit c_min.
     bypass_init: float = 0.5
@@ -275,6 +299,16 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         if not 0.0 < self.bypass_min_end <= self.bypass_min_start <= 1.0:
             raise ConfigError("need 0 < bypass_min_end <= bypass_min_start <= 1")
+        self._validate_rope_scaling()
+        for name in ("qkv_bias", "o_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {w!r}")
+        if self.hf_family is not None and self.hf_family not in HF_FAMILIES:
+            raise ConfigError(f"hf_family must be one of {', '.join(HF_FAMILIES)} or null, got "
+                              f"{self.hf_family!r}")
         if self.rope_positions not in ROPE_POSITIONS:
             raise ConfigError(f"rope_positions must be one of {', '.join(ROPE_POSITIONS)}, "
                               f"got {self.rope_positions!r}")
@@ -289,6 +323,33 @@ class ModelConfig:
         if isinstance(self.threshold_decay, bool) or not 0.0 <= self.threshold_decay < 1.0:
             raise ConfigError(f"threshold_decay must be in [0, 1), got {self.threshold_decay!r}")
         return self
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            raise ConfigError(f"rope_scaling must be a mapping or null, got {rs!r}")
+        kind = rs.get("rope_type")
+        if kind not in ROPE_SCALING_KEYS:
+            raise ConfigError(f"rope scaling type {kind!r} is not supported; supported: "
+                              f"{', '.join(ROPE_SCALING_KEYS)} (or none)")
+        required, optional = ROPE_SCALING_KEYS[kind]
+        for key in rs:
+            if key != "rope_type" and key not in required + optional:
+                raise ConfigError(f"rope scaling {kind!r}: key {key!r} is not supported "
+                                  f"(known: {', '.join(required + optional)})")
+        for key in required:
+            v = rs.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"rope scaling {kind!r} needs a positive {key!r}, got {v!r}")
+        if kind == "dynamic" and self.max_seq_len > rs["original_max_position_embeddings"]:
+            # Dynamic NTK changes the frequencies only past the original context, growing
+            # with the sequence; inside it, it is the plain rotary embedding (design.md §2.1).
+            raise ConfigError(
+                f"dynamic rope scaling is implemented up to its original context "
+                f"({rs['original_max_position_embeddings']} tokens) only; max_seq_len="
+                f"{self.max_seq_len} is longer: lower max_seq_len")
 
     # ---- (de)serialisation ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,9 @@ HF_TO_OURS = {
     "rms_norm_eps": "norm_eps",
     "tie_word_embeddings": "tie_embeddings",
     "initializer_range": "init_std",
+    # not `rope_scaling` / `rope_parameters`: PretrainedConfig rewrites those (transformers
+    # v5's rope standardisation); ours is ModelConfig.rope_scaling as it is
+    "rope_scaling_params": "rope_scaling",
 }
 # ModelConfig fields stored under their own name.
 SAME_NAME = (
@@ -36,6 +39,7 @@ SAME_NAME = (
     "balancer_prob_start", "balancer_prob_end", "balancer_prob_steps", "balancer_strength",
     "balancer_margin", "balancer_rms_min", "balancer_rms_max", "balancer", "threshold",
     "threshold_decay", "weight_leak", "rope_positions",
+    "qkv_bias", "o_bias", "qk_norm", "sliding_window", "hf_family",
 )
 _D = ModelConfig.__dataclass_fields__
 
@@ -86,6 +90,12 @@ class SubLLMConfig(PretrainedConfig):
     threshold_decay: float = _default("threshold_decay")
     weight_leak: float = _default("weight_leak")
     rope_positions: str = _default("rope_positions")
+    rope_scaling_params: dict | None = None
+    qkv_bias: bool = _default("qkv_bias")
+    o_bias: bool = _default("o_bias")
+    qk_norm: bool = _default("qk_norm")
+    sliding_window: int | None = None
+    hf_family: str | None = None
     hidden_act: str = "silu"
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -124,7 +134,8 @@ class SubLLMConfig(PretrainedConfig):
     def from_model_config(cls, config: ModelConfig, **kwargs) -> SubLLMConfig:
         values = {hf: getattr(config, ours) for hf, ours in HF_TO_OURS.items()}
         values.update({name: getattr(config, name) for name in SAME_NAME})
-        values = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in values.items()}
+        values = {k: (list(v) if isinstance(v, (list, tuple)) else dict(v) if isinstance(v, dict)
+                      else v) for k, v in values.items()}
         return cls(**values, **kwargs)
 
 

@@ -75,14 +75,16 @@ class LevelState:
 
     def __init__(self) -> None:
         self.valid: Tensor | None = None  # (B, capacity) bool
+        self.pos: Tensor | None = None  # (B, capacity) positions (the sliding window's)
         self.length = 0
         self.all_valid = True  # every slot so far holds a real token for every row
 
-    def append(self, valid: Tensor | None, batch: int, n: int,
-               device: torch.device) -> tuple[int, Tensor]:
-        """Reserve slots for n new tokens (valid: (B, n) or None = all real).
+    def append(self, valid: Tensor | None, batch: int, n: int, device: torch.device,
+               pos: Tensor | None = None) -> tuple[int, Tensor, Tensor | None]:
+        """Reserve slots for n new tokens (valid: (B, n) or None = all real) at positions
+        `pos` (B, n), recorded when given.
 
-        Returns (start slot, validity of the slots before it).
+        Returns (start slot, validity of the slots before it, their positions or None).
         """
         if valid is None:
             valid = torch.ones(batch, n, dtype=torch.bool, device=device)
@@ -92,14 +94,24 @@ class LevelState:
         end = start + n
         if self.valid is None or self.valid.shape[1] < end:
             cap = max(end, 2 * (self.valid.shape[1] if self.valid is not None else 0), 64)
-            grown = valid.new_zeros(valid.shape[0], cap)
-            if self.valid is not None:
-                grown[:, :start] = self.valid[:, :start]
-            self.valid = grown
+            self.valid = _grown(self.valid, valid.new_zeros(valid.shape[0], cap), start)
+            if self.pos is not None:
+                self.pos = _grown(self.pos, self.pos.new_zeros(self.pos.shape[0], cap), start)
+        if pos is not None and self.pos is None:
+            self.pos = pos.new_zeros(pos.shape[0], self.valid.shape[1])
         past = self.valid[:, :start]
+        past_pos = self.pos[:, :start] if pos is not None else None
         self.valid[:, start:end] = valid
+        if pos is not None:
+            self.pos[:, start:end] = pos
         self.length = end
-        return start, past
+        return start, past, past_pos
+
+
+def _grown(old: Tensor | None, new: Tensor, keep: int) -> Tensor:
+    if old is not None:
+        new[:, :keep] = old[:, :keep]
+    return new
 
 
 @dataclass
@@ -139,6 +151,8 @@ class KVCache:
         for lv in self.levels:
             if lv.valid is not None:
                 lv.valid = lv.valid.index_select(0, rows.to(lv.valid.device))
+            if lv.pos is not None:
+                lv.pos = lv.pos.index_select(0, rows.to(lv.pos.device))
         for h in self.scores:
             if h.scores is not None:
                 h.scores = h.scores.index_select(0, rows.to(h.scores.device))

@@ -6,6 +6,7 @@ Weight names follow Hugging Face's `modeling_llama.py` (`q_proj`, `gate_proj`,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +34,79 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  device: torch.device | None = None) -> tuple[Tensor, float]:
+    """Rotary inverse frequencies (head_dim / 2,) and the factor cos/sin are multiplied by.
+
+    `scaling` is a ModelConfig.rope_scaling; each type follows `transformers`'
+    `modeling_rope_utils` operation for operation, so the tables are bit-identical
+    (design.md §2.1). "dynamic" is the plain table: ModelConfig refuses a context past its
+    original one, the only place where dynamic NTK scaling differs.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float()
+                  / head_dim)
+    )
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = scaling["factor"]
+    if kind == "linear":  # positions divided by factor == frequencies divided by factor
+        return inv_freq / factor, 1.0
+    if kind == "llama3":  # Llama 3.1: low frequencies / factor, a smooth ramp in between
+        old_len = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":  # YaRN (Peng et al., 2023): ramp between interpolation and extrapolation
+        old_len = scaling["original_max_position_embeddings"]
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn = (float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all
+                    else mscale(factor))
+        beta_fast = scaling.get("beta_fast") or 32
+        beta_slow = scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return ((head_dim * math.log(old_len / (rotations * 2 * math.pi)))
+                    / (2 * math.log(theta)))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001  # as transformers: no division by zero
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolation = 1 - ramp.to(device)
+        pos_freqs = theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+        inv_extra, inv_inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        return inv_inter * (1 - extrapolation) + inv_extra * extrapolation, attn
+    raise ValueError(f"unknown rope_type {kind!r}")  # ModelConfig.validate refuses it first
+
+
 def rope_cos_sin(
-    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+    scaling: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """cos/sin of rotary embedding at explicit positions. positions: (B, L) -> (B, L, hd)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64)
-                  .float() / head_dim)
-    )
+    inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (B, L, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: (B, L, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if attention_factor != 1.0:  # YaRN's attention temperature, folded into cos/sin as HF does
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -64,8 +127,9 @@ class Span:
     pos:   (B, L) original token positions (RoPE uses these, design.md §3.3).
     valid: (B, L) bool, False for padding / unfilled slots; None when every token is real.
     cos, sin: (B, L, head_dim) rotary tables for `pos`, computed once per level.
-    mask:  (B, 1, L, L_past + L) bool attention mask; None: plain causal attention when
-           `causal`, else no mask (one new token attending to a fully valid past).
+    mask:  (B, 1, L, L_past + L) bool attention mask (padding, cache, sliding window); None:
+           plain causal attention when `causal`, else no mask (one new token attending to
+           a fully valid past).
     cache_start: where this call's keys go in the level's KV cache (None: no cache).
     prior: (B,) real tokens of this level already in the cache, per row (None: none); the
            `parent` RoPE convention numbers a nested segment's tokens after them.
@@ -84,22 +148,30 @@ class Span:
 
 
 def attention_mask_for(
-    valid: Tensor | None, past_valid: Tensor | None, length: int, device: torch.device
+    valid: Tensor | None, past_valid: Tensor | None, length: int, device: torch.device,
+    window: int | None = None, pos: Tensor | None = None, past_pos: Tensor | None = None,
 ) -> Tensor | None:
-    """Boolean (B, 1, L, P + L) mask: causal among the new tokens, valid keys only.
+    """Boolean (B, 1, L, P + L) mask: causal among the new tokens, valid keys only, and with
+    a sliding `window` only keys whose position is within `window - 1` of the query's
+    (`pos`: (B, L), `past_pos`: (B, P); design.md §2.1).
 
-    Returns None when plain causal attention is exact (no cache, no padding). Every
-    query may attend to itself, so rows of padding never see an empty key set (NaN).
+    Returns None when plain causal attention is exact (no cache, no padding, no window).
+    Every query may attend to itself, so rows of padding never see an empty key set (NaN).
     """
-    if valid is None and past_valid is None:
+    if valid is None and past_valid is None and window is None:
         return None
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     new = causal[None] if valid is None else causal[None] & valid[:, None, :]  # (B, L, L)
-    new = new | torch.eye(length, dtype=torch.bool, device=device)
     if past_valid is not None and past_valid.shape[1] > 0:
         b = max(new.shape[0], past_valid.shape[0])
         past = past_valid[:, None, :].expand(b, length, -1)
         new = torch.cat([past, new.expand(b, -1, -1)], dim=-1)
+    if window is not None:  # Mistral: key j visible from query i when pos_i - pos_j < window
+        keys = pos if past_pos is None or past_pos.shape[1] == 0 else torch.cat(
+            [past_pos, pos], dim=1)
+        new = new & ((pos[:, :, None] - keys[:, None, :]) < window)
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    new = new | F.pad(eye, (new.shape[-1] - length, 0))  # (L, P + L): each query itself
     return new[:, None]
 
 
@@ -110,15 +182,22 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.resolved_head_dim
         d, hd = config.dim, self.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: each head's query and key RMS-normalised before RoPE
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: Tensor, span: Span, cache: LayerKV | None = None) -> Tensor:
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)  # (B, L, nh, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, span.cos, span.sin), apply_rope(k, span.cos, span.sin)
         if cache is not None:

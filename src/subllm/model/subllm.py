@@ -118,13 +118,14 @@ class SubLLM(nn.Module):
             for name, p in self.named_parameters():
                 full = torch.empty(p.shape, dtype=p.dtype)  # the global shape, on the CPU
                 gen = torch.Generator().manual_seed(_param_seed(seed, name))
-                self._init_parameter(owners[name.rpartition(".")[0]], full, gen)
+                self._init_parameter(owners[name.rpartition(".")[0]], full, gen,
+                                     bias=name.endswith(".bias"))
                 assign_full(p, full)
                 del full
         for m in self.modules():
             if seed is None and isinstance(m, (nn.Linear, nn.Embedding, RMSNorm, Bypass)):
-                for p in m.parameters(recurse=False):  # a tied weight is drawn twice
-                    self._init_parameter(m, p, None)
+                for pname, p in m.named_parameters(recurse=False):  # a tied one drawn twice
+                    self._init_parameter(m, p, None, bias=pname == "bias")
             if isinstance(m, ScoreBalancer):
                 m.g_rms.zero_()
             elif isinstance(m, Subsampler):
@@ -137,11 +138,13 @@ class SubLLM(nn.Module):
         if self.config.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _init_parameter(self, owner: nn.Module, t: Tensor, gen: torch.Generator | None
-                        ) -> None:
+    def _init_parameter(self, owner: nn.Module, t: Tensor, gen: torch.Generator | None,
+                        bias: bool = False) -> None:
         """The initial value of a parameter of `owner`, drawn into `t` with `gen` (None: the
-        global RNG): the rule of `init_weights`."""
-        if isinstance(owner, (nn.Linear, nn.Embedding)):
+        global RNG): the rule of `init_weights`. Biases (Qwen2's q/k/v) start at 0."""
+        if bias:
+            nn.init.zeros_(t)
+        elif isinstance(owner, (nn.Linear, nn.Embedding)):
             nn.init.normal_(t, mean=0.0, std=self.config.init_std, generator=gen)
         elif isinstance(owner, RMSNorm):
             nn.init.ones_(t)
@@ -264,20 +267,29 @@ class SubLLM(nn.Module):
 
     def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
               dtype: torch.dtype) -> Span:
-        cos, sin = rope_cos_sin(pos, self.config.resolved_head_dim, self.config.rope_theta, dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(pos, c.resolved_head_dim, c.rope_theta, dtype, c.rope_scaling)
         B, L = pos.shape
+        # A sliding window (design.md §2.1) over this level's positions. At the top level
+        # positions are consecutive, so it can only hide a key once the level holds more
+        # than `window` slots; inside a segment the kept tokens' positions have gaps.
+        window = c.sliding_window
         if cache is None:
-            return Span(pos, valid, cos, sin, attention_mask_for(valid, None, L, pos.device),
-                        level=level)
+            window = window if window is not None and (level > 0 or L > window) else None
+            return Span(pos, valid, cos, sin,
+                        attention_mask_for(valid, None, L, pos.device, window, pos), level=level)
         state = cache.levels[level]
         past_all_valid = state.all_valid
-        start, past = state.append(valid, B, L, pos.device)
+        start, past, past_pos = state.append(valid, B, L, pos.device,
+                                             pos if window is not None else None)
+        window = window if window is not None and (level > 0 or start + L > window) else None
         prior = past.sum(1) if start > 0 and self._parent_positions else None
-        if start > 0 and L == 1 and valid is None and past_all_valid:
+        if start > 0 and L == 1 and valid is None and past_all_valid and window is None:
             # One new token, every cached slot real: attend to everything, no mask needed.
             return Span(pos, valid, cos, sin, None, start, causal=False, prior=prior,
                         level=level)
-        mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device)
+        mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device, window,
+                                  pos, past_pos if start > 0 else None)
         return Span(pos, valid, cos, sin, mask, start, prior=prior, level=level)
 
     def _run(self, items: list[int | Segment], h: Tensor, span: Span, cache: KVCache | None,

@@ -265,16 +265,17 @@ class Subsampler(nn.Module):
 
     Inference keeps tokens by `threshold`: `rank` (the default) by the rank rule of
     `causal_rank_keep`, `calibrated` by the shifted score below, `zero` by score > 0.
-    With `threshold: calibrated` (and `rank`, whose upsampling weights use it) the score a token is kept on is `score(x) - cutoff`, where `cutoff` is a
-    running mean of the training batches' top-k cut-off score: training keeps
-    the top k of the shifted scores (the same tokens as of the raw ones) and inference keeps
-    the shifted scores above 0, so both keep the fraction `keep` of the tokens, and the
-    upsampling weights clamp(shifted, 0, 1) are the same function in both modes. Training
-    forward passes (with gradients on) record their batch's cut-off; `apply_pending`, which
-    `SubLLM.set_step` calls once per optimizer step, folds them into the running mean, so
-    every micro-batch of a step sees the same cut-off (gradient accumulation equals one big
-    batch). All of it is buffers (saved with the weights: resuming is exact) updated by
-    tensor ops (no host sync).
+    With `threshold: calibrated` (and `rank`, whose upsampling weights use it) the score a
+    token is kept on is `score(x) - cutoff`, where `cutoff` is a running mean of the
+    training batches' top-k cut-off score: training keeps the top k of the shifted scores
+    (the same tokens as of the raw ones) and the calibrated rule keeps the shifted scores
+    above 0, so both keep the fraction `keep` of the tokens, and the upsampling weights
+    clamp(shifted, 0, 1) are the same function in both modes. Training forward passes (with
+    gradients on) record their batch's cut-off; `apply_pending`, which `SubLLM.set_step`
+    calls once per optimizer step, folds them into the running mean, so every micro-batch
+    of a step sees the same cut-off (gradient accumulation equals one big batch). All of it
+    is buffers (saved with the weights: resuming is exact) updated by tensor ops (no host
+    sync).
     """
 
     def __init__(self, config: ModelConfig, keep: float) -> None:

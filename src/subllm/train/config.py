@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from subllm.errors import SubLLMError
-from subllm.model.config import PRESETS, ModelConfig, parse_structure
+from subllm.model.config import HF_FAMILIES, PRESETS, ModelConfig, parse_structure
 
 if TYPE_CHECKING:
     from subllm.train.data import TokenData
@@ -67,6 +67,9 @@ class TrainConfig:
     resume: bool = False
     skip_damaged: bool = False  # --resume past a damaged newest checkpoint (set aside)
     init_from: str | None = None  # start from this model's weights and config (see below)
+    # Router warm-up: for the first N steps only the scorers and bypass scales learn (a
+    # model converted from a LLaMA-family checkpoint keeps its blocks while routing forms)
+    train_only_routers: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (YAML only)
 
 
@@ -117,7 +120,9 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
 # What --init-from takes from the model it starts from, never from the settings: the
 # fields that shape the weights or change what they compute.
 ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                       "structure", "head_dim", "tie_embeddings", "rope_theta", "norm_eps")
+                       "structure", "head_dim", "tie_embeddings", "rope_theta", "norm_eps",
+                       "rope_scaling", "qkv_bias", "o_bias", "qk_norm", "sliding_window",
+                       "hf_family")
 
 
 def init_model_config(cfg: TrainConfig, data: TokenData, base: Any) -> Any:
@@ -155,6 +160,10 @@ def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
             f"--seq-len {cfg.seq_len} exceeds the model's context (max_seq_len "
             f"{config.max_seq_len}); lower --seq-len or set `model: {{max_seq_len: N}}` in --config"
         )
+    if cfg.train_only_routers and not config.is_subllm:
+        raise SubLLMError(f"--train-only-routers {cfg.train_only_routers}: the model "
+                          f"({config.structure}) has no scorers or bypass scales to train; "
+                          "give it a subsampled structure")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -175,6 +184,10 @@ def check_config(cfg: TrainConfig) -> None:
     if not cfg.dist_timeout > 0:
         raise SubLLMError(f"--dist-timeout must be a positive number of seconds, got "
                           f"{cfg.dist_timeout}")
+    if isinstance(cfg.train_only_routers, bool) or not isinstance(cfg.train_only_routers, int) \
+            or cfg.train_only_routers < 0:
+        raise SubLLMError(f"--train-only-routers must be a number of steps >= 0, got "
+                          f"{cfg.train_only_routers!r}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise SubLLMError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
     if isinstance(cfg.replicate, bool) or not isinstance(cfg.replicate, int) or cfg.replicate < 1:
@@ -204,6 +217,10 @@ def model_config_of(spec: str) -> tuple[ModelConfig, str]:
     if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
         return ModelConfig.preset(spec), spec  # raises with the nearest preset names
     data = _read_mapping(path)
+    if path.suffix == ".json" and data.get("model_type") in HF_FAMILIES:
+        from subllm.interop.llama import model_config_of_hf  # a transformers config.json
+
+        return model_config_of_hf(data, str(path)), path.stem
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset"}
     if data.keys() <= model_keys:  # a model config (a preset plus overrides, or fields)
         return ModelConfig.from_file(path), path.stem
@@ -258,6 +275,10 @@ def _model_config_of_dir(path: Path) -> ModelConfig:
     if hf.is_file():
         raw = json.loads(hf.read_text())
         kind = raw.get("model_type")
+        if kind in HF_FAMILIES:  # a Llama / Qwen / Mistral directory: what convert builds
+            from subllm.interop.llama import model_config_of_hf
+
+            return model_config_of_hf(raw, str(hf))
         if kind != "subllm":
             raise SubLLMError(f"{path} holds a {kind!r} model, not a SubLLM; for its memory "
                               f"use `subllm estimate --hf-config {hf}`")

@@ -566,6 +566,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                amp: torch.dtype | None = None, grad_clip: float | None = 0.0,
                lr: float | None = None,
                no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+               frozen: Sequence[torch.nn.Parameter] = (),
                ) -> StepResult:
     """One optimizer step on the (B, L) token batches `micro_batches`, without a host sync.
 
@@ -574,7 +575,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     of the mean); then the gradients are clipped to norm `grad_clip` (0: the norm is
     measured, nothing clipped; None: neither), the optimizer steps (at `lr` when given)
     and the gradients are set to None. `no_sync(last_micro)` gives the context each
-    micro-batch runs in (DDP: skip the all-reduce but on the last).
+    micro-batch runs in (DDP: skip the all-reduce but on the last). The gradients of
+    `frozen` are dropped before clipping, so the optimizer leaves those parameters alone
+    (no update, no weight decay, no moments): --train-only-routers.
     """
     if lr is not None:
         for group in optimizer.param_groups:
@@ -593,6 +596,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             del out  # the logits go now, not after the optimizer step (peak memory)
             loss.backward()
         loss_sum += loss.detach().to(loss_sum.dtype)
+    for p in frozen:  # after the backward (and DDP's all-reduce), so every rank agrees
+        p.grad = None
     grad_norm = None
     if grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -602,6 +607,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, kept, entered, grad_norm)
+
+
+def non_router_params(model: SubLLM) -> list[torch.nn.Parameter]:
+    """Every parameter but the scorers' and the bypass scales (--train-only-routers)."""
+    routers = {id(p) for m in (*model.subsamplers, *model.bypasses) for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in routers]
 
 
 def _detached(out: Any, name: str) -> list[Tensor]:
@@ -651,9 +662,11 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                 state.raw_model.set_step(state.step)
                 micro = [state.batches.next() for _ in range(cfg.grad_accum)]
                 state.phase = "a training step"
+                frozen = (non_router_params(state.raw_model)
+                          if state.step < cfg.train_only_routers else ())
                 result = train_step(state.model, state.optimizer, micro, device=state.device,
                                     amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
-                                    no_sync=no_sync)
+                                    no_sync=no_sync, frozen=frozen)
                 _sync_cutoffs(state.raw_model, dd)
                 state.step += 1
                 pending.add(state.step, lr, result)
