@@ -4,6 +4,7 @@ the kept-fraction warning, and flag errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,6 +70,10 @@ def test_bench_train_pair(pair, tmp_path):
 
 
 def test_bench_infer_pair(pair, tmp_path):
+    # --calibrate-shift is for threshold rules (a rank ignores a shift of every score)
+    a, b = pair.split(",")
+    Path(b).write_text(yaml.safe_dump({**yaml.safe_load(Path(b).read_text()),
+                                       "threshold": "calibrated"}))
     out = tmp_path / "infer"
     rc = main(["bench", "infer", "--pair", pair, "--prompt-lens", "48", "--new-tokens", "5",
                "--batch-sizes", "2,1", "--calibrate-steps", "3", "--calibrate-seq-len", "16",

@@ -82,10 +82,10 @@ def test_an_empty_segment_runs_its_blocks_when_sharded_with_the_same_result() ->
     runs on one unused slot per row instead of being skipped, with identical outputs."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=6, n_heads=2, ffn_dim=64,
-                      structure="T(T(TT)T)T", max_seq_len=64)
+                      structure="T(T(TT)T)T", max_seq_len=64, threshold="zero")
     model = SubLLM(cfg).eval()
-    with torch.no_grad():
-        model.subsamplers[0].score.weight.zero_()  # score 0 everywhere: nothing kept
+    with torch.no_grad():  # score 0 everywhere, kept iff > 0: nothing kept
+        model.subsamplers[0].score.weight.zero_()
     called: set[int] = set()
     for i, block in enumerate(model.layers):
         block.register_forward_hook(lambda *_, i=i: called.add(i))

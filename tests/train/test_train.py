@@ -374,7 +374,7 @@ def test_every_validation_point_measures_the_train_inference_gap(
     assert r["gap"] == pytest.approx(losses["threshold"] / losses["top_k"] - 1, abs=1e-6)
     keep = model.config.keep_per_depth
     assert all(abs(f - k) < 0.02 for f, k in zip(r["top_k_kept_fractions"], keep, strict=True))
-    assert r["threshold"] == "calibrated"
+    assert r["threshold"] == "rank"
     assert main(["eval", "--checkpoint", str(straight), "--batches", "2", "--seq-len", "64",
                  "--batch-size", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

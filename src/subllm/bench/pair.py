@@ -388,8 +388,9 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                    help="balancer_strength during calibration only (default: the model's)")
     p.add_argument("--calibrate-shift", action="store_true",
                    help="shift each of B's scorers so that its eval kept fraction on each "
-                        "case's prompts equals its keep ratio (for when the balancer did not "
-                        "get there; changes B's outputs, not its cost per kept token)")
+                        "case's prompts equals its keep ratio (threshold rules only, for when "
+                        "the balancer did not get there; changes B's outputs, not its cost per "
+                        "kept token)")
     p.add_argument("--data", default=None, metavar="DATA_DIR",
                    help="a prepared data dir (`subllm prepare`): calibration text and prompts; "
                         "without it, the bytes of the Python standard library")
@@ -706,6 +707,12 @@ def run_infer(args: argparse.Namespace) -> int:
 
     keeps = keep_ratios(config_b)
     shift = args.calibrate_shift and config_b.is_subllm
+    if shift and config_b.threshold == "rank":
+        # a rank does not move when every score does: nothing to calibrate
+        print("note: --calibrate-shift skipped: B keeps tokens by the rank rule (threshold: "
+              "rank), whose kept share no score shift changes; it applies to the calibrated "
+              "and zero thresholds", flush=True)
+        shift = False
     if shift:
         b_state += " + scores shifted onto the keep ratios on each case's prompts"
         scorer_weights = [sub.score.weight.detach().clone() for sub in model_b.subsamplers]
