@@ -34,6 +34,8 @@ __all__ = [
     "HF_FAMILIES",
     "MiniSequenceMLP",
     "apply_mst",
+    "check_compile_available",
+    "compile_blocks",
     "chunked_cross_entropy",
     "default_loss_chunk_tokens",
     "default_loss_chunks",
@@ -531,6 +533,70 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a SubLLM, a wrapper holding one as `.model`, or a supported
+    transformers causal LM."""
+    inner = model if _is_subllm(model) else getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and _is_subllm(inner):
+        return inner.layers
+    if _hf_family(model) is not None:
+        return model.model.layers
+    raise SubLLMError(f"{type(model).__name__} is not supported; supported models are "
+                      f"{_supported_list()}")
+
+
+def check_compile_available(device: torch.device | str = "cpu") -> None:
+    """Raise SubLLMError (one line) when torch.compile cannot build kernels here: its CPU
+    backend (inductor) writes C++ and needs a compiler; on a GPU it needs Triton."""
+    import importlib.util
+    import os
+    import shutil
+
+    if not hasattr(torch, "compile"):
+        raise SubLLMError(f"--compile: torch {torch.__version__} has no torch.compile")
+    if str(device).startswith("cuda"):
+        if importlib.util.find_spec("triton") is None:
+            raise SubLLMError("--compile: torch.compile needs Triton on a GPU (pip install "
+                              "triton), or drop --compile")
+        return
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None and shutil.which("c++") is None:
+        raise SubLLMError(f"--compile: torch.compile on a CPU needs a C++ compiler ({cxx} "
+                          "not found); install one (e.g. apt-get install g++) or drop "
+                          "--compile")
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """Compile every decoder block with `torch.compile` for training; return the model.
+
+    Training mode has static shapes: a SUBLLM's subsampler keeps exactly ceil(keep * L)
+    tokens (top-k), so each block sees the same shapes every step and compiles once
+    (per distinct shape, with `dynamic=False`). Eval mode keeps a data-dependent number of
+    tokens (score > 0) and decodes token by token; those calls stay eager, so evaluation
+    and `generate` never recompile. Parameter names and state-dict keys do not change
+    (each block's `forward` is replaced on the instance). Compiling twice is a no-op.
+    """
+    blocks = _decoder_blocks(model)
+    first = next(model.parameters(), None)
+    check_compile_available(first.device if first is not None else "cpu")
+    compile_kwargs.setdefault("dynamic", False)
+    for block in blocks:
+        if getattr(block, "_subllm_compiled", None) is not None:
+            continue
+        eager = block.forward  # the bound method of the class
+        compiled = torch.compile(eager, **compile_kwargs)
+
+        def forward(*args: Any, _eager: Any = eager, _compiled: Any = compiled,
+                    _block: nn.Module = block, **kwargs: Any) -> Any:
+            # training steps run compiled; eval, no-grad and decoding calls run eager
+            fn = _compiled if _block.training and torch.is_grad_enabled() else _eager
+            return fn(*args, **kwargs)
+
+        block.forward = forward
+        block._subllm_compiled = compiled
+    return model
+
+
 def _check_chunks(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise SubLLMError(f"apply_mst: {name} must be a positive integer or None, got {value!r}")
@@ -572,6 +638,9 @@ def apply_mst(
     _check_chunks("mlp_chunks", mlp_chunks)
     _check_chunks("loss_chunks", loss_chunks)
     _check_chunks("min_chunk_tokens", min_chunk_tokens)
+    if loss_impl not in ("auto", "subllm", "native"):
+        raise SubLLMError(f"apply_mst: loss_impl must be 'auto', 'subllm' or 'native', got "
+                          f"{loss_impl!r}")
     mlp_floor = 1024 if min_chunk_tokens is None else min_chunk_tokens
     if not isinstance(model, nn.Module):
         raise SubLLMError(f"apply_mst: expected a model (nn.Module), got {type(model).__name__}")
@@ -583,6 +652,8 @@ def apply_mst(
         inner.loss_chunks = loss_chunks or 0  # 0: default_loss_chunk_tokens' rule
         inner.gradient_checkpointing = bool(checkpointing)
         _wrap_mlps(inner.layers, mlp_chunks, mlp_floor)
+        if compile:
+            compile_blocks(model)
         return model
 
     family = _hf_family(model)
@@ -599,6 +670,8 @@ def apply_mst(
     model.forward = types.MethodType(_mst_causal_lm_forward, model)
     if checkpointing:
         enable_checkpointing(model)
+    if compile:
+        compile_blocks(model)
     return model
 
 

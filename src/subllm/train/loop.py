@@ -49,7 +49,7 @@ from subllm.atomic import dir_lock, write_atomic
 from subllm.errors import SubLLMError, os_error_line
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
-from subllm.model.mst import apply_mst
+from subllm.model.mst import apply_mst, compile_blocks
 from subllm.model.subllm import SubLLM
 from subllm.train import checkpoint as ckpt
 from subllm.train.config import (
@@ -232,6 +232,8 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
         if not dd.main:
             resume_from, saved = found
     raw_model = _build_model(cfg, config, resume_from, init_weights).to(device)
+    if cfg.compile:  # on its device: the check for a compiler depends on it
+        compile_blocks(raw_model)
     del init_weights
     model = _parallelize(raw_model, cfg, dd, device)
     state = TrainState(
