@@ -134,6 +134,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def peer_unavailable(name: str, device: str, model_kind: str) -> str | None:
+    """Why a peer cannot run, when that is known without importing anything; else None."""
+    if model_kind == "preset":
+        return ("peers run on Hugging Face models (--model hf-llama:... or a config.json)")
+    if name in NOT_ON_REGISTRY:
+        return NOT_ON_REGISTRY[name]
+    if name == "liger" and device != "cuda":
+        return ("Liger-Kernel's fused linear cross-entropy is a Triton kernel for CUDA GPUs; "
+                "it does not run on a CPU")
+    return None
+
+
 class PeerUnavailable(Exception):
     """A peer library that is missing or cannot run on this device (the reason)."""
 
@@ -147,8 +159,9 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
     import torch
     import torch.nn.functional as F
 
-    if name in NOT_ON_REGISTRY:
-        raise PeerUnavailable(NOT_ON_REGISTRY[name])
+    reason = peer_unavailable(name, device, "hf-spec")
+    if reason:
+        raise PeerUnavailable(reason)
 
     def flat(hidden: Any, labels: Any) -> tuple[Any, Any]:
         d = hidden.shape[-1]
@@ -184,9 +197,6 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
         cut.impl = impl  # type: ignore[attr-defined]
         return cut
     if name == "liger":
-        if device != "cuda":
-            raise PeerUnavailable("Liger-Kernel's fused linear cross-entropy is a Triton "
-                                  "kernel for CUDA GPUs; it does not run on a CPU")
         try:
             liger = importlib.import_module("liger_kernel.transformers.functional")
         except Exception as e:
@@ -232,10 +242,6 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     seq_len, batch = case["seq_len"], case["batch_size"]
     loss_fn, note = None, ""
     if mode in PEERS:
-        if check_model(case["model"]) == "preset":
-            return {"ok": False, "unavailable": True,
-                    "error": "not available: peers run on Hugging Face models (--model "
-                             "hf-llama:... or a config.json)"}
         try:
             loss_fn = peer_loss(mode, device, case["dtype"])
         except PeerUnavailable as e:
@@ -475,7 +481,11 @@ def run(args: argparse.Namespace) -> int:
                     continue  # a missing peer is reported once
                 case = {**base, "mode": mode, "seq_len": n, "steps": args.steps,
                         "warmup": args.warmup, **exact}
-                r = measure(case, args.case_timeout)
+                reason = (peer_unavailable(mode, args.device, check_model(args.model))
+                          if mode in PEERS else None)
+                r = ({**case, "ok": False, "unavailable": True,
+                      "error": f"not available: {reason}"} if reason
+                     else measure(case, args.case_timeout))
                 r.pop("exact_file", None)
                 print(f"  {mode:>13} L={n:<7} " + (
                     f"{r['time_per_step_s']:.3f} s/step  peak {fmt_gib(r['peak_mem_bytes'])} GiB"
