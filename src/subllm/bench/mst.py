@@ -217,7 +217,8 @@ def _step(model: Any, ids: Any, loss_fn: Any, device: str, dtype: str) -> Any:
         if loss_fn is None:  # the model's own loss (standard, checkpointing, mst)
             loss = model(input_ids=ids, labels=ids).loss
         else:  # a peer: the patched body, then the peer's LM head + cross-entropy
-            hidden = model.model(input_ids=ids).last_hidden_state  # (B, L, d)
+            # no KV cache, as MsT's own forward in training (subllm.model.mst)
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, d)
             loss = loss_fn(hidden, model.get_output_embeddings().weight, ids)
     loss.backward()
     return loss.detach()

@@ -483,6 +483,10 @@ def _mst_causal_lm_forward(
     # not import it at the top, to keep `import subllm.model.subllm` light
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    if use_cache is None and self.training:
+        # a training step with labels has no use for a KV cache, and transformers builds
+        # one by default even under checkpointing (~0.1 GiB at 8k tokens, dim 256, 4 layers)
+        use_cache = False
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
