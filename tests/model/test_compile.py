@@ -75,3 +75,22 @@ def test_compile_without_a_compiler_is_one_line(monkeypatch):
     assert "\n" not in str(info.value)
     with pytest.raises(SubLLMError, match="not supported"):
         mst.compile_blocks(torch.nn.Linear(2, 2))
+
+
+def test_train_compile_without_a_compiler_is_one_line(tmp_path, prepare_corpus, tiny_settings,
+                                                      monkeypatch, capsys):
+    import yaml
+
+    from subllm.cli import main
+
+    data = prepare_corpus(tmp_path, 3)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(data)))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    run = tmp_path / "run"
+    capsys.readouterr()  # what preparing the corpus printed
+    assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--out", str(run),
+                 "--compile"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "C++ compiler" in err[0]
+    assert not run.exists()  # a start that fails leaves nothing behind
