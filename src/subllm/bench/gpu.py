@@ -1,6 +1,6 @@
 """`subllm bench gpu`: everything a CPU cannot show, in one command, on one CUDA device.
 
-Parts, each run through the `subllm` CLI in this process (its own outputs under
+Parts, each run through the `subllm` CLI in a subprocess (its own outputs under
 OUT/<part>/), each recorded as ok / failed / skipped with its wall time, none stopping
 the others:
 
@@ -22,8 +22,6 @@ command itself is tested by the suite and cannot rot; its figures mean nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import subprocess
 import sys
 import time
@@ -108,14 +106,15 @@ def _run_tests(out: Path) -> dict[str, Any]:
 
 
 def _run_cli(argv: list[str]) -> dict[str, Any]:
-    from subllm.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        rc = main(argv)
-    lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-    return {"status": "ok" if rc == 0 else "failed",
-            "detail": "" if rc == 0 else (lines[-1] if lines else f"exit code {rc}")}
+    """`subllm ARGV` in a subprocess (a benchmark module does not import the CLI layer);
+    its output goes to ours, its last error line into the report."""
+    proc = subprocess.run([sys.executable, "-m", "subllm", *argv], stderr=subprocess.PIPE,
+                          text=True)
+    sys.stderr.write(proc.stderr)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return {"status": "ok" if proc.returncode == 0 else "failed",
+            "detail": "" if proc.returncode == 0 else
+            (lines[-1] if lines else f"exit code {proc.returncode}")}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
