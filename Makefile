@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean bench-gpu
 
 # A virtual environment that still sees a system-wide torch (a user's CUDA build);
 # when no torch is visible at all we install the pinned CPU build, never a bare `torch`
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# one CUDA device: cuda tests, 1.3B SUBLLM/LLaMA, MsT vs peers, the planner (docs/benchmarks/gpu)
+bench-gpu: setup
+	$(BIN)/subllm bench gpu --out docs/benchmarks/gpu
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -11,6 +11,17 @@ import torch
 WORDS = "the a model token train data loss step sample value layer keep ratio score".split()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip on a machine without a CUDA GPU (`subllm bench gpu` runs
+    them where there is one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one thread; intra-op threads only cost (badly so on a

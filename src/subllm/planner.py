@@ -37,8 +37,10 @@ sum matches the CPU allocator's live bytes in real steps to within 4 % (tests/te
 - **MsT** (design.md §4, `subllm.mst.apply_mst` defaults) = checkpointing + the MLP in
   ceil(ffn / d) mini-sequences never shorter than 1024 tokens (rows under 2048 tokens
   are not split) + the LM head and cross-entropy in chunks of
-  max(ceil(rows / ceil(vocab / d)), 256) rows; the fp32 gradients for the hidden states
-  and the head weight are formed in the forward pass and held until backward.
+  `default_loss_chunk_tokens(vocab, d, rows)` rows (d rows at a large vocabulary, at most
+  512); one fp32 (rows x vocab) buffer per chunk; the fp32 gradients for the hidden states
+  and the head weight are formed in the forward pass, scaled in place and held until
+  backward.
 - **Standard loss**: the fp32 log-softmax of all logits is kept; its backward holds three
   (rows x vocab) fp32 tensors at once. Rows are batch * (length - 1) for our models (the
   logits are shifted first) and batch * length for transformers'. A transformers model in
@@ -75,7 +77,13 @@ from pathlib import Path
 from typing import Any
 
 from subllm.errors import SubLLMError
-from subllm.model.config import PRESETS, ModelConfig, Segment, parse_structure
+from subllm.model.config import (
+    PRESETS,
+    ModelConfig,
+    Segment,
+    default_loss_chunk_tokens,
+    parse_structure,
+)
 
 GiB = 2**30
 MiB = 2**20
@@ -99,7 +107,6 @@ CPU_2BYTE_LEVEL_OVERHEAD = 11 * MiB
 CUDA_RUNTIME_OVERHEAD = 64 * MiB
 CUDA_DEFAULT_RESERVE = 1 * GiB  # CUDA context + allocator fragmentation, for the fit search
 MLP_MIN_CHUNK = 1024  # subllm.mst.apply_mst defaults
-LOSS_MIN_CHUNK = 256
 GRANULE = 256
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -527,22 +534,23 @@ def _phases(p: Plan) -> dict[str, dict[str, int]]:
     V = s.vocab_size
     if p.mst:
         n = B * (L - 1)  # targets (labels shifted, last position ignored)
-        m = max(1, math.ceil(V / d))
-        c = min(n, max(1, math.ceil(n / m), LOSS_MIN_CHUNK))
+        c = default_loss_chunk_tokens(V, d, n)
         h_bytes = 4 if b.mode != "pure" else 2  # the final norm's output dtype
         w_copy = 2 * V * d if copies else 0  # the head weight in the compute dtype
         # the final norm's output and its copy of the rows with targets, fp32 gradient
         # buffers for them and for the head weight
         base = T * d * h_bytes + n * d * h_bytes + w_copy
-        # per chunk: fp32 logits + logsumexp's temporary, or 2-byte products before a cast
-        chunk = max(2 * 4 * c * V, (4 + 2) * c * V + (2 * V * d if b.mode != "fp32" else 0))
+        # per chunk: one fp32 (c x V) buffer (logits -> exp -> gradient, in place), or the
+        # 2-byte products before a cast beside it
+        chunk = 4 * c * V if b.mode == "fp32" else (4 + 2) * c * V + 2 * V * d
         loop = base + 4 * n * d + 4 * V * d + chunk
-        end = base + 2 * (4 * n * d + 4 * V * d)  # the buffers and their scaled copies
+        # the buffers are scaled in place; in pure bf16 cast to the inputs' dtype beside them
+        end = base + 4 * n * d + 4 * V * d + (2 * n * d + 2 * V * d if b.mode == "pure" else 0)
         add("loss forward (MsT chunks)", activations=all_act, attention=all_attn,
             logits_loss=max(loop, end), weight_copies=lin_copies - head_w_copy)
         held = n * d * h_bytes + V * d * b.weight  # the scaled gradients, until backward
         add("loss backward (MsT)", activations=all_act, attention=all_attn,
-            logits_loss=2 * held)
+            logits_loss=held)  # scaled by grad_out in place
     else:
         shifted = s.source == "subllm"
         lrows = B * (L - 1) if shifted else T

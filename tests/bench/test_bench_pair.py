@@ -197,3 +197,12 @@ def test_bad_flags_are_one_line_errors(verb, flags, message, tmp_path, capsys):
     assert err.startswith("subllm bench: error:") and message in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing is built or written before the checks
+
+
+def test_bench_train_compile_needs_a_warmup_step(capsys, tmp_path):
+    argv = ["bench", "train", "--pair", "llama-tiny,llama-tiny", "--compile", "b",
+            "--warmup", "0", "--seq-lens", "32", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--compile needs --warmup >= 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

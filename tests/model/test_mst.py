@@ -109,13 +109,77 @@ def test_chunked_ce_unshifted_and_flat():
 
 
 def test_chunked_ce_default_chunk_count(ce_chunk_calls):
-    d, V = 8, 50  # default M = ceil(50 / 8) = 7
+    d, V = 8, 50  # 70 targets > vocab: ceil(70 * 8 / 50) = 12 tokens per chunk
     h, w = torch.randn(1, 71, d), torch.randn(V, d)
-    chunked_cross_entropy(h, w, torch.randint(0, V, (1, 71)), min_chunk_tokens=1)
-    assert len(ce_chunk_calls) == 7
-    ce_chunk_calls.clear()  # the floor: 70 targets in chunks of at least 30 tokens
+    chunked_cross_entropy(h, w, torch.randint(0, V, (1, 71)))
+    assert ce_chunk_calls == [12] * 5 + [10]
+    ce_chunk_calls.clear()  # 20 targets < vocab: chunks of d = 8 tokens
+    chunked_cross_entropy(h[:, :21], w, torch.randint(0, V, (1, 21)))
+    assert ce_chunk_calls == [8, 8, 4]
+    ce_chunk_calls.clear()  # the floor, when given: chunks of at least 30 tokens
     chunked_cross_entropy(h, w, torch.randint(0, V, (1, 71)), min_chunk_tokens=30)
     assert ce_chunk_calls == [30, 30, 10]
+
+
+@pytest.mark.parametrize("vocab, dim, n, expected", [
+    (128256, 256, 8192, 256), (128256, 256, 16384, 256),  # d tokens at a large vocabulary
+    (128256, 4096, 60000, 512), (32000, 2048, 4096, 512),  # capped
+    (1000, 64, 4000, 256),  # ceil(4000 * 64 / 1000): a sequence longer than the vocabulary
+    (50, 8, 3, 3), (50, 8, 1, 1)])
+def test_default_loss_chunk_tokens(vocab, dim, n, expected):
+    from subllm.model.config import default_loss_chunk_tokens
+
+    assert default_loss_chunk_tokens(vocab, dim, n) == expected
+    # the chunk's logits are never larger than the larger of the two (x d) buffers
+    assert (expected - 1) * vocab < max(vocab, n) * dim
+
+
+def test_chunked_ce_holds_no_vocab_by_hidden_copies(monkeypatch):
+    """The scaled weight gradient is the accumulator itself (scaled in place in forward and
+    backward): the tensor autograd hands to .grad is the one forward accumulated into."""
+    made: list[tuple[tuple[int, ...], int]] = []  # (shape, address): holding the tensors
+    zeros = torch.zeros                              # would make autograd copy them
+
+    def tracked(*args, **kwargs):
+        t = zeros(*args, **kwargs)
+        made.append((tuple(t.shape), t.data_ptr()))
+        return t
+
+    monkeypatch.setattr(mst.torch, "zeros", tracked)
+    V, d = 97, 16
+    h = torch.randn(2, 23, d, requires_grad=True)
+    w = torch.randn(V, d, requires_grad=True)
+    labels = torch.randint(0, V, (2, 23))
+    out = chunked_cross_entropy(h, w, labels, chunk_size=7)
+    (3.0 * out).backward()  # grad_out = 3 exercises the in-place scaling in backward
+    monkeypatch.undo()
+    accum = [ptr for shape, ptr in made if shape == (V, d)]
+    assert len(accum) == 1 and w.grad.data_ptr() == accum[0]
+    ref = torch.autograd.grad(3.0 * reference_ce(h.double(), w.double(), labels), w)[0]
+    assert rel(w.grad, ref) < 1e-5
+
+
+def test_chunked_ce_native_impl_matches(ce_chunk_calls):
+    if not hasattr(F, "linear_cross_entropy"):
+        pytest.skip("torch < 2.13 has no F.linear_cross_entropy")
+    B, L, d, V = 2, 23, 16, 97
+    h = torch.randn(B, L, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, L))
+    labels[1, 2:9] = -100
+    ref = reference_ce(h, w, labels, bias=b, num_items=50)
+    out = chunked_cross_entropy(h, w, labels, bias=b, num_items_in_batch=50, impl="native",
+                                chunk_size=5)
+    assert not ce_chunk_calls  # ours did not run
+    assert rel(out, ref) < 1e-12
+    for a, r in zip(torch.autograd.grad(out, (h, w, b)), torch.autograd.grad(ref, (h, w, b)),
+                    strict=True):
+        assert rel(a, r) < 1e-12
+    with pytest.raises(SubLLMError, match="impl='native'"):
+        chunked_cross_entropy(h, w, labels, impl="native", softcap=2.0)
+    with pytest.raises(SubLLMError, match="impl must be"):
+        chunked_cross_entropy(h, w, labels, impl="fast")
 
 
 def test_chunked_ce_tied_embedding_grads_accumulate():

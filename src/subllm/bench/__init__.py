@@ -26,4 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "estimate": ("subllm.bench.estimate",
                  "the memory planner (subllm estimate) against peaks measured in training "
                  "steps"),
+    "gpu": ("subllm.bench.gpu",
+            "one CUDA device, one command: cuda tests, 1.3B SUBLLM/LLaMA train + decode, MsT vs "
+            "peers, the planner (--smoke: tiny, any device)"),
 }

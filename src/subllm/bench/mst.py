@@ -10,6 +10,26 @@ model was built. Modes:
   mst            subllm.model.mst.apply_mst: mini-sequence MLP + chunked LM-head loss
                  + checkpointing
 
+Peers (--peers, Hugging Face models only): the model patched as for `mst`, but the loss
+(LM head + cross-entropy) taken from another library, so that the rows differ in the
+loss alone:
+
+  native   torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions()
+           (PyTorch >= 2.13's chunked path, its own chunk rule)
+  cce      Cut Cross-Entropy (pip install cut-cross-entropy): its Triton kernel on a GPU,
+           its torch.compile path on a CPU
+  liger    Liger-Kernel's fused linear cross-entropy (Triton; a CUDA GPU only)
+  mini-s   the MsT authors' code: not on the package registry, so reported as not
+           available (this project does not vendor other projects' code)
+
+A peer that is not installed or cannot run on the device is a row saying why, never
+dropped. Rounds (--rounds) run every case once per round in a fresh process, the order
+alternating between rounds, and report the median. Exactness: a reference process runs
+the unpatched model (no checkpointing, no chunking) at --exact-len tokens and saves its
+loss and gradients; every case then repeats one step at that length (after its peak was
+read) and reports the relative error of its loss and the largest relative L2 error of
+any parameter's gradient.
+
 A step is one forward + backward with labels (no optimizer). With --memory-budget the
 longest sequence that trains under the budget is searched per mode (doubling, then
 bisection on multiples of 256). Models: a subllm preset, a Hugging Face config.json,
@@ -19,6 +39,7 @@ or a built-in spec `hf-llama:dim=256,layers=4,vocab=128256[,ffn=..,heads=..,kv_h
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +52,7 @@ from subllm.bench.common import (
     build_model,
     check_cuda,
     check_model,
+    command_line,
     fmt_gib,
     longest_under_budget,
     machine_info,
@@ -53,6 +75,20 @@ from subllm.planner import parse_memory
 
 HELP = "time and peak memory of a training step: standard / checkpointing / MsT"
 
+PEERS = ("native", "cce", "liger", "mini-s")
+NOT_ON_REGISTRY = {"mini-s": "not on the package registry (published as source only; this "
+                             "project does not vendor other projects' code)"}
+
+
+def parse_peers(text: str) -> list[str]:
+    """'native,cce' -> ['native', 'cce'] (unique, in order); '' -> []."""
+    peers = [p.strip() for p in str(text).split(",") if p.strip()]
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise SubLLMError(f"--peers {text!r}: unknown {', '.join(bad)}; choose from "
+                          f"{', '.join(PEERS)}")
+    return list(dict.fromkeys(peers))
+
 
 # --------------------------------------------------------------------------------------
 # flags
@@ -70,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--memory-budget", default=None,
                    help="e.g. 8GB: also search the longest trainable sequence under it")
+    p.add_argument("--memory-limit", default=None,
+                   help="e.g. 10GB: stop any case whose memory passes this and report it as "
+                        "over the limit (CPU: resident-set watchdog; GPU: per-process fraction)")
     p.add_argument("--max-search-len", type=int, default=131072,
                    help="upper end of the --memory-budget search (default 131072)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -79,6 +118,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--case-timeout", type=float, default=3600.0,
                    help="seconds before a case is abandoned (default 3600)")
+    p.add_argument("--peers", default="",
+                   help=f"comma-separated other libraries' losses to compare: {','.join(PEERS)} "
+                        "(Hugging Face models only)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times, alternating the order (default 1)")
+    p.add_argument("--exact-len", type=int, default=2048,
+                   help="length of the exactness check against the unpatched model (default "
+                        "2048, at most the shortest --seq-lens; 0: no check)")
     p.add_argument("--out", default="bench-out/mst", help="output folder (default bench-out/mst)")
 
 
@@ -87,17 +134,127 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Build the model, then warm-up + timed forward/backward steps. Runs in the worker."""
+def peer_unavailable(name: str, device: str, model_kind: str) -> str | None:
+    """Why a peer cannot run, when that is known without importing anything; else None."""
+    if model_kind == "preset":
+        return ("peers run on Hugging Face models (--model hf-llama:... or a config.json)")
+    if name in NOT_ON_REGISTRY:
+        return NOT_ON_REGISTRY[name]
+    if name == "liger" and device != "cuda":
+        return ("Liger-Kernel's fused linear cross-entropy is a Triton kernel for CUDA GPUs; "
+                "it does not run on a CPU")
+    return None
+
+
+class PeerUnavailable(Exception):
+    """A peer library that is missing or cannot run on this device (the reason)."""
+
+
+def peer_loss(name: str, device: str, dtype: str) -> Any:
+    """The peer's loss as fn(hidden (B, L, d), weight (V, d), labels (B, L)) -> scalar, with
+    Hugging Face's convention (labels aligned with the inputs, shifted inside, -100
+    ignored, mean over the targets). Raises PeerUnavailable saying why it cannot run."""
+    import importlib
+
+    import torch
+    import torch.nn.functional as F
+
+    reason = peer_unavailable(name, device, "hf-spec")
+    if reason:
+        raise PeerUnavailable(reason)
+
+    def flat(hidden: Any, labels: Any) -> tuple[Any, Any]:
+        d = hidden.shape[-1]
+        return hidden[:, :-1].reshape(-1, d), labels[:, 1:].reshape(-1)
+
+    if name == "native":
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn,
+                                                                 "LinearCrossEntropyOptions"):
+            raise PeerUnavailable(f"torch {torch.__version__} has no "
+                                  "F.linear_cross_entropy (PyTorch >= 2.13)")
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def native(hidden: Any, weight: Any, labels: Any) -> Any:
+            h, y = flat(hidden, labels)
+            return F.linear_cross_entropy(h, weight, y, ignore_index=-100, options=options)
+
+        return native
+    if name == "cce":
+        try:
+            cce = importlib.import_module("cut_cross_entropy")
+        except Exception as e:  # ImportError, or its Triton dependency failing to load
+            raise PeerUnavailable(f"cut_cross_entropy does not import ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); pip install "
+                                  "cut-cross-entropy") from None
+        # its Triton kernel needs a CUDA GPU; elsewhere its own torch.compile path
+        impl = "cce" if device == "cuda" else "torch_compile"
+
+        def cut(hidden: Any, weight: Any, labels: Any) -> Any:
+            if dtype != "fp32":  # the kernel takes one low-precision dtype for both
+                hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+            return cce.linear_cross_entropy(hidden, weight, labels, shift=True, impl=impl)
+
+        cut.impl = impl  # type: ignore[attr-defined]
+        return cut
+    if name == "liger":
+        try:
+            liger = importlib.import_module("liger_kernel.transformers.functional")
+        except Exception as e:
+            raise PeerUnavailable(f"liger_kernel does not import ({type(e).__name__}); pip "
+                                  "install liger-kernel") from None
+
+        def fused(hidden: Any, weight: Any, labels: Any) -> Any:
+            h, y = flat(hidden, labels)
+            return liger.liger_fused_linear_cross_entropy(h, weight, y, ignore_index=-100)
+
+        return fused
+    raise PeerUnavailable(f"unknown peer {name!r}")
+
+
+def _step(model: Any, ids: Any, loss_fn: Any, device: str, dtype: str) -> Any:
+    """One forward with labels + backward; returns the loss (detached)."""
+    with autocast(device, dtype):
+        if loss_fn is None:  # the model's own loss (standard, checkpointing, mst)
+            loss = model(input_ids=ids, labels=ids).loss
+        else:  # a peer: the patched body, then the peer's LM head + cross-entropy
+            # no KV cache, as MsT's own forward in training (subllm.model.mst)
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, d)
+            loss = loss_fn(hidden, model.get_output_embeddings().weight, ids)
+    loss.backward()
+    return loss.detach()
+
+
+def _exact_ids(vocab: int, batch: int, length: int, device: str) -> Any:
     import torch
 
-    device, budget = case["device"], case.get("budget")
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Build the model, then warm-up + timed forward/backward steps, then (with
+    `exact_file`) one step at the exactness length. Runs in the worker."""
+    import torch
+
+    device, mode = case["device"], case["mode"]
+    budget = case.get("budget") or case.get("memory_limit")
     if device == "cpu":
         watch_memory(budget)
     seq_len, batch = case["seq_len"], case["batch_size"]
+    loss_fn, note = None, ""
+    if mode in PEERS:
+        try:
+            loss_fn = peer_loss(mode, device, case["dtype"])
+        except PeerUnavailable as e:
+            return {"ok": False, "unavailable": True, "error": f"not available: {e}"}
+        note = f"impl={loss_fn.impl}" if hasattr(loss_fn, "impl") else ""
     torch.manual_seed(0)
-    model = build_model(case["model"], seq_len).to(device).train()
-    apply_mode(model, mst=case["mode"] == "mst", checkpointing=case["mode"] != "standard")
+    # every case builds at the run's longest length, so that all hold the same weights
+    model = build_model(case["model"], case.get("build_len", seq_len)).to(device).train()
+    if mode == "reference":  # the unpatched model at the exactness length: save its grads
+        return _reference(model, case)
+    apply_mode(model, mst=mode == "mst" or loss_fn is not None,
+               checkpointing=mode != "standard")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     if device == "cuda" and budget:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -112,18 +269,57 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     for i in range(case["warmup"] + case["steps"]):
         sync(device)
         t0 = time.perf_counter()
-        with autocast(device, case["dtype"]):
-            out = model(input_ids=ids, labels=ids).loss
-        out.backward()
+        out = _step(model, ids, loss_fn, device, case["dtype"])
         model.zero_grad(set_to_none=True)
         loss = float(out)
         del out
         sync(device)
         if i >= case["warmup"]:
             times.append(time.perf_counter() - t0)
-    return {"ok": True, "loss": loss, "time_per_step_s": sum(times) / len(times),
-            "step_times_s": times, "peak_mem_bytes": memory_peak(device),
-            "baseline_mem_bytes": baseline}
+    result = {"ok": True, "loss": loss, "time_per_step_s": sum(times) / len(times),
+              "step_times_s": times, "peak_mem_bytes": memory_peak(device),
+              "baseline_mem_bytes": baseline, "note": note}
+    if case.get("exact_file"):
+        result.update(_exactness(model, case, loss_fn))
+    return result
+
+
+def _reference(model: Any, case: dict[str, Any]) -> dict[str, Any]:
+    """The unpatched model's loss and gradients at the exactness length, to a file."""
+    from safetensors.torch import save_file
+
+    ids = _exact_ids(model.config.vocab_size, case["batch_size"], case["exact_len"],
+                     case["device"])
+    loss = _step(model, ids, None, case["device"], case["dtype"])
+    grads = {n: p.grad.detach().float().cpu().contiguous()
+             for n, p in model.named_parameters() if p.grad is not None}
+    grads["__loss__"] = loss.float().cpu().reshape(1)
+    save_file(grads, case["exact_file"])
+    return {"ok": True, "loss": float(loss)}
+
+
+def _exactness(model: Any, case: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
+    """Loss and gradient errors of one step at the exactness length vs the reference."""
+    import torch
+    from safetensors.torch import load_file
+
+    ref = load_file(case["exact_file"])
+    ids = _exact_ids(model.config.vocab_size, case["batch_size"], case["exact_len"],
+                     case["device"])
+    loss = _step(model, ids, loss_fn, case["device"], case["dtype"])
+    ref_loss = ref.pop("__loss__").double()
+    worst, worst_name = 0.0, ""
+    for n, p in model.named_parameters():
+        if n not in ref:
+            continue
+        g = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().cpu()
+        r = ref[n].double()
+        err = float((g - r).norm() / r.norm().clamp_min(1e-30))
+        if err > worst:
+            worst, worst_name = err, n
+    model.zero_grad(set_to_none=True)
+    return {"loss_rel_error": float(abs(loss.double().cpu() - ref_loss) / ref_loss.abs()),
+            "grad_rel_error": worst, "grad_worst_param": worst_name}
 
 
 def measure(case: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -138,29 +334,38 @@ def measure(case: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    exact = report.get("exact_len")
     lines = [
         f"# subllm bench mst — {report['model']}",
         "",
         f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs), torch {m['torch']}, "
         f"transformers {m['transformers']}; device {report['device']}, dtype {report['dtype']}, "
-        f"batch {report['batch_size']}. Peak memory: "
+        f"batch {report['batch_size']}, {report.get('rounds', 1)} round(s). Peak memory: "
         + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
            else "peak resident set of the case's process (VmHWM)")
-        + "; ratios are against `standard` at the same length.",
+        + "; ratios are against `standard` and against `mst` at the same length"
+        + (f"; errors: one step at {exact} tokens against the unpatched model (loss: relative "
+           "error; grad: the largest relative L2 error over the parameters)." if exact
+           else "."),
         "",
         "| mode | seq len | time/step (s) | peak mem (GiB) | after build (GiB) "
-        "| mem / standard | time / standard | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| mem / standard | time / standard | mem / mst | time / mst | loss err | grad err "
+        "| note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in report["cases"]:
         r = report["ratios"].get(c["mode"], {}).get(str(c["seq_len"]), {})
+        q = report.get("ratios_vs_mst", {}).get(c["mode"], {}).get(str(c["seq_len"]), {})
+        note = c.get("note", "") if c["ok"] else c.get("error", "failed")
         lines.append(
             f"| {c['mode']} | {c['seq_len']} | "
             + (f"{c['time_per_step_s']:.3f}" if c["ok"] else "-")
             + f" | {fmt_gib(c.get('peak_mem_bytes'))} | {fmt_gib(c.get('baseline_mem_bytes'))} | "
-            + (f"{r['memory']:.3f}" if "memory" in r else "-") + " | "
-            + (f"{r['time']:.3f}" if "time" in r else "-") + " | "
-            + ("" if c["ok"] else c.get("error", "failed")) + " |"
+            + " | ".join(f"{x[k]:.3f}" if k in x else "-"
+                         for x, k in ((r, "memory"), (r, "time"), (q, "memory"), (q, "time")))
+            + " | " + " | ".join(f"{c[k]:.1e}" if c.get(k) is not None else "-"
+                                 for k in ("loss_rel_error", "grad_rel_error"))
+            + f" | {note} |"
         )
     if report.get("budget"):
         lines += ["", f"Longest trainable sequence under {fmt_gib(report['budget']['bytes'])} GiB "
@@ -176,7 +381,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    for mode in report["modes"]:
+    for mode in report["modes"] + report.get("peers", []):
         pts = sorted((c["seq_len"], c["peak_mem_bytes"] / 2**30) for c in report["cases"]
                      if c["mode"] == mode and c["ok"])
         if pts:
@@ -213,38 +418,89 @@ def _ratios(cases: list[dict[str, Any]], base: str = "standard",
 # --------------------------------------------------------------------------------------
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's rounds -> one row: median time and peak over the rounds that ran."""
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        return runs[0]
+    row = dict(ok[0])
+    row["time_per_step_s"] = _median([r["time_per_step_s"] for r in ok])
+    row["peak_mem_bytes"] = int(_median([r["peak_mem_bytes"] for r in ok]))
+    row["rounds"] = [{k: r.get(k) for k in ("time_per_step_s", "peak_mem_bytes", "ok",
+                                            "error")} for r in runs]
+    return row
+
+
 def run(args: argparse.Namespace) -> int:
     lengths = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
     modes = parse_modes(args.modes)
+    peers = parse_peers(args.peers)
     budget = (parse_memory(args.memory_budget, "--memory-budget")
               if args.memory_budget is not None else None)
-    for name in ("batch_size", "steps", "max_search_len"):
+    limit = (parse_memory(args.memory_limit, "--memory-limit")
+             if args.memory_limit is not None else None)
+    for name in ("batch_size", "steps", "max_search_len", "rounds"):
         if getattr(args, name) <= 0:
             raise SubLLMError(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0 or args.case_timeout <= 0:
         raise SubLLMError("--warmup must be >= 0 and --case-timeout positive")
+    if args.exact_len < 0 or args.exact_len == 1:
+        raise SubLLMError("--exact-len must be 0 (no check) or at least 2")
     check_model(args.model)
     check_cuda(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     base = {"model": args.model, "device": args.device, "dtype": args.dtype,
-            "batch_size": args.batch_size}
-    cases = []
-    for n in lengths:
-        for mode in modes:
-            case = {**base, "mode": mode, "seq_len": n, "steps": args.steps,
-                    "warmup": args.warmup}
-            r = measure(case, args.case_timeout)
-            print(f"  {mode:>13} L={n:<7} " + (
-                f"{r['time_per_step_s']:.3f} s/step  peak {fmt_gib(r['peak_mem_bytes'])} GiB"
-                if r["ok"] else f"failed: {r['error']}"), flush=True)
-            cases.append(r)
+            "batch_size": args.batch_size, "build_len": max(lengths)}
+    if limit is not None:
+        base["memory_limit"] = limit
+    exact_len = min(args.exact_len, min(lengths))
+    names = modes + peers
+    with tempfile.TemporaryDirectory(prefix="subllm-mst-exact-") as tmp:
+        exact: dict[str, Any] = {}
+        if exact_len:
+            ref_file = str(Path(tmp) / "reference.safetensors")
+            ref = measure({**base, "mode": "reference", "seq_len": exact_len,
+                           "exact_len": exact_len, "exact_file": ref_file}, args.case_timeout)
+            if ref["ok"]:
+                exact = {"exact_len": exact_len, "exact_file": ref_file}
+            print(f"  reference L={exact_len:<7} " + (
+                f"loss {ref['loss']:.4f}" if ref["ok"] else f"failed: {ref['error']}"),
+                flush=True)
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for rnd in range(args.rounds):
+            # the order alternates between rounds so that a busy machine hits all alike
+            order = [(mode, n) for n in lengths for mode in names]
+            for mode, n in order if rnd % 2 == 0 else order[::-1]:
+                if runs.get((mode, n)) and runs[(mode, n)][0].get("unavailable"):
+                    continue  # a missing peer is reported once
+                case = {**base, "mode": mode, "seq_len": n, "steps": args.steps,
+                        "warmup": args.warmup, **exact}
+                reason = (peer_unavailable(mode, args.device, check_model(args.model))
+                          if mode in PEERS else None)
+                r = ({**case, "ok": False, "unavailable": True,
+                      "error": f"not available: {reason}"} if reason
+                     else measure(case, args.case_timeout))
+                r.pop("exact_file", None)
+                print(f"  {mode:>13} L={n:<7} " + (
+                    f"{r['time_per_step_s']:.3f} s/step  peak {fmt_gib(r['peak_mem_bytes'])} GiB"
+                    if r["ok"] else f"{r['error']}"), flush=True)
+                runs.setdefault((mode, n), []).append(r)
+    cases = [_merge(runs[(mode, n)]) for n in lengths for mode in names]
 
-    report: dict[str, Any] = {**base, "modes": modes, "seq_lens": lengths,
+    report: dict[str, Any] = {**base, "modes": modes, "peers": peers, "seq_lens": lengths,
+                              "rounds": args.rounds, "exact_len": exact_len if exact else None,
+                              "command": command_line(),
                               "machine": machine_info(args.device), "cases": cases,
                               "ratios": _ratios(cases),
-                              "ratios_vs_checkpointing": _ratios(cases, "checkpointing")}
+                              "ratios_vs_checkpointing": _ratios(cases, "checkpointing"),
+                              "ratios_vs_mst": _ratios(cases, "mst")}
     if budget is not None:
         longest, probes = {}, {}
         for mode in modes:

@@ -201,6 +201,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mst", action="store_true", help="apply subllm.model.mst.apply_mst to both")
     p.add_argument("--checkpointing", action="store_true",
                    help="block-level activation checkpointing for both")
+    p.add_argument("--compile", choices=("both", "b"), default=None,
+                   help="torch.compile the blocks of both models, or of B only (with "
+                        "--pair X,X: compiled / eager of one model, side by side)")
     p.add_argument("--schedule-step", type=int, default=0,
                    help="set_step value of the first step (the balancer / bypass schedules; "
                         "default 0)")
@@ -209,11 +212,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _common_arguments(p, "bench-out/train")
 
 
-def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool) -> Any:
+def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool,
+                      compile: bool = False) -> Any:
     from subllm.model import SubLLM
+    from subllm.model.mst import compile_blocks
 
     model = apply_mode(SubLLM(config), mst=mst, checkpointing=checkpointing)
-    return model.to(device).train()
+    model = model.to(device).train()
+    return compile_blocks(model) if compile else model
 
 
 def timed_train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str,
@@ -261,6 +267,13 @@ def run_train(args: argparse.Namespace) -> int:
     _check_common(args)
     if args.case_timeout <= 0:
         raise SubLLMError("--case-timeout must be positive")
+    if args.compile and args.warmup < 1:
+        raise SubLLMError("--compile needs --warmup >= 1 (the first step compiles)")
+    if args.compile:
+        from subllm.model.mst import check_compile_available
+
+        check_compile_available(args.device)
+    compiled = {"a": args.compile == "both", "b": args.compile is not None}
     configs = {"a": load_config(spec_a, max(lengths)), "b": load_config(spec_b, max(lengths))}
     if configs["a"].vocab_size != configs["b"].vocab_size:
         print(f"note: A and B have different vocabularies ({configs['a'].vocab_size} vs "
@@ -274,7 +287,8 @@ def run_train(args: argparse.Namespace) -> int:
     models, optimizers = {}, {}
     for key, config in configs.items():
         torch.manual_seed(args.seed)
-        models[key] = build_train_model(config, device, args.mst, args.checkpointing)
+        models[key] = build_train_model(config, device, args.mst, args.checkpointing,
+                                        compiled[key])
         optimizers[key] = adamw(models[key], device)
     specs = {"a": spec_a, "b": spec_b}
     summaries = {k: model_summary(specs[k], configs[k], models[k].num_params()) for k in configs}
@@ -298,6 +312,7 @@ def run_train(args: argparse.Namespace) -> int:
                     {"kind": "train", "config": configs[key].to_dict(), "seq_len": n,
                      "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
                      "mst": args.mst, "checkpointing": args.checkpointing,
+                     "compile": compiled[key],
                      "first_step": args.schedule_step, "seed": args.seed},
                     args.case_timeout, args.threads)
                 case[key]["memory"] = mem
@@ -319,6 +334,7 @@ def run_train(args: argparse.Namespace) -> int:
     report = _report_base("train", args, summaries["a"], summaries["b"])
     report.update({"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
                    "mst": args.mst, "checkpointing": args.checkpointing,
+                   "compile": args.compile,
                    "schedule_step": args.schedule_step, "seq_lens": lengths,
                    "peak_tflops": peak if report_mfu else None, "cases": cases})
     paths = write_outputs(out, "train", report, render_train_markdown(report),
@@ -335,7 +351,8 @@ def render_train_markdown(report: dict[str, Any]) -> str:
     lines = _header(report) + [
         f"Batch {report['batch_size']}, {report['steps']} timed steps after {report['warmup']} "
         f"warm-up; forward + backward + AdamW; mst={report['mst']}, "
-        f"checkpointing={report['checkpointing']}; random tokens. `time B/A` is the ratio of "
+        f"checkpointing={report['checkpointing']}, compile={report.get('compile')}; "
+        "random tokens. `time B/A` is the ratio of "
         "the medians, `paired B/A` the median over the rounds of B / A within a round.",
         "",
         "| seq len | A s/step | B s/step | time B/A | paired B/A | A tok/s | B tok/s | A peak GiB "
@@ -940,7 +957,8 @@ def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(case["seed"])
     config = ModelConfig.from_dict(case["config"])
     if case["kind"] == "train":
-        model = build_train_model(config, device, case["mst"], case["checkpointing"])
+        model = build_train_model(config, device, case["mst"], case["checkpointing"],
+                                  case.get("compile", False))
         optimizer = adamw(model, device)
     else:
         if case.get("weights"):  # one copy of the weights: no transient second copy

@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Mini-Sequence Transformer: chunked MLP and loss")
     p.add_argument("--checkpointing", action="store_true", default=None,
                    help="activation checkpointing of every block")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile every block for the training steps (evaluation and "
+                   "sampling stay eager); needs a C++ compiler on a CPU, Triton on a GPU")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the run in --out from its newest complete checkpoint")
     p.add_argument("--skip-damaged", dest="skip_damaged", action="store_true", default=None,

@@ -27,13 +27,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .config import default_loss_chunk_tokens
 from .errors import SubLLMError
 
 __all__ = [
     "HF_FAMILIES",
     "MiniSequenceMLP",
     "apply_mst",
+    "check_compile_available",
+    "compile_blocks",
     "chunked_cross_entropy",
+    "default_loss_chunk_tokens",
     "default_loss_chunks",
     "default_mlp_chunks",
     "enable_checkpointing",
@@ -63,23 +67,28 @@ def _ce_chunk(
 
     h: (c, d), weight: (V, d), target: (c,) all valid. Returns (loss_sum (scalar, acc_dtype),
     grad_logits (c, V) in acc_dtype or None). The caller turns grad_logits into the hidden
-    and weight gradients and drops it before the next chunk.
+    and weight gradients and drops it before the next chunk. Without soft-capping one
+    (c, V) buffer holds the logits, then exp, then the gradient (every step in place; no
+    logsumexp temporary); soft-capping keeps a second one for tanh.
     """
     logits = (h @ weight.t()).to(acc_dtype)  # (c, V) in >= fp32
     if bias is not None:
-        logits = logits + bias.to(acc_dtype)
+        logits += bias.to(acc_dtype)
     tanh = None
     if softcap is not None:
         # Gemma-2 final-logit soft-capping: s = cap * tanh(z / cap), ds/dz = 1 - tanh^2
-        tanh = torch.tanh(logits / softcap)
+        tanh = logits.div_(softcap).tanh_()
         logits = tanh * softcap
-    lse = torch.logsumexp(logits, dim=-1)  # (c,)
     target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (c,)
+    top = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+    expd = logits.sub_(top).exp_()  # (c, V): exp(z - max), in place
+    sum_exp = expd.sum(dim=-1)  # (c,)
+    lse = sum_exp.log() + top.squeeze(1)  # (c,) logsumexp
     loss_sum = (lse - target_logit).sum()
     if not need_grad:
         return loss_sum, None
-    # d loss / d logits = softmax - onehot, built in place in the logits buffer
-    grad = logits.sub_(lse[:, None]).exp_()
+    # d loss / d logits = softmax - onehot, in the same buffer
+    grad = expd.div_(sum_exp[:, None])
     grad.scatter_add_(1, target[:, None], torch.full_like(target_logit[:, None], -1.0))
     if tanh is not None:
         grad.mul_(1.0 - tanh.square_())
@@ -90,7 +99,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """Loss of the LM head + cross-entropy with the gradients computed during forward.
 
     Computing the gradients in forward (rather than recomputing logits in backward, the
-    paper's way) costs no extra matmuls; backward only scales the stored gradients.
+    paper's way) costs no extra matmuls; backward only scales the stored gradients, in
+    place. No (V x d) buffer but the weight-gradient accumulator itself ever exists: it is
+    scaled by 1/denom in place at the end of forward and by grad_out in place in backward,
+    then handed to autograd as the gradient.
     """
 
     @staticmethod
@@ -129,8 +141,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += g.sum(0)
                 g = g.to(compute_dtype)
-                if grad_h is not None:
-                    grad_h[start : start + chunk_size] = g @ w  # (c, V) @ (V, d)
+                if grad_h is not None and g.dtype == grad_h.dtype:
+                    torch.mm(g, w, out=grad_h[start : start + chunk_size])  # (c, V) @ (V, d)
+                elif grad_h is not None:
+                    grad_h[start : start + chunk_size] = g @ w
                 if grad_w is not None and g.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), h)  # (V, c) @ (c, d), accumulated in place
                 elif grad_w is not None:
@@ -138,22 +152,25 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 del g
             scale = 1.0 / denom.to(acc_dtype)
             out = (loss / denom.to(torch.float64)).to(acc_dtype)
-            # store the gradients of the normalised loss, in the inputs' dtypes
-            ctx.grads = tuple(
-                None if g is None else (g * scale).to(dtype)
-                for g, dtype in (
-                    (grad_h, hidden.dtype),
-                    (grad_w, weight.dtype),
-                    (grad_b, None if bias is None else bias.dtype),
-                )
-            )
+            # the gradients of the normalised loss: scaled in place, then in the inputs'
+            # dtypes (a no-op when they are the accumulators' dtype)
+            grads = []
+            for g, dtype in ((grad_h, hidden.dtype), (grad_w, weight.dtype),
+                             (grad_b, None if bias is None else bias.dtype)):
+                grads.append(None if g is None else g.mul_(scale).to(dtype))
+            ctx.grads = tuple(grads)
+            del grad_h, grad_w, grad_b, grads
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads)
-        ctx.grads = None
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("chunked_cross_entropy: backward through the loss twice; its "
+                               "gradients are computed once, in forward")
+        # in place: the stored gradients belong to this call alone
+        grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -170,7 +187,8 @@ def chunked_cross_entropy(
     softcap: float | None = None,
     bias: Tensor | None = None,
     shift: bool = True,
-    min_chunk_tokens: int = 256,
+    min_chunk_tokens: int | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels`, in chunks of tokens.
 
@@ -183,11 +201,15 @@ def chunked_cross_entropy(
     reduction "mean" divides the summed loss by the number of non-ignored targets, or by
     `num_items_in_batch` when given (Hugging Face's normaliser under gradient
     accumulation); "sum" returns the sum. `softcap` applies cap * tanh(logits / cap)
-    (Gemma-2's final-logit soft-capping). Chunking: up to `chunks` pieces (default
-    ceil(vocab / d), design.md §4) but none shorter than `min_chunk_tokens`, or exactly
-    pieces of `chunk_size` tokens. The floor exists because every chunk adds its
-    (vocab x d) weight-gradient update: at d=256, vocab=128256 on a CPU, 17-token chunks
-    (the bare rule at 8k tokens) made the loss 1.7x slower than 256-token ones.
+    (Gemma-2's final-logit soft-capping). Chunking: exactly pieces of `chunk_size`
+    tokens; or `chunks` pieces; or by default `default_loss_chunk_tokens(vocab, d, N)`
+    tokens per piece (d at a large vocabulary: a chunk's logits no larger than the head's
+    weight gradient). `min_chunk_tokens`, when given, is a floor on the last two.
+
+    impl: "subllm" (this module's loop), "native" (PyTorch >= 2.13's
+    `F.linear_cross_entropy` with the same chunk size; it has no soft-capping) or "auto"
+    (this module's loop: measured ahead of the native one on CPU in fp32, see
+    docs/benchmarks.md; on CUDA not measured yet, `subllm bench gpu` compares them).
 
     Logits and softmax are computed in (at least) fp32; the matmuls run in the autocast
     dtype when autocast is on. Returns a scalar fp32 (fp64 for fp64 inputs) loss.
@@ -209,6 +231,12 @@ def chunked_cross_entropy(
         raise SubLLMError("chunked_cross_entropy: labels must be integer token ids")
     if chunks is not None and chunk_size is not None:
         raise SubLLMError("chunked_cross_entropy: pass either chunks or chunk_size, not both")
+    if impl not in ("auto", "subllm", "native"):
+        raise SubLLMError(f"chunked_cross_entropy: impl must be 'auto', 'subllm' or 'native', "
+                          f"got {impl!r}")
+    if impl == "native" and (softcap is not None or not hasattr(F, "linear_cross_entropy")):
+        raise SubLLMError("chunked_cross_entropy: impl='native' needs torch >= 2.13 and no "
+                          "softcap; use impl='auto'")
     for name, value in (("chunks", chunks), ("chunk_size", chunk_size),
                         ("min_chunk_tokens", min_chunk_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -247,8 +275,14 @@ def chunked_cross_entropy(
 
     n = target.numel()
     if chunk_size is None:
-        m = chunks if chunks is not None else default_loss_chunks(vocab, d)
-        chunk_size = max(1, math.ceil(n / m), min_chunk_tokens)
+        if chunks is not None:
+            chunk_size = max(1, math.ceil(n / chunks))
+        else:
+            chunk_size = default_loss_chunk_tokens(vocab, d, max(n, 1))
+        chunk_size = max(chunk_size, min_chunk_tokens or 1)
+
+    if impl == "native":
+        return _native_cross_entropy(h, weight, bias, target, denom, chunk_size, ignore_index)
 
     if torch.is_autocast_enabled(hidden.device.type):
         compute_dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -263,6 +297,17 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(
         h, weight, bias, target, denom, chunk_size, softcap, compute_dtype, grad_flags
     )
+
+
+def _native_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
+                          denom: Tensor, chunk_size: int, ignore_index: int) -> Tensor:
+    """PyTorch's own chunked LM head + cross-entropy (torch >= 2.13), on the valid tokens,
+    summed and divided by `denom` (so `num_items_in_batch` works as with ours)."""
+    options = torch.nn.LinearCrossEntropyOptions(chunking_method=None,
+                                                 batch_chunk_size=max(1, chunk_size))
+    loss = F.linear_cross_entropy(h, weight, target, linear_bias=bias, reduction="sum",
+                                  ignore_index=ignore_index, options=options)
+    return loss / denom.to(loss.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -438,6 +483,10 @@ def _mst_causal_lm_forward(
     # not import it at the top, to keep `import subllm.model.subllm` light
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    if use_cache is None and self.training:
+        # a training step with labels has no use for a KV cache, and transformers builds
+        # one by default even under checkpointing (~0.1 GiB at 8k tokens, dim 256, 4 layers)
+        use_cache = False
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
@@ -458,6 +507,7 @@ def _mst_causal_lm_forward(
         shift_labels if shift_labels is not None else labels,
         chunks=self.mst_loss_chunks,
         min_chunk_tokens=self.mst_loss_min_chunk_tokens,
+        impl=getattr(self, "mst_loss_impl", "auto"),
         ignore_index=kwargs.get("ignore_index", -100),
         num_items_in_batch=kwargs.get("num_items_in_batch"),
         softcap=getattr(self.config, "final_logit_softcapping", None),
@@ -487,6 +537,70 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a SubLLM, a wrapper holding one as `.model`, or a supported
+    transformers causal LM."""
+    inner = model if _is_subllm(model) else getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and _is_subllm(inner):
+        return inner.layers
+    if _hf_family(model) is not None:
+        return model.model.layers
+    raise SubLLMError(f"{type(model).__name__} is not supported; supported models are "
+                      f"{_supported_list()}")
+
+
+def check_compile_available(device: torch.device | str = "cpu") -> None:
+    """Raise SubLLMError (one line) when torch.compile cannot build kernels here: its CPU
+    backend (inductor) writes C++ and needs a compiler; on a GPU it needs Triton."""
+    import importlib.util
+    import os
+    import shutil
+
+    if not hasattr(torch, "compile"):
+        raise SubLLMError(f"--compile: torch {torch.__version__} has no torch.compile")
+    if str(device).startswith("cuda"):
+        if importlib.util.find_spec("triton") is None:
+            raise SubLLMError("--compile: torch.compile needs Triton on a GPU (pip install "
+                              "triton), or drop --compile")
+        return
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None and shutil.which("c++") is None:
+        raise SubLLMError(f"--compile: torch.compile on a CPU needs a C++ compiler ({cxx} "
+                          "not found); install one (e.g. apt-get install g++) or drop "
+                          "--compile")
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """Compile every decoder block with `torch.compile` for training; return the model.
+
+    Training mode has static shapes: a SUBLLM's subsampler keeps exactly ceil(keep * L)
+    tokens (top-k), so each block sees the same shapes every step and compiles once
+    (per distinct shape, with `dynamic=False`). Eval mode keeps a data-dependent number of
+    tokens (score > 0) and decodes token by token; those calls stay eager, so evaluation
+    and `generate` never recompile. Parameter names and state-dict keys do not change
+    (each block's `forward` is replaced on the instance). Compiling twice is a no-op.
+    """
+    blocks = _decoder_blocks(model)
+    first = next(model.parameters(), None)
+    check_compile_available(first.device if first is not None else "cpu")
+    compile_kwargs.setdefault("dynamic", False)
+    for block in blocks:
+        if getattr(block, "_subllm_compiled", None) is not None:
+            continue
+        eager = block.forward  # the bound method of the class
+        compiled = torch.compile(eager, **compile_kwargs)
+
+        def forward(*args: Any, _eager: Any = eager, _compiled: Any = compiled,
+                    _block: nn.Module = block, **kwargs: Any) -> Any:
+            # training steps run compiled; eval, no-grad and decoding calls run eager
+            fn = _compiled if _block.training and torch.is_grad_enabled() else _eager
+            return fn(*args, **kwargs)
+
+        block.forward = forward
+        block._subllm_compiled = compiled
+    return model
+
+
 def _check_chunks(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise SubLLMError(f"apply_mst: {name} must be a positive integer or None, got {value!r}")
@@ -499,15 +613,20 @@ def apply_mst(
     checkpointing: bool = True,
     *,
     min_chunk_tokens: int | None = None,
+    loss_impl: str = "auto",
+    compile: bool = False,
 ) -> nn.Module:
     """Patch `model` in place for Mini-Sequence Transformer training and return it.
 
     - every decoder block's MLP runs in `mlp_chunks` mini-sequences (default
       ceil(ffn / d)), none shorter than `min_chunk_tokens` (default 1024);
-    - the loss with labels comes from `chunked_cross_entropy` in up to `loss_chunks`
-      chunks (default ceil(vocab / d)), none shorter than `min_chunk_tokens` (default
-      256), and the logits are not returned (None); without labels
-      the model's outputs, and `generate`, are unchanged;
+    - the loss with labels comes from `chunked_cross_entropy` in `loss_chunks` chunks
+      (default: `default_loss_chunk_tokens` tokens each), none shorter than
+      `min_chunk_tokens` when given, and the logits are not returned (None); without
+      labels the model's outputs, and `generate`, are unchanged; `loss_impl` is
+      `chunked_cross_entropy`'s `impl` (Hugging Face models; our SubLLM uses "auto");
+    - `compile=True` compiles every decoder block with `torch.compile` for training
+      (see `compile_blocks`; eval mode stays eager);
     - `checkpointing=True` turns on block-level activation checkpointing (non-reentrant),
       which MsT's memory saving relies on.
 
@@ -523,6 +642,9 @@ def apply_mst(
     _check_chunks("mlp_chunks", mlp_chunks)
     _check_chunks("loss_chunks", loss_chunks)
     _check_chunks("min_chunk_tokens", min_chunk_tokens)
+    if loss_impl not in ("auto", "subllm", "native"):
+        raise SubLLMError(f"apply_mst: loss_impl must be 'auto', 'subllm' or 'native', got "
+                          f"{loss_impl!r}")
     mlp_floor = 1024 if min_chunk_tokens is None else min_chunk_tokens
     if not isinstance(model, nn.Module):
         raise SubLLMError(f"apply_mst: expected a model (nn.Module), got {type(model).__name__}")
@@ -530,11 +652,12 @@ def apply_mst(
     # our SubLLM itself, or a wrapper holding it as `.model` (SubLLMForCausalLM)
     inner = model if _is_subllm(model) else getattr(model, "model", None)
     if isinstance(inner, nn.Module) and _is_subllm(inner):
-        cfg = inner.config
         # the model calls chunked_cross_entropy(..., chunks=model.loss_chunks) itself
-        inner.loss_chunks = loss_chunks or default_loss_chunks(cfg.vocab_size, cfg.dim)
+        inner.loss_chunks = loss_chunks or 0  # 0: default_loss_chunk_tokens' rule
         inner.gradient_checkpointing = bool(checkpointing)
         _wrap_mlps(inner.layers, mlp_chunks, mlp_floor)
+        if compile:
+            compile_blocks(model)
         return model
 
     family = _hf_family(model)
@@ -543,14 +666,16 @@ def apply_mst(
             f"apply_mst: {type(model).__name__} is not supported; supported models are "
             f"{_supported_list()}"
         )
-    cfg = model.config
-    model.mst_loss_chunks = loss_chunks or default_loss_chunks(cfg.vocab_size, cfg.hidden_size)
-    model.mst_loss_min_chunk_tokens = 256 if min_chunk_tokens is None else min_chunk_tokens
+    model.mst_loss_chunks = loss_chunks
+    model.mst_loss_min_chunk_tokens = min_chunk_tokens
+    model.mst_loss_impl = loss_impl
     _wrap_mlps(model.model.layers, mlp_chunks, mlp_floor)
     # instance attribute: `type(model).forward` stays the untouched original it delegates to
     model.forward = types.MethodType(_mst_causal_lm_forward, model)
     if checkpointing:
         enable_checkpointing(model)
+    if compile:
+        compile_blocks(model)
     return model
 
 

@@ -98,7 +98,7 @@ class SubLLM(nn.Module):
         # every rank must call the same blocks; an empty segment then runs on one unused
         # slot per row instead, with the same result (docs/design.md §3.2).
         self.skip_empty_segments = True
-        self.loss_chunks: int | None = None  # set by subllm.mst.apply_mst
+        self.loss_chunks: int | None = None  # set by subllm.mst.apply_mst; 0: default rule
         self.init_weights()
 
     # ---- parameters -------------------------------------------------------------------
@@ -247,7 +247,8 @@ class SubLLM(nn.Module):
         entered_t = [e if e is not None else zeros for e in entered]
         loss = logits = None
         if labels is not None and self.loss_chunks is not None:
-            loss = chunked_cross_entropy(h, self.lm_head.weight, labels, chunks=self.loss_chunks,
+            loss = chunked_cross_entropy(h, self.lm_head.weight, labels,
+                                         chunks=self.loss_chunks or None,
                                          num_items_in_batch=num_items_in_batch)
         else:
             if labels is None and logits_to_keep > 0:

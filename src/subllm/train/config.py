@@ -52,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     mst: bool = False
     checkpointing: bool = False
+    compile: bool = False  # torch.compile every block for training (eval stays eager)
     eval_every: int = 200  # 0: only at the end
     eval_batches: int = 20
     save_every: int = 500  # 0: only at the end

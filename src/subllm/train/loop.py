@@ -57,7 +57,7 @@ from subllm.atomic import dir_lock, write_atomic
 from subllm.errors import SubLLMError, os_error_line
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
-from subllm.model.mst import apply_mst
+from subllm.model.mst import apply_mst, compile_blocks
 from subllm.model.subllm import SubLLM, assign_full
 from subllm.train import checkpoint as ckpt
 from subllm.train.config import (
@@ -249,6 +249,8 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
         weights, fill = init_weights, True
     raw_model, model = _build_model(cfg, config, dd, device, amp, weights, fill)
     del init_weights, weights
+    if cfg.compile:  # on its device (the check for a compiler depends on it), after sharding
+        compile_blocks(raw_model)
     state = TrainState(
         cfg=cfg, demo=demo, data=data, config=config, device=device, amp=amp,
         run_dir=Path(cfg.out), raw_model=raw_model, model=model,

@@ -1,0 +1,182 @@
+"""`subllm bench gpu`: everything a CPU cannot show, in one command, on one CUDA device.
+
+Parts, each run through the `subllm` CLI in a subprocess (its own outputs under
+OUT/<part>/), each recorded as ok / failed / skipped with its wall time, none stopping
+the others:
+
+  tests      the test subset marked `cuda` (bf16 forward/backward, the SDPA flash path in
+             training, generate on CUDA, MsT in bf16 against the unchunked bf16 loss), run
+             by pytest in a subprocess from this checkout's tests/
+  train      `bench train`: SUBLLM vs LLaMA at the paper's size (llama-1.3b / subllm-1.3b)
+             at 4k and 8k tokens, bf16: step time, tokens/s, MFU, peak max_memory_allocated
+  infer      `bench infer`: prefill and decode time per token, KV-cache bytes, peak memory
+  mst        `bench mst`: standard / MsT and the peers (native, cce, liger, mini-s) on a
+             Hugging Face Llama with Llama-3's vocabulary, with the exactness column
+  estimate   `bench estimate`: the memory planner against measured peaks on the GPU
+
+OUT/gpu.json, gpu.md and gpu.png (the parts' wall times) summarise. Nothing needs the
+network. `--smoke` runs every part at tiny sizes (on the CPU when there is no GPU), so the
+command itself is tested by the suite and cannot rot; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from subllm.bench.common import (
+    check_cuda,
+    command_line,
+    machine_info,
+    pyplot,
+    save_figure,
+    write_outputs,
+)
+
+HELP = ("one CUDA device, one command: cuda tests, 1.3B SUBLLM/LLaMA train + decode, MsT vs "
+        "peers, the planner (--smoke: tiny, any device)")
+PARTS = ("tests", "train", "infer", "mst", "estimate")
+# a tiny Hugging Face Llama for the smoke run's `bench mst`
+SMOKE_HF = "hf-llama:dim=32,layers=1,vocab=300,ffn=64,heads=2,kv_heads=1"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, on the CPU when no GPU is visible: checks the command, "
+                        "not the hardware")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default cuda (--smoke: cuda when visible, else cpu)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--out", default="docs/benchmarks/gpu",
+                   help="output folder (default docs/benchmarks/gpu)")
+
+
+def _argv(part: str, device: str, smoke: bool, out: Path) -> list[str]:
+    """The `subllm` command line of one part."""
+    dev = ["--device", device]
+    dtype = ["--dtype", "bf16" if device == "cuda" else "fp32"]
+    if part == "train":
+        sizes = (["--pair", "llama-tiny,subllm-tiny", "--seq-lens", "64", "--steps", "1",
+                  "--skip-memory"] if smoke else
+                 ["--pair", "llama-1.3b,subllm-1.3b", "--seq-lens", "4096,8192",
+                  "--steps", "5", "--warmup", "2"])
+        return ["bench", "train", *sizes, *dev, *dtype, "--out", str(out)]
+    if part == "infer":
+        sizes = (["--pair", "llama-tiny,subllm-tiny", "--prompt-lens", "32", "--new-tokens",
+                  "4", "--repeats", "1", "--calibrate-steps", "0", "--skip-memory"] if smoke else
+                 ["--pair", "llama-1.3b,subllm-1.3b", "--prompt-lens", "4096,8192",
+                  "--new-tokens", "128", "--repeats", "3", "--calibrate-steps", "0"])
+        return ["bench", "infer", *sizes, *dev, *dtype, "--out", str(out)]
+    if part == "mst":
+        sizes = (["--model", SMOKE_HF, "--seq-lens", "64", "--modes", "mst",
+                  "--peers", "native,liger,mini-s", "--steps", "1", "--warmup", "0",
+                  "--exact-len", "32"] if smoke else
+                 ["--model", "hf-llama:dim=2048,layers=8,vocab=128256", "--seq-lens",
+                  "8192,16384", "--modes", "standard,mst",
+                  "--peers", "native,cce,liger,mini-s", "--steps", "3", "--warmup", "1",
+                  "--exact-len", "4096"])
+        return ["bench", "mst", *sizes, *dev, *dtype, "--out", str(out)]
+    if part == "estimate":
+        sizes = (["--model", "llama-tiny", "--seq-lens", "64", "--modes", "mst"] if smoke else
+                 ["--model", "llama-1.3b", "--model", "subllm-1.3b", "--seq-lens", "4096",
+                  "--dtype", "bf16"])
+        return ["bench", "estimate", *sizes, *dev, "--out", str(out)]
+    raise ValueError(part)
+
+
+def _run_tests(out: Path) -> dict[str, Any]:
+    """pytest -m cuda on this checkout's tests/cuda (a subprocess: its own CUDA context)."""
+    tests = Path(__file__).resolve().parents[3] / "tests" / "test_cuda.py"
+    if not tests.is_file():
+        return {"status": "skipped", "detail": f"{tests} not found: run from a checkout"}
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-m", "cuda", "-p",
+                           "no:cacheprovider", str(tests)],
+                          capture_output=True, text=True, cwd=tests.parents[1])
+    log = proc.stdout + proc.stderr
+    (out / "pytest.txt").write_text(log)
+    tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    ok = proc.returncode in (0, 5)  # 5: nothing collected
+    return {"status": "ok" if ok else "failed", "detail": tail[0]}
+
+
+def _run_cli(argv: list[str]) -> dict[str, Any]:
+    """`subllm ARGV` in a subprocess (a benchmark module does not import the CLI layer);
+    its output goes to ours, its last error line into the report."""
+    proc = subprocess.run([sys.executable, "-m", "subllm", *argv], stderr=subprocess.PIPE,
+                          text=True)
+    sys.stderr.write(proc.stderr)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return {"status": "ok" if proc.returncode == 0 else "failed",
+            "detail": "" if proc.returncode == 0 else
+            (lines[-1] if lines else f"exit code {proc.returncode}")}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"# subllm bench gpu{' --smoke' if report['smoke'] else ''}", "",
+             f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs), torch "
+             f"{m['torch']}, transformers {m['transformers']}; device {report['device']}. "
+             f"Command: `{report['command']}`. Each part's own tables: OUT/<part>/.", "",
+             "| part | status | wall (s) | command / detail |", "|---|---|---:|---|"]
+    for name, r in report["parts"].items():
+        what = r.get("detail") or ""
+        if r.get("argv"):
+            what = f"`subllm {' '.join(r['argv'])}`" + (f" — {what}" if what else "")
+        lines.append(f"| {name} | {r['status']} | {r.get('wall_s', 0):.1f} | {what} |")
+    lines += ["", f"Total: {report['total_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    fig, ax = pyplot().subplots(figsize=(6, 3))
+    names = list(report["parts"])
+    walls = [report["parts"][n].get("wall_s", 0.0) for n in names]
+    colors = ["tab:green" if report["parts"][n]["status"] == "ok" else "tab:red"
+              for n in names]
+    ax.barh(names, walls, color=colors)
+    ax.set_xlabel("wall time (s)")
+    ax.set_title(f"subllm bench gpu — {report['device']}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from subllm.errors import SubLLMError
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or any(p not in PARTS for p in parts):
+        raise SubLLMError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if (not args.smoke or torch.cuda.is_available()) else "cpu"
+    check_cuda(device)  # without --smoke a GPU is the point: say so in one line
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    results: dict[str, Any] = {}
+    for part in parts:
+        t0 = time.perf_counter()
+        print(f"== {part}", flush=True)
+        if part == "tests":
+            r = _run_tests(out / "tests")
+        else:
+            argv = _argv(part, device, args.smoke, out / part)
+            r = {"argv": argv, **_run_cli(argv)}
+        r["wall_s"] = time.perf_counter() - t0
+        print(f"   {part}: {r['status']} in {r['wall_s']:.1f} s"
+              + (f" ({r['detail']})" if r.get("detail") else ""), flush=True)
+        results[part] = r
+    report = {"smoke": args.smoke, "device": device, "command": command_line(),
+              "machine": machine_info(device), "parts": results,
+              "total_s": time.perf_counter() - t_all}
+    paths = write_outputs(out, "gpu", report, render_markdown(report), render_plot)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0 if all(r["status"] != "failed" for r in results.values()) else 1

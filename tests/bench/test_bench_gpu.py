@@ -1,0 +1,44 @@
+"""`subllm bench gpu --smoke`: the one-command GPU benchmark, run at tiny sizes on whatever
+device there is, so that the command cannot rot where no GPU is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subllm.cli import main
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "gpu"
+    assert main(["bench", "gpu", "--smoke", "--out", str(out)]) == 0
+    report = json.loads((out / "gpu.json").read_text())
+    assert list(report["parts"]) == ["tests", "train", "infer", "mst", "estimate"]
+    for name, part in report["parts"].items():
+        assert part["status"] == "ok", (name, part)
+    assert (out / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| mst | ok |" in (out / "gpu.md").read_text()
+    # every part wrote its own outputs
+    assert (out / "train" / "train.json").is_file() and (out / "infer" / "infer.json").is_file()
+    mst = json.loads((out / "mst" / "mst.json").read_text())
+    rows = {c["mode"]: c for c in mst["cases"]}
+    assert rows["mst"]["ok"] and rows["native"]["ok"]
+    assert rows["mst"]["grad_rel_error"] < 1e-4 and rows["native"]["grad_rel_error"] < 1e-4
+    assert rows["mini-s"]["error"].startswith("not available")
+    assert (out / "estimate" / "estimate.json").is_file()
+    tests = (out / "tests" / "pytest.txt").read_text()
+    assert " skipped" in tests or " passed" in tests
+
+
+def test_bench_gpu_without_a_gpu_is_one_line(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert main(["bench", "gpu", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
