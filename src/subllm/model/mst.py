@@ -576,7 +576,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     Training mode has static shapes: a SUBLLM's subsampler keeps exactly ceil(keep * L)
     tokens (top-k), so each block sees the same shapes every step and compiles once
     (per distinct shape, with `dynamic=False`). Eval mode keeps a data-dependent number of
-    tokens (score > 0) and decodes token by token; those calls stay eager, so evaluation
+    tokens (the rank rule) and decodes token by token; those calls stay eager, so evaluation
     and `generate` never recompile. Parameter names and state-dict keys do not change
     (each block's `forward` is replaced on the instance). Compiling twice is a no-op.
     """
