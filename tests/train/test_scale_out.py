@@ -166,8 +166,12 @@ def test_export_consolidates_a_sharded_checkpoint_without_torchrun(
 KILL_DURING_SHARDED_SAVE = """
 import os, time
 from pathlib import Path
-if "RANK" in os.environ:
-    Path(os.environ["FLAG"] + ".pid" + os.environ["RANK"]).write_text(str(os.getpid()))
+if "RANK" in os.environ:  # the rank itself comes first; a process it starts inherits RANK
+    try:
+        with open(os.environ["FLAG"] + ".pid" + os.environ["RANK"], "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        pass
 if os.environ.get("RANK") == "0":
     import subllm.train.checkpoint as c
     original = c.save_checkpoint
@@ -205,6 +209,7 @@ def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint_loadable(
             pid_file = Path(f"{flag}.pid{rank}")
             if pid_file.exists():
                 _kill_and_wait(int(pid_file.read_text()))
+        _kill_processes_naming(run)  # and anything else of that run (the ranks' own sessions)
     staged = list((run / "checkpoints").glob(".tmp-step-00000004-*"))
     assert staged and (staged[0] / ckpt.SHARDED / ".metadata").is_file()  # shards were done
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000002"]
@@ -214,6 +219,18 @@ def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint_loadable(
                  "--stop-at", "4"]) == 0
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert sorted(losses(run)) == [1, 2, 3, 4] and max_diff(losses(single), losses(run)) < TOL
+
+
+def _kill_processes_naming(path: Path) -> None:
+    """SIGKILL every process whose command line names `path`, and wait for each."""
+    needle = str(path).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            named = needle in cmdline.read_bytes()
+        except OSError:
+            continue
+        if named and int(cmdline.parent.name) != os.getpid():
+            _kill_and_wait(int(cmdline.parent.name))
 
 
 def _kill_and_wait(pid: int) -> None:
