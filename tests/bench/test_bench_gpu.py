@@ -42,3 +42,21 @@ def test_bench_gpu_without_a_gpu_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_gpu_budget_stops_parts_that_do_not_fit(tmp_path, monkeypatch):
+    """A part that outlives its share of --budget is stopped (with its workers) and reported
+    as timed out; the command still writes its report, ends in time and exits 1."""
+    import time
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "gpu"
+    t0 = time.perf_counter()
+    assert main(["bench", "gpu", "--smoke", "--parts", "train,estimate", "--budget", "3",
+                 "--out", str(out)]) == 1
+    wall = time.perf_counter() - t0
+    report = json.loads((out / "gpu.json").read_text())
+    assert [p["status"] for p in report["parts"].values()] == ["timed out", "timed out"]
+    assert wall < 3 + 10  # the budget plus process teardown and the report
+    assert not (out / "train" / "train.json").exists()  # stopped before it wrote anything
+    assert "| train | timed out |" in (out / "gpu.md").read_text()

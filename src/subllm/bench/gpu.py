@@ -15,13 +15,19 @@ the others:
   estimate   `bench estimate`: the memory planner against measured peaks on the GPU
 
 OUT/gpu.json, gpu.md and gpu.png (the parts' wall times) summarise. Nothing needs the
-network. `--smoke` runs every part at tiny sizes (on the CPU when there is no GPU), so the
-command itself is tested by the suite and cannot rot; its figures mean nothing.
+network. `--budget` (default 480 s) bounds the whole command: each part gets a share of
+the time still left (unused time passes on to the parts after it) and one that outlives
+its share is stopped, with everything it started, and reported as timed out, so the
+command ends in time and says what did not fit. `--smoke` runs every part at tiny sizes
+(on the CPU when there is no GPU), so the command itself is tested by the suite and cannot
+rot; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,10 +42,14 @@ from subllm.bench.common import (
     save_figure,
     write_outputs,
 )
+from subllm.flags import positive_float
 
 HELP = ("one CUDA device, one command: cuda tests, 1.3B SUBLLM/LLaMA train + decode, MsT vs "
         "peers, the planner (--smoke: tiny, any device)")
 PARTS = ("tests", "train", "infer", "mst", "estimate")
+# each part's share of the budget (of what is left when it starts, over the parts to come)
+SHARES = {"tests": 0.10, "train": 0.28, "infer": 0.20, "mst": 0.30, "estimate": 0.12}
+DEFAULT_BUDGET_S = 480.0
 # a tiny Hugging Face Llama for the smoke run's `bench mst`
 SMOKE_HF = "hf-llama:dim=32,layers=1,vocab=300,ffn=64,heads=2,kv_heads=1"
 
@@ -54,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--out", default="docs/benchmarks/gpu",
                    help="output folder (default docs/benchmarks/gpu)")
+    p.add_argument("--budget", type=positive_float, default=DEFAULT_BUDGET_S, metavar="S",
+                   help=f"seconds for the whole command (default {DEFAULT_BUDGET_S:.0f}): each "
+                        "part gets a share of what is left and is stopped past it")
 
 
 def _argv(part: str, device: str, smoke: bool, out: Path) -> list[str]:
@@ -89,32 +102,53 @@ def _argv(part: str, device: str, smoke: bool, out: Path) -> list[str]:
     raise ValueError(part)
 
 
-def _run_tests(out: Path) -> dict[str, Any]:
+def _bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int | None, str, str]:
+    """Run cmd in its own session; past `timeout` seconds kill it and everything it started
+    (a part's benchmark workers too). Returns (exit code or None if timed out, out, err)."""
+    proc = subprocess.Popen(cmd, stdout=kwargs.pop("stdout", subprocess.PIPE),
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out or "", err or ""
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        return None, out or "", err or ""
+
+
+def _run_tests(out: Path, timeout: float) -> dict[str, Any]:
     """pytest -m cuda on this checkout's tests/cuda (a subprocess: its own CUDA context)."""
     tests = Path(__file__).resolve().parents[3] / "tests" / "test_cuda.py"
     if not tests.is_file():
         return {"status": "skipped", "detail": f"{tests} not found: run from a checkout"}
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-m", "cuda", "-p",
-                           "no:cacheprovider", str(tests)],
-                          capture_output=True, text=True, cwd=tests.parents[1])
-    log = proc.stdout + proc.stderr
+    code, stdout, stderr = _bounded([sys.executable, "-m", "pytest", "-rs", "-m", "cuda", "-p",
+                                     "no:cacheprovider", str(tests)], timeout,
+                                    cwd=tests.parents[1])
+    log = stdout + stderr
     (out / "pytest.txt").write_text(log)
+    if code is None:
+        return {"status": "timed out", "detail": f"stopped after its {timeout:.0f} s share"}
     tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-    ok = proc.returncode in (0, 5)  # 5: nothing collected
+    ok = code in (0, 5)  # 5: nothing collected
     return {"status": "ok" if ok else "failed", "detail": tail[0]}
 
 
-def _run_cli(argv: list[str]) -> dict[str, Any]:
+def _run_cli(argv: list[str], timeout: float) -> dict[str, Any]:
     """`subllm ARGV` in a subprocess (a benchmark module does not import the CLI layer);
     its output goes to ours, its last error line into the report."""
-    proc = subprocess.run([sys.executable, "-m", "subllm", *argv], stderr=subprocess.PIPE,
-                          text=True)
-    sys.stderr.write(proc.stderr)
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return {"status": "ok" if proc.returncode == 0 else "failed",
-            "detail": "" if proc.returncode == 0 else
-            (lines[-1] if lines else f"exit code {proc.returncode}")}
+    code, _, stderr = _bounded([sys.executable, "-m", "subllm", *argv], timeout,
+                               stdout=None)
+    sys.stderr.write(stderr)
+    if code is None:
+        return {"status": "timed out", "detail": f"stopped after its {timeout:.0f} s share "
+                                                 "(raise --budget)"}
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return {"status": "ok" if code == 0 else "failed",
+            "detail": "" if code == 0 else (lines[-1] if lines else f"exit code {code}")}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -129,7 +163,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if r.get("argv"):
             what = f"`subllm {' '.join(r['argv'])}`" + (f" — {what}" if what else "")
         lines.append(f"| {name} | {r['status']} | {r.get('wall_s', 0):.1f} | {what} |")
-    lines += ["", f"Total: {report['total_s']:.0f} s."]
+    lines += ["", f"Total: {report['total_s']:.0f} s (budget {report.get('budget_s', 0):.0f} s)."]
     return "\n".join(lines) + "\n"
 
 
@@ -162,21 +196,25 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     results: dict[str, Any] = {}
-    for part in parts:
+    for i, part in enumerate(parts):
         t0 = time.perf_counter()
-        print(f"== {part}", flush=True)
+        left = args.budget - (t0 - t_all)
+        share = max(1.0, left * SHARES[part] / sum(SHARES[p] for p in parts[i:]))
+        print(f"== {part} (up to {share:.0f} s)", flush=True)
         if part == "tests":
-            r = _run_tests(out / "tests")
+            r = _run_tests(out / "tests", share)
         else:
             argv = _argv(part, device, args.smoke, out / part)
-            r = {"argv": argv, **_run_cli(argv)}
+            r = {"argv": argv, **_run_cli(argv, share)}
         r["wall_s"] = time.perf_counter() - t0
         print(f"   {part}: {r['status']} in {r['wall_s']:.1f} s"
               + (f" ({r['detail']})" if r.get("detail") else ""), flush=True)
         results[part] = r
     report = {"smoke": args.smoke, "device": device, "command": command_line(),
+              "budget_s": args.budget,
               "machine": machine_info(device), "parts": results,
               "total_s": time.perf_counter() - t_all}
     paths = write_outputs(out, "gpu", report, render_markdown(report), render_plot)
     print("wrote " + ", ".join(map(str, paths)))
-    return 0 if all(r["status"] != "failed" for r in results.values()) else 1
+    return 0 if all(r["status"] == "ok" or r["status"] == "skipped"
+                    for r in results.values()) else 1

@@ -250,7 +250,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         note = f"impl={loss_fn.impl}" if hasattr(loss_fn, "impl") else ""
     torch.manual_seed(0)
     # every case builds at the run's longest length, so that all hold the same weights
-    model = build_model(case["model"], case.get("build_len", seq_len)).to(device).train()
+    model = build_model(case["model"], case.get("build_len", seq_len), device).to(device).train()
     if mode == "reference":  # the unpatched model at the exactness length: save its grads
         return _reference(model, case)
     apply_mode(model, mst=mode == "mst" or loss_fn is not None,

@@ -46,6 +46,7 @@ from subllm.bench.common import (
     memory_peak,
     model_summary,
     off_keep,
+    on_device,
     parse_ints,
     parse_pair,
     pyplot,
@@ -217,7 +218,8 @@ def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing
     from subllm.model import SubLLM
     from subllm.model.mst import compile_blocks
 
-    model = apply_mode(SubLLM(config), mst=mst, checkpointing=checkpointing)
+    with on_device(device):
+        model = apply_mode(SubLLM(config), mst=mst, checkpointing=checkpointing)
     model = model.to(device).train()
     return compile_blocks(model) if compile else model
 
@@ -695,10 +697,12 @@ def run_infer(args: argparse.Namespace) -> int:
     device = args.device
 
     torch.manual_seed(args.seed)
-    model_a = SubLLM(config_a).to(device).eval()
+    with on_device(device):
+        model_a = SubLLM(config_a).to(device).eval()
     if model_b is None:
         torch.manual_seed(args.seed + 1)
-        model_b = SubLLM(config_b).to(device)
+        with on_device(device):
+            model_b = SubLLM(config_b).to(device)
     vocab = min(config_a.vocab_size, config_b.vocab_size)
 
     # ---- text: calibration stream and prompts -------------------------------------------
@@ -967,7 +971,8 @@ def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
             model.load_state_dict(torch.load(case["weights"], weights_only=True, mmap=True),
                                   assign=True)
         else:
-            model = SubLLM(config)
+            with on_device(device):
+                model = SubLLM(config)
         model = model.to(device).eval()
     reset_peak(device)
     baseline = memory_now(device)

@@ -8,6 +8,7 @@ structure tree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -22,7 +23,14 @@ from .config import ModelConfig, Segment
 from .decode import generate as _generate
 from .errors import SubLLMError
 from .kv_cache import KVCache
-from .llama import Block, RMSNorm, Span, attention_mask_for, rope_cos_sin
+from .llama import (
+    Block,
+    RMSNorm,
+    Span,
+    attention_mask_for,
+    cached_attention_backends,
+    rope_cos_sin,
+)
 from .mst import chunked_cross_entropy
 from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler
 
@@ -239,7 +247,9 @@ class SubLLM(nn.Module):
         kept: list[Tensor | None] = [None] * len(self.subsamplers)
         entered: list[Tensor | None] = [None] * len(self.subsamplers)
         span = self._span(0, pos, valid, cache, h.dtype)
-        h = self._run(self.tree, h, span, cache, kept, entered)
+        with (cached_attention_backends(h.device) if cache is not None
+              else contextlib.nullcontext()):
+            h = self._run(self.tree, h, span, cache, kept, entered)
         h = self.norm(h)
 
         zeros = torch.zeros(B, dtype=torch.long, device=h.device)
