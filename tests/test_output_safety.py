@@ -130,3 +130,25 @@ def test_no_space_while_exporting_keeps_the_previous_export(run: Path, tmp_path:
     assert len(err) == 1 and "No space left on device" in err[0], err
     assert snapshot(out) == before  # the previous export, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging left
+
+
+def test_a_zombie_does_not_hold_a_lock() -> None:
+    """A killed rank whose parent died too stays a zombie until init reaps it (some
+    container inits never do): its pid must not count as a live lock holder."""
+    import time
+
+    from subllm.atomic import _alive
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not reaped until wait()
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat")
+        if not stat.exists():
+            pytest.skip("no /proc on this system")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not _alive(proc.pid)
+    finally:
+        proc.wait()
+    assert _alive(os.getpid())

@@ -32,13 +32,20 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs. A zombie does not: a killed process whose parent died too
+    waits for init to reap it, which some container inits never do, and its pid would hold
+    a run's lock forever."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): the signal check is all there is
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")

@@ -33,7 +33,9 @@ def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus, tiny_settings
     """A small corpus prepared once, and the tiny config."""
     root = tmp_path_factory.mktemp("pipeline")
     prepare_corpus(root, 40, lines=40)  # 40 docs of 40 lines of 12 words, seed 0, vocab 300
-    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(root / "data")))
+    # the rank rule's quota controller every 3 steps: resuming at step 4 crosses updates
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(
+        root / "data", model={"rank_quota_every": 3})))
     return root
 
 
@@ -124,6 +126,8 @@ def test_resume_is_exact(work: Path, straight: Path) -> None:
     a = load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
     b = load_file(str(ckpt.latest_checkpoint(straight) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    shifts = [float(a[k]) for k in a if k.endswith("quota_shift")]
+    assert len(shifts) == 2 and any(x != 0 for x in shifts)  # the controller ran, and resumed
 
 
 KILL_DURING_SAVE = """

@@ -197,6 +197,13 @@ class ModelConfig:
     # score > 0 (models converted from the authors' release use it).
     threshold: str = "rank"
     threshold_decay: float = 0.99  # of the cut-off's running mean (about 100 steps)
+    # The rank rule's quota controller (design.md §3.8): every `rank_quota_every` optimizer
+    # steps `subllm train` runs inference's selection on the step's last micro-batch and
+    # moves each subsampler's quota shift by this rate times (keep - the share it kept), so
+    # inference keeps `keep` where the plain rule is biased (a nested level's rows are
+    # what the causal rule above kept). 0: the plain rank rule.
+    rank_quota_rate: float = 0.3
+    rank_quota_every: int = 10
     # Share of the gradient the upsampling weight clamp(score, 0, 1) passes below 0 in
     # training (0: the paper's plain clamp, under which dropped tokens' scores pile up at
     # the cut-off and make any threshold keep an unpredictable fraction; design.md §3.8).
@@ -321,6 +328,12 @@ class ModelConfig:
                               f"{self.threshold!r}")
         if isinstance(self.weight_leak, bool) or not 0.0 <= self.weight_leak <= 1.0:
             raise ConfigError(f"weight_leak must be in [0, 1], got {self.weight_leak!r}")
+        if isinstance(self.rank_quota_rate, bool) or not 0.0 <= self.rank_quota_rate <= 1.0:
+            raise ConfigError(f"rank_quota_rate must be in [0, 1], got {self.rank_quota_rate!r}")
+        if (isinstance(self.rank_quota_every, bool) or not isinstance(self.rank_quota_every, int)
+                or self.rank_quota_every < 1):
+            raise ConfigError(f"rank_quota_every must be a positive integer, got "
+                              f"{self.rank_quota_every!r}")
         if isinstance(self.threshold_decay, bool) or not 0.0 <= self.threshold_decay < 1.0:
             raise ConfigError(f"threshold_decay must be in [0, 1), got {self.threshold_decay!r}")
         return self

@@ -38,7 +38,7 @@ SAME_NAME = (
     "bypass_init", "bypass_min_start", "bypass_min_end", "bypass_min_steps", "bypass_limit_prob",
     "balancer_prob_start", "balancer_prob_end", "balancer_prob_steps", "balancer_strength",
     "balancer_margin", "balancer_rms_min", "balancer_rms_max", "balancer", "threshold",
-    "threshold_decay", "weight_leak", "rope_positions",
+    "threshold_decay", "rank_quota_rate", "rank_quota_every", "weight_leak", "rope_positions",
     "qkv_bias", "o_bias", "qk_norm", "sliding_window", "hf_family",
 )
 _D = ModelConfig.__dataclass_fields__
@@ -88,6 +88,8 @@ class SubLLMConfig(PretrainedConfig):
     balancer: str = _default("balancer")
     threshold: str = _default("threshold")
     threshold_decay: float = _default("threshold_decay")
+    rank_quota_rate: float = _default("rank_quota_rate")
+    rank_quota_every: int = _default("rank_quota_every")
     weight_leak: float = _default("weight_leak")
     rope_positions: str = _default("rope_positions")
     rope_scaling_params: dict | None = None

@@ -205,8 +205,10 @@ class Selection:
                          self.count, self.entered, self.scores)
 
 
-# the calibrated cut-off's running mean and the batch cut-offs recorded since its last update
-CUTOFF_BUFFERS = ("cutoff", "cutoff_updates", "pending_sum", "pending_count")
+# the calibrated cut-off's running mean and the batch cut-offs recorded since its last
+# update; the rank rule's quota shift (all zero in a state dict from before them: exactly
+# the rule it was trained with)
+CUTOFF_BUFFERS = ("cutoff", "cutoff_updates", "pending_sum", "pending_count", "quota_shift")
 
 
 def _keep_count(keep: float, n: Tensor) -> Tensor:
@@ -225,7 +227,7 @@ def keep_count(keep: float, n: int) -> int:
 RANK_CHUNK_ELEMENTS = 1 << 24
 
 
-def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
+def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float | Tensor,
                      past: Tensor | None = None, past_valid: Tensor | None = None) -> Tensor:
     """The rank rule (design.md §3.8): keep token t of a row iff fewer than
     round(keep * n_t) of the row's real tokens before t score higher, n_t counting those
@@ -235,7 +237,9 @@ def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
     token-by-token decoding agree.
 
     s: (B, L) scores; valid: (B, L) bool or None (all real); past / past_valid: (B, P) the
-    row's earlier scores and their validity (KV-cached decoding). Returns (B, L) bool.
+    row's earlier scores and their validity (KV-cached decoding). keep: a float, or a 0-dim
+    float64 tensor (the keep ratio plus a subsampler's quota shift: no host sync). Returns
+    (B, L) bool.
     """
     B, L = s.shape
     v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
@@ -283,6 +287,7 @@ class Subsampler(nn.Module):
         self.keep = keep
         self.calibrated = config.threshold in ("calibrated", "rank")
         self.ranked = config.threshold == "rank"
+        self.quota_rate = getattr(config, "rank_quota_rate", 0.0) if self.ranked else 0.0
         self.decay = config.threshold_decay
         self.leak = config.weight_leak
         self.score = nn.Linear(config.dim, 1, bias=False)
@@ -321,6 +326,27 @@ class Subsampler(nn.Module):
         self.pending_sum.zero_()
         self.pending_count.zero_()
 
+    @torch.no_grad()
+    def update_quota(self, kept: Tensor, entered: Tensor) -> None:
+        """One step of the rank rule's quota controller (design.md §3.8): `kept` of
+        `entered` tokens were kept by inference's selection on training text; move the
+        quota shift by rate * (keep - kept / entered). Integral control: the shift settles
+        where inference keeps `keep`."""
+        if self.quota_rate == 0:
+            return
+        share = kept.double() / entered.double().clamp(min=1)
+        move = torch.where(entered > 0, self.quota_rate * (self.keep - share),
+                           torch.zeros_like(share))
+        self.quota_shift.add_(move.to(self.quota_shift.dtype))
+        self.quota_shift.clamp_(-self.keep, 1.0 - self.keep)
+
+    def effective_keep(self) -> Tensor | float:
+        """The share the rank rule's quota is computed from: keep plus the quota shift, in
+        float64 (a bf16 model's 0.64 would otherwise round to 0.6406)."""
+        if self.quota_rate == 0:  # the plain rank rule (a shift a run left is not used)
+            return self.keep
+        return self.quota_shift.double() + self.keep
+
     def forward(self, x: Tensor, valid: Tensor | None, step: int = 0,
                 past: tuple[Tensor, Tensor | None] | None = None) -> Selection:
         """x: (B, L, dim); valid: (B, L) or None; past: the scores (B, P) this module gave
@@ -341,7 +367,7 @@ class Subsampler(nn.Module):
             return self._top_k(s, valid, entered)
         kept = None
         if self.ranked:
-            kept = causal_rank_keep(s, valid, self.keep, *(past or (None, None)))
+            kept = causal_rank_keep(s, valid, self.effective_keep(), *(past or (None, None)))
         return self._threshold(s, valid, entered, kept)
 
     @torch.no_grad()

@@ -670,6 +670,9 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                                     amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
                                     no_sync=no_sync, frozen=frozen)
                 _sync_cutoffs(state.raw_model, dd)
+                if state.raw_model.quota_due(state.step + 1):
+                    state.phase = "the rank-quota update"
+                    _update_quotas(state, micro[-1], dd)
                 state.step += 1
                 pending.add(state.step, lr, result)
                 bar.update(1)
@@ -764,6 +767,17 @@ def _sync_cutoffs(model: SubLLM, dd: Dist) -> None:
     for i, sub in enumerate(subs):
         sub.pending_sum.copy_(t[2 * i])
         sub.pending_count.copy_(t[2 * i + 1])
+
+
+def _update_quotas(state: TrainState, batch: Tensor, dd: Dist) -> None:
+    """The rank rule's quota controller (design.md §3.8): inference's kept counts on the
+    step's last micro-batch (every rank's, summed) move each subsampler's quota shift."""
+    model = state.raw_model
+    with autocast(state.device, state.amp):
+        counts = model.quota_counts(batch.to(state.device, non_blocking=True))
+    if dd.enabled:
+        dist.all_reduce(counts)
+    model.update_quotas(counts)
 
 
 def _check_finite(loss: float, grad_norm: float, step: int, last_saved: Path | None) -> None:
