@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +55,10 @@ def main() -> None:
                             "save-every": 0, "log-every": a.every}
                 (out / f"{name}.yaml").write_text(yaml.safe_dump(settings))
                 run = out / name
-                subprocess.run([sys.executable, "-m", "subllm", "train", "--config",
-                                str(out / f"{name}.yaml"), "--out", str(run)], check=True)
+                if not _finished(run, a.steps):  # a study stopped half-way picks up here
+                    shutil.rmtree(run, ignore_errors=True)  # no checkpoints: start it again
+                    subprocess.run([sys.executable, "-m", "subllm", "train", "--config",
+                                    str(out / f"{name}.yaml"), "--out", str(run)], check=True)
                 evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text()
                          .splitlines()]
                 evals = [r for r in evals if "val_kept_fractions" in r]
@@ -70,15 +73,28 @@ def main() -> None:
                     "evals": {r["step"]: r["val_kept_fractions"] for r in evals}})
                 print(name, rows[-1]["final"], f"worst {rows[-1]['worst_after']:.3f}",
                       flush=True)
+                _write(out, rows, a.from_step)
+
+
+def _finished(run: Path, steps: int) -> bool:
+    """Whether `run` already holds a validation point at its last step."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return any(json.loads(x).get("step") == steps and "val_kept_fractions" in json.loads(x)
+               for x in lines)
+
+
+def _write(out: Path, rows: list[dict], from_step: int) -> None:
     (out / "routing_study.json").write_text(json.dumps(rows, indent=1))
     lines = [f"| setup | lr | seed | keep | final kept (per module) | worst from step "
-             f"{a.from_step} | gap | val loss |", "|---|---|---|---|---|---|---|---|"]
+             f"{from_step} | gap | val loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setup']} | {r['lr']:g} | {r['seed']} | {r['keep']} | "
                      f"{' / '.join(f'{f:.3f}' for f in r['final'])} | {r['worst_after']:.3f} | "
                      f"{100 * (r['gap'] or 0):+.2f} % | {r['val_loss']:.3f} |")
     (out / "routing_study.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'routing_study.json'}, {out / 'routing_study.md'}")
 
 
 if __name__ == "__main__":

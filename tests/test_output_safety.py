@@ -152,3 +152,37 @@ def test_a_zombie_does_not_hold_a_lock() -> None:
     finally:
         proc.wait()
     assert _alive(os.getpid())
+
+
+LOCK_THEN_FORK = """
+import os, sys, time
+from pathlib import Path
+from subllm.atomic import dir_lock
+with dir_lock(Path(sys.argv[1]), "training process"):
+    if os.fork() == 0:  # the child inherits the locked descriptor and outlives its parent
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)  # (and lets go of the test's output pipes)
+        os.dup2(null, 2)
+        time.sleep(float(sys.argv[2]))
+        os._exit(0)
+    print("locked", flush=True)
+    os._exit(0)  # dies holding the lock: no release, the lock file keeps its pid
+"""
+
+
+def test_a_lock_whose_holder_died_is_taken_once_released(tmp_path: Path) -> None:
+    """A killed holder releases its lock only when everything sharing the descriptor has
+    exited (its other threads, a forked child): the next run waits for that instead of
+    refusing at once; a live holder is refused at once (tests/train/test_reliability.py)."""
+    import time
+
+    from subllm.atomic import dir_lock
+
+    holder = subprocess.run([sys.executable, "-c", LOCK_THEN_FORK, str(tmp_path), "1.5"],
+                            capture_output=True, text=True, timeout=60)
+    assert holder.stdout.strip() == "locked", holder.stderr
+    assert (tmp_path / ".lock").read_text().strip().isdigit()  # the dead parent's pid
+    start = time.monotonic()
+    with dir_lock(tmp_path, "training process"):
+        waited = time.monotonic() - start
+    assert 0.3 < waited < 15, waited  # it waited for the child, and no longer

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,18 +35,23 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs. A zombie does not: a killed process whose parent died too
     waits for init to reap it, which some container inits never do, and its pid would hold
-    a run's lock forever."""
+    a run's lock forever. But a zombie thread-group leader whose other threads have not
+    finished exiting still holds its files (and so its locks): that one counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # Linux: the state letter follows the parenthesised command name
-        stat = Path(f"/proc/{pid}/stat").read_text()
+    try:  # Linux
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False  # gone since the signal check
     except OSError:
         return True  # no /proc (macOS): the signal check is all there is
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    zombie = fields.get("State", "").split()[:1] == ["Z"]
+    return not zombie or int(fields.get("Threads", "1").strip() or 1) > 1
 
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
@@ -140,6 +146,7 @@ def _is_model_dir(path: Path) -> bool:
 
 
 LOCK_FILE = ".lock"
+LOCK_RELEASE_WAIT = 15.0  # seconds to wait for a dead holder's lock to be released
 
 
 @contextmanager
@@ -149,12 +156,15 @@ def dir_lock(path: str | Path, what: str,
     the file is removed on release, so the directory is left as it was.
 
     The kernel drops the lock when the process dies, so a lock left by a killed process
-    never blocks the next one. Raises SubLLMError, naming the holder's pid, when another
-    process holds it."""
+    never blocks the next one; while a holder that has died is still exiting (its other
+    threads, or a child that inherited the descriptor), this waits up to
+    LOCK_RELEASE_WAIT seconds for the release. Raises SubLLMError, naming the holder's pid,
+    when a live process holds it."""
     import fcntl  # POSIX only; imported here so the module loads everywhere
 
     path = Path(path)
     lock = path / LOCK_FILE
+    dying = time.monotonic() + LOCK_RELEASE_WAIT
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -166,6 +176,11 @@ def dir_lock(path: str | Path, what: str,
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder.isdigit() and not _alive(int(holder)) and time.monotonic() < dying:
+                # The holder has died; the kernel drops the lock when the last of its
+                # threads (or a child that inherited the descriptor) has exited.
+                time.sleep(0.05)
+                continue
             raise SubLLMError(f"{path} is in use by another {what} (pid {holder}); "
                               f"{hint}") from None
         try:  # the holder we waited on may have removed the file we opened: open it anew

@@ -234,16 +234,16 @@ def _kill_processes_naming(path: Path) -> None:
 
 
 def _kill_and_wait(pid: int) -> None:
+    """SIGKILL `pid` and wait until it holds nothing: gone, or a zombie none of whose
+    threads is still exiting (a zombie leader's threads keep its files and locks)."""
+    from subllm.atomic import _alive
+
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace") if Path(
-            f"/proc/{pid}/stat").exists() else ""
-        if ") Z " in stat:  # a zombie: dead, its lock released
-            return
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
