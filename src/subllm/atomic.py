@@ -32,11 +32,12 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, exiting: bool = True) -> bool:
     """Whether process `pid` runs. A zombie does not: a killed process whose parent died too
     waits for init to reap it, which some container inits never do, and its pid would hold
     a run's lock forever. But a zombie thread-group leader whose other threads have not
-    finished exiting still holds its files (and so its locks): that one counts as alive."""
+    finished exiting still holds its files (and so its locks): that one counts as alive,
+    unless `exiting` is False (asking whether the process has begun to exit)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,7 +52,7 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): the signal check is all there is
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     zombie = fields.get("State", "").split()[:1] == ["Z"]
-    return not zombie or int(fields.get("Threads", "1").strip() or 1) > 1
+    return not zombie or (exiting and int(fields.get("Threads", "1").strip() or 1) > 1)
 
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(tmp|old)-(?P<pid>\d+)(-.*)?$")
@@ -176,7 +177,8 @@ def dir_lock(path: str | Path, what: str,
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            if holder.isdigit() and not _alive(int(holder)) and time.monotonic() < dying:
+            if (holder.isdigit() and not _alive(int(holder), exiting=False)
+                    and time.monotonic() < dying):
                 # The holder has died; the kernel drops the lock when the last of its
                 # threads (or a child that inherited the descriptor) has exited.
                 time.sleep(0.05)
