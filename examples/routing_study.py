@@ -79,11 +79,10 @@ def main() -> None:
 def _finished(run: Path, steps: int) -> bool:
     """Whether `run` already holds a validation point at its last step."""
     try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):  # none yet, or a line cut short by a kill
         return False
-    return any(json.loads(x).get("step") == steps and "val_kept_fractions" in json.loads(x)
-               for x in lines)
+    return any(r.get("step") == steps and "val_kept_fractions" in r for r in records)
 
 
 def _write(out: Path, rows: list[dict], from_step: int) -> None:
