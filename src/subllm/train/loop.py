@@ -153,6 +153,9 @@ class TrainState:
     saving: Any = None  # a sharded checkpoint written in the background (_ShardedSave)
     async_group: Any = None  # the process group of background saves
     last_eval: dict[str, Any] | None = None
+    # the quota controller's last measurement (n_subsamplers, 2): inference's kept and
+    # entering tokens on a training micro-batch, summed over the ranks (logged)
+    quota_counts: Tensor | None = None
     log: RunLog | None = None  # rank 0 only
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
 
@@ -752,6 +755,12 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
               "memory_gib": peak_memory_gib(state.device)}
     if kept:
         record["kept_fractions"] = kept
+    subs = state.raw_model.subsamplers if state.config.is_subllm else []
+    if any(sub.quota_rate > 0 for sub in subs):  # where the quota controller has moved
+        record["quota_shifts"] = [float(sub.quota_shift) for sub in subs]
+    if state.quota_counts is not None:  # what it last saw (measured in this process)
+        record["quota_kept_fractions"] = [k / max(e, 1.0)
+                                          for k, e in state.quota_counts.tolist()]
     return record
 
 
@@ -778,6 +787,7 @@ def _update_quotas(state: TrainState, batch: Tensor, dd: Dist) -> None:
     if dd.enabled:
         dist.all_reduce(counts)
     model.update_quotas(counts)
+    state.quota_counts = counts
 
 
 def _check_finite(loss: float, grad_norm: float, step: int, last_saved: Path | None) -> None:
