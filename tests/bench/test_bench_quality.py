@@ -181,3 +181,30 @@ def test_seeds_repeat_the_comparison_and_summarise_mean_and_spread(work: Path) -
     assert stats["std"] == pytest.approx(abs(ratios[0] - ratios[1]) / 2 ** 0.5)
     assert (stats["min"], stats["max"]) == (min(ratios), max(ratios))
     assert "| 5 |" in (out / "quality_seeds.md").read_text()
+
+
+def test_seeds_reuse_a_seed_measured_apart_with_the_same_settings_only(work: Path, capsys
+                                                                        ) -> None:
+    """A seed run on its own (in parallel, or by a study that was stopped) is picked up by
+    `--seeds N` as it is; one measured with other settings is refused, nothing written."""
+    pair = f"{work / 'llama.yaml'},{work / 'subllm.yaml'}"
+    out = work / "out-reuse"
+    assert bench(work, out / "seed-6", pair, "--seed", "6") == 0
+    before = (out / "seed-6" / "quality.json").read_bytes()
+    metrics = (out / "seed-6" / "runs" / "B" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert bench(work, out, pair, "--seeds", "2", "--seed", "6") == 0
+    assert "seed 6 already measured" in capsys.readouterr().out
+    assert (out / "seed-6" / "quality.json").read_bytes() == before  # not run again
+    assert (out / "seed-6" / "runs" / "B" / "metrics.jsonl").read_bytes() == metrics
+    r = json.loads((out / "quality_seeds.json").read_text())
+    assert [row["seed"] for row in r["seeds"]] == [6, 7]
+    assert r["seeds"][0]["val_loss_ratio"] == json.loads(before)["ratios"]["val_loss"]
+
+    other = work / "out-other"
+    assert bench(work, other / "seed-6", pair, "--seed", "6", "--lr", "1e-3") == 0
+    capsys.readouterr()
+    assert bench(work, other, pair, "--seeds", "2", "--seed", "6") == 2
+    err = capsys.readouterr().err.strip()
+    assert "other settings (lr 0.001, asked 0.003)" in err and len(err.splitlines()) == 1, err
+    assert not (other / "seed-7").exists() and not (other / "quality_seeds.json").exists()

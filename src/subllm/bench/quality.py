@@ -162,6 +162,12 @@ def run(args: argparse.Namespace) -> int:
     for seed in range(args.seed, args.seed + args.seeds):
         one = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": 1,
                                     "out": str(out / f"seed-{seed}")})
+        done = _finished_seed(one)
+        if done is not None:  # a stopped study, or seeds run side by side, pick up here
+            print(f"bench quality: seed {seed} already measured with these settings in "
+                  f"{one.out}; reusing it", flush=True)
+            reports.append(done)
+            continue
         code = _run_one(one)
         if code:
             return code
@@ -172,6 +178,43 @@ def run(args: argparse.Namespace) -> int:
     print(seeds_line(summary))
     print("wrote " + ", ".join(map(str, paths)))
     return 0
+
+
+def _finished_seed(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The report in `args.out` when one seed's comparison there is complete and was run
+    with the settings `args` asks for (so `--seeds N` can reuse seeds measured by an
+    earlier or a parallel `--seed S --out OUT/seed-S`); None when there is none. A report
+    with other settings is an error, not silently mixed in."""
+    path = Path(args.out) / "quality.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+        have = {"pair": [report["a"]["spec"], report["b"]["spec"]],
+                **{k: report["settings"][k] for k in _SEED_KEYS}}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SubLLMError(f"{path} is not a complete bench quality report; remove "
+                          f"{args.out} to measure seed {args.seed} again") from None
+    spec_a, spec_b = parse_pair(args.pair, DEFAULT_PAIR)
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.tokens // tokens_per_step
+    want = {"pair": [spec_a, spec_b], "steps": steps, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "lr": args.lr,
+            "min_lr": args.lr / 10 if args.min_lr is None else args.min_lr,
+            "warmup": max(1, steps // 10) if args.warmup is None else args.warmup,
+            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+            "seed": args.seed,
+            "eval_steps": eval_steps(steps, tokens_per_step, args.evals, args.eval_every_tokens)}
+    differ = [k for k in want if have[k] != want[k]]
+    if differ:
+        raise SubLLMError(f"{path} was measured with other settings ({differ[0]} "
+                          f"{have[differ[0]]!r}, asked {want[differ[0]]!r}); choose a new "
+                          f"--out or remove {args.out}")
+    return report
+
+
+_SEED_KEYS = ("steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
+              "grad_clip", "seed", "eval_steps")
 
 
 def _spread(values: list[float]) -> dict[str, float]:
