@@ -22,7 +22,8 @@ def test_bench_mst_smoke(tmp_path, monkeypatch):
     config.write_text(json.dumps(TINY_LLAMA))
     out = tmp_path / "out"
     rc = main(["bench", "mst", "--model", str(config), "--seq-lens", "96,48",
-               "--modes", "standard,mst", "--steps", "1", "--out", str(out)])
+               "--modes", "standard,mst", "--loss-chunk-tokens", "16", "--steps", "1",
+               "--out", str(out)])
     assert rc == 0
     assert {p.name for p in out.iterdir()} == {"mst.json", "mst.md", "mst_memory.png"}
     assert (out / "mst_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -30,15 +31,19 @@ def test_bench_mst_smoke(tmp_path, monkeypatch):
     assert report["machine"]["torch"] and report["machine"]["transformers"]
     assert report["machine"]["cpu"]
     cases = {(c["mode"], c["seq_len"]) for c in report["cases"]}
-    assert cases == {("standard", 48), ("standard", 96), ("mst", 48), ("mst", 96)}
+    assert cases == {(m, n) for m in ("standard", "mst", "mst@16") for n in (48, 96)}
+    assert report["allocator"] == "release" and report["variants"] == ["mst@16"]
     for c in report["cases"]:
         assert c["ok"], c
+        assert c["malloc_mmap_threshold"] == "131072"  # the workers ran with it
+        assert c["loss_rel_error"] < 1e-5 and c["grad_rel_error"] < 1e-4  # vs unpatched
         assert c["time_per_step_s"] > 0
         assert c["peak_mem_bytes"] >= c["baseline_mem_bytes"] > 0
         assert c["loss"] == pytest.approx(5.7, abs=0.5)  # ~ln(300) for a random model
     assert report["ratios"]["standard"]["48"] == {"memory": 1.0, "time": 1.0}
     table = (out / "mst.md").read_text()
-    assert "| mst | 96 |" in table and "torch" in table
+    assert "| mst | 96 |" in table and "torch" in table and "MALLOC_MMAP_THRESHOLD_" in table
+    assert "| mst@16 | 96 |" in table and "loss chunks of 16 tokens" in table
 
 
 @pytest.mark.parametrize("limit", [1, 300, 256 * 7, 256 * 37 + 5, 10**9])
@@ -61,7 +66,9 @@ def test_budget_search_finds_the_longest_fitting_length(limit):
     [(["--seq-lens", "1024,-5"], "--seq-lens"), (["--seq-lens", "a,b"], "--seq-lens"),
      (["--modes", "standard,fast"], "--modes"), (["--memory-budget", "lots"], "--memory-budget"),
      (["--memory-budget", "0GB"], "--memory-budget"), (["--model", "nope"], "--model"),
-     (["--model", "hf-llama:dim=abc"], "--model")],
+     (["--model", "hf-llama:dim=abc"], "--model"),
+     (["--loss-chunk-tokens", "0"], "--loss-chunk-tokens"),
+     (["--loss-chunk-tokens", "64,x"], "--loss-chunk-tokens")],
 )
 def test_bench_mst_bad_flags(flags, message, capsys, tmp_path):
     argv = ["bench", "mst", "--model", "hf-llama:dim=64,layers=1,vocab=100",

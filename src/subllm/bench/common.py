@@ -347,6 +347,12 @@ def memory_peak(device: Any) -> int:
     return peak_rss_bytes()
 
 
+# glibc's malloc keeps freed tensors below its dynamic mmap threshold (up to 32 MiB) in the
+# heap, so a CPU process's resident peak depends on its history of frees; this setting (the
+# threshold's initial value, made fixed) hands them back, so the peak is the live tensors'
+RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def worker_env(threads: int | None = None, set_env: dict[str, str] | None = None,
                drop: tuple[str, ...] = ()) -> dict[str, str]:
     """This process's environment for a worker: without `drop`, with `set_env`, and

@@ -32,6 +32,7 @@ from typing import Any
 
 from subllm.bench.common import (
     MODES,
+    RELEASE_ENV,
     adamw,
     amp_dtype,
     apply_mode,
@@ -60,7 +61,6 @@ from subllm.planner import estimate_memory, load_hf_config, resolve_shape, shape
 
 HELP = "the memory planner (subllm estimate) against peaks measured in training steps"
 TARGET = 0.15  # issue 6: within 15 % of the measured peak on every case
-RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 HF_SPEC = "hf-llama:dim=256,layers=4,vocab=128256"
 HF_SMALL_VOCAB = "hf-llama:dim=256,layers=4,vocab=512"
 # The validation suite of docs/benchmarks.md: (model, lengths, modes, batch, dtype, precision)

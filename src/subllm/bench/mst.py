@@ -30,6 +30,12 @@ loss and gradients; every case then repeats one step at that length (after its p
 read) and reports the relative error of its loss and the largest relative L2 error of
 any parameter's gradient.
 
+--loss-chunk-tokens 64,128 adds rows `mst@64`, `mst@128`: MsT with its loss in chunks of
+about that many tokens instead of `default_loss_chunk_tokens`' rule (to tune the rule).
+On a CPU the workers run with `MALLOC_MMAP_THRESHOLD_=131072` by default (--allocator
+release: glibc hands freed tensors back, so the peak is the live tensors', not the heap's
+history; --allocator glibc measures with glibc's defaults).
+
 A step is one forward + backward with labels (no optimizer). With --memory-budget the
 longest sequence that trains under the budget is searched per mode (doubling, then
 bisection on multiples of 256). Models: a subllm preset, a Hugging Face config.json,
@@ -39,6 +45,7 @@ or a built-in spec `hf-llama:dim=256,layers=4,vocab=128256[,ffn=..,heads=..,kv_h
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +54,7 @@ from typing import Any
 from subllm.bench.common import (
     GRANULE,
     MODES,
+    RELEASE_ENV,
     apply_mode,
     autocast,
     build_model,
@@ -68,6 +76,7 @@ from subllm.bench.common import (
     sync,
     watch_memory,
     worker_entry,
+    worker_env,
     write_outputs,
 )
 from subllm.errors import SubLLMError
@@ -121,6 +130,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default="",
                    help=f"comma-separated other libraries' losses to compare: {','.join(PEERS)} "
                         "(Hugging Face models only)")
+    p.add_argument("--loss-chunk-tokens", default="",
+                   help="comma-separated loss chunk sizes in tokens: also run MsT with each "
+                        "(rows mst@N), to compare with the default chunk rule")
+    p.add_argument("--allocator", choices=("release", "glibc"), default="release",
+                   help="CPU only: release (default) runs every case with "
+                        "MALLOC_MMAP_THRESHOLD_=131072 so that freed tensors leave the "
+                        "resident set; glibc keeps glibc's defaults")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every case this many times, alternating the order (default 1)")
     p.add_argument("--exact-len", type=int, default=2048,
@@ -253,8 +269,15 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     model = build_model(case["model"], case.get("build_len", seq_len), device).to(device).train()
     if mode == "reference":  # the unpatched model at the exactness length: save its grads
         return _reference(model, case)
-    apply_mode(model, mst=mode == "mst" or loss_fn is not None,
-               checkpointing=mode != "standard")
+    if mode.startswith("mst@"):  # MsT with a given loss chunk size (tokens)
+        from subllm.model.mst import apply_mst
+
+        per_chunk = int(mode[len("mst@"):])
+        apply_mst(model, loss_chunks=max(1, -(-batch * seq_len // per_chunk)))
+        note = f"loss chunks of {per_chunk} tokens"
+    else:
+        apply_mode(model, mst=mode == "mst" or loss_fn is not None,
+                   checkpointing=mode != "standard")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     if device == "cuda" and budget:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -278,7 +301,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
     result = {"ok": True, "loss": loss, "time_per_step_s": sum(times) / len(times),
               "step_times_s": times, "peak_mem_bytes": memory_peak(device),
-              "baseline_mem_bytes": baseline, "note": note}
+              "baseline_mem_bytes": baseline, "note": note,
+              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if case.get("exact_file"):
         result.update(_exactness(model, case, loss_fn))
     return result
@@ -324,7 +348,17 @@ def _exactness(model: Any, case: dict[str, Any], loss_fn: Any) -> dict[str, Any]
 
 def measure(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one case in a fresh interpreter and return its result (never raises)."""
-    return {**case, **run_worker("subllm.bench.mst", case, timeout)}
+    release = case["device"] == "cpu" and case.get("allocator", "release") == "release"
+    env = worker_env(None, RELEASE_ENV if release else None, drop=tuple(RELEASE_ENV))
+    return {**case, **run_worker("subllm.bench.mst", case, timeout, env=env)}
+
+
+def parse_chunk_variants(text: str) -> list[str]:
+    """'64,128' -> ['mst@64', 'mst@128']; '' -> []."""
+    if not str(text).strip():
+        return []
+    sizes = parse_ints(text, "--loss-chunk-tokens", minimum=1)
+    return [f"mst@{n}" for n in dict.fromkeys(sizes)]
 
 
 # --------------------------------------------------------------------------------------
@@ -342,7 +376,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"transformers {m['transformers']}; device {report['device']}, dtype {report['dtype']}, "
         f"batch {report['batch_size']}, {report.get('rounds', 1)} round(s). Peak memory: "
         + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
-           else "peak resident set of the case's process (VmHWM)")
+           else "peak resident set of the case's process (VmHWM), "
+           + ("MALLOC_MMAP_THRESHOLD_=131072 (freed tensors handed back)"
+              if report.get("allocator") == "release" else "glibc's default malloc"))
         + "; ratios are against `standard` and against `mst` at the same length"
         + (f"; errors: one step at {exact} tokens against the unpatched model (loss: relative "
            "error; grad: the largest relative L2 error over the parameters)." if exact
@@ -381,7 +417,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    for mode in report["modes"] + report.get("peers", []):
+    for mode in report["modes"] + report.get("variants", []) + report.get("peers", []):
         pts = sorted((c["seq_len"], c["peak_mem_bytes"] / 2**30) for c in report["cases"]
                      if c["mode"] == mode and c["ok"])
         if pts:
@@ -440,6 +476,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
     modes = parse_modes(args.modes)
     peers = parse_peers(args.peers)
+    variants = parse_chunk_variants(args.loss_chunk_tokens)
     budget = (parse_memory(args.memory_budget, "--memory-budget")
               if args.memory_budget is not None else None)
     limit = (parse_memory(args.memory_limit, "--memory-limit")
@@ -458,10 +495,12 @@ def run(args: argparse.Namespace) -> int:
 
     base = {"model": args.model, "device": args.device, "dtype": args.dtype,
             "batch_size": args.batch_size, "build_len": max(lengths)}
+    if args.device == "cpu":
+        base["allocator"] = args.allocator
     if limit is not None:
         base["memory_limit"] = limit
     exact_len = min(args.exact_len, min(lengths))
-    names = modes + peers
+    names = modes + variants + peers
     with tempfile.TemporaryDirectory(prefix="subllm-mst-exact-") as tmp:
         exact: dict[str, Any] = {}
         if exact_len:
@@ -494,7 +533,8 @@ def run(args: argparse.Namespace) -> int:
                 runs.setdefault((mode, n), []).append(r)
     cases = [_merge(runs[(mode, n)]) for n in lengths for mode in names]
 
-    report: dict[str, Any] = {**base, "modes": modes, "peers": peers, "seq_lens": lengths,
+    report: dict[str, Any] = {**base, "modes": modes, "variants": variants, "peers": peers,
+                              "seq_lens": lengths,
                               "rounds": args.rounds, "exact_len": exact_len if exact else None,
                               "command": command_line(),
                               "machine": machine_info(args.device), "cases": cases,
