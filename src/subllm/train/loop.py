@@ -154,7 +154,7 @@ class TrainState:
     async_group: Any = None  # the process group of background saves
     last_eval: dict[str, Any] | None = None
     # the quota controller's last measurement (n_subsamplers, 2): inference's kept and
-    # entering tokens on a training micro-batch, summed over the ranks (logged)
+    # entering tokens on a training micro-batch, summed over the ranks (until logged)
     quota_counts: Tensor | None = None
     log: RunLog | None = None  # rank 0 only
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
@@ -758,9 +758,10 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
     subs = state.raw_model.subsamplers if state.config.is_subllm else []
     if any(sub.quota_rate > 0 for sub in subs):  # where the quota controller has moved
         record["quota_shifts"] = [float(sub.quota_shift) for sub in subs]
-    if state.quota_counts is not None:  # what it last saw (measured in this process)
+    if state.quota_counts is not None:  # what it saw at its last update, logged once
         record["quota_kept_fractions"] = [k / max(e, 1.0)
                                           for k, e in state.quota_counts.tolist()]
+        state.quota_counts = None
     return record
 
 
