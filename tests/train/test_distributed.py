@@ -3,10 +3,8 @@ hangs (gloo on CPU, 2-4 processes)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from procs import run_bounded
 
 from subllm import ModelConfig, SubLLM
 from subllm.cli import main
@@ -119,39 +118,6 @@ if os.environ.get("RANK") == "1":
         return original(*args, **kwargs)
     loop.train_step = flaky
 """
-
-
-def run_bounded(cmd: list[str], environ: dict[str, str], timeout: float
-                ) -> subprocess.CompletedProcess:
-    """Run `cmd` (torchrun and its ranks) in a session of its own. Past `timeout` every
-    process of it prints its threads' stacks (`subllm` dumps them on SIGUSR1) and is then
-    killed, so a hang fails with the place it hung, and no rank outlives the test."""
-    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for pid in _session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-        time.sleep(3)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:8])} ... still running after {timeout:g} s; the stacks "
-                    f"of its processes:\n{err[-20000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _session_pids(sid: int) -> list[int]:
-    """The processes of session `sid` but its leader (torchrun's ranks), from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and int(stat.parent.name) != sid:  # field 6: session
-                pids.append(int(stat.parent.name))
-    return pids
 
 
 def free_port() -> int:

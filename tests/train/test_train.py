@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from procs import run_bounded
 from safetensors.torch import load_file
 
 from subllm.cli import main
@@ -250,7 +251,9 @@ def test_bf16_autocast_trains_on_cpu(work: Path) -> None:
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "subllm", "train", *args]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    # past the timeout every process prints its threads' stacks, then all are killed (a
+    # run once hung after its last line under a loaded CI machine: this says where)
+    proc = run_bounded(cmd, env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
