@@ -738,8 +738,14 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
     n = len(steps)
     last = steps[-1][2]
     kept_sums = [t.sum() for t in last.kept] + [t.sum() for t in last.entered]
+    # the quota controller's shifts and its last unlogged measurement ride the same sync
+    subs = state.raw_model.subsamplers if state.config.is_subllm else []
+    shifts = [sub.quota_shift for sub in subs] if any(s.quota_rate > 0 for s in subs) else []
+    counts = [] if state.quota_counts is None else list(state.quota_counts.flatten())
+    state.quota_counts = None
     values = read_sums([r.loss for _, _, r in steps], dd, state.device,
-                       local=[r.grad_norm for _, _, r in steps] + kept_sums)
+                       local=[r.grad_norm for _, _, r in steps] + kept_sums + shifts + counts)
+    values, extra = values[:2 * n + len(kept_sums)], values[2 * n + len(kept_sums):]
     losses = [v / dd.world_size for v in values[:n]]
     norms = values[n : 2 * n]
     for (step, _, _), loss, norm in zip(steps, losses, norms, strict=True):
@@ -755,13 +761,12 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
               "memory_gib": peak_memory_gib(state.device)}
     if kept:
         record["kept_fractions"] = kept
-    subs = state.raw_model.subsamplers if state.config.is_subllm else []
-    if any(sub.quota_rate > 0 for sub in subs):  # where the quota controller has moved
-        record["quota_shifts"] = [float(sub.quota_shift) for sub in subs]
-    if state.quota_counts is not None:  # what it saw at its last update, logged once
-        record["quota_kept_fractions"] = [k / max(e, 1.0)
-                                          for k, e in state.quota_counts.tolist()]
-        state.quota_counts = None
+    if shifts:  # where the quota controller has moved
+        record["quota_shifts"] = extra[:len(shifts)]
+    if counts:  # what it saw at its last update (kept, entered per subsampler), logged once
+        seen = extra[len(shifts):]
+        record["quota_kept_fractions"] = [k / max(e, 1.0) for k, e in zip(seen[::2], seen[1::2],
+                                                                          strict=True)]
     return record
 
 
