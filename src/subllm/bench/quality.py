@@ -198,10 +198,9 @@ def _finished_seed(args: argparse.Namespace) -> dict[str, Any] | None:
     spec_a, spec_b = parse_pair(args.pair, DEFAULT_PAIR)
     tokens_per_step = args.batch_size * args.seq_len
     steps = args.tokens // tokens_per_step
+    min_lr, warmup = _schedule(args, steps)
     want = {"pair": [spec_a, spec_b], "steps": steps, "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "lr": args.lr,
-            "min_lr": args.lr / 10 if args.min_lr is None else args.min_lr,
-            "warmup": max(1, steps // 10) if args.warmup is None else args.warmup,
+            "batch_size": args.batch_size, "lr": args.lr, "min_lr": min_lr, "warmup": warmup,
             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
             "seed": args.seed,
             "eval_steps": eval_steps(steps, tokens_per_step, args.evals, args.eval_every_tokens)}
@@ -211,6 +210,12 @@ def _finished_seed(args: argparse.Namespace) -> dict[str, Any] | None:
                           f"{have[differ[0]]!r}, asked {want[differ[0]]!r}); choose a new "
                           f"--out or remove {args.out}")
     return report
+
+
+def _schedule(args: argparse.Namespace, steps: int) -> tuple[float, int]:
+    """(min_lr, warmup steps) with the flags' defaults filled in: lr / 10, 10 % of steps."""
+    return (args.lr / 10 if args.min_lr is None else args.min_lr,
+            max(1, steps // 10) if args.warmup is None else args.warmup)
 
 
 _SEED_KEYS = ("steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
@@ -328,14 +333,14 @@ def _run_one(args: argparse.Namespace) -> int:
         if ckpt.latest_checkpoint(run_dir) is not None:
             raise SubLLMError(f"{run_dir} already holds a run; choose a new --out or remove it")
 
+    min_lr, warmup = _schedule(args, steps)
+
     def train_config(key: str, stop_at: int | None = None, resume: bool = False) -> TrainConfig:
         preset, overrides, _ = models[key]
         return TrainConfig(
             data=str(data.path), out=str(runs[key]), preset=preset, model=dict(overrides),
             seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=1, max_steps=steps,
-            stop_at=stop_at, lr=args.lr,
-            min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
-            warmup=max(1, steps // 10) if args.warmup is None else args.warmup,
+            stop_at=stop_at, lr=args.lr, min_lr=min_lr, warmup=warmup,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             eval_every=0,  # each segment ends with one evaluation
             eval_batches=args.eval_batches, save_every=0, keep_checkpoints=1, log_every=1,
