@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -147,7 +148,9 @@ def test_the_papers_balancer_gradient_matches_an_fp64_transcription_of_the_paper
 
 
 @pytest.mark.parametrize("field, value", [("balancer", "gaussian"), ("threshold", "auto"),
-                                          ("threshold_decay", 1.0), ("weight_leak", -0.1)])
+                                          ("threshold_decay", 1.0), ("weight_leak", -0.1),
+                                          ("rank_band", -0.01), ("rank_band", 1.5),
+                                          ("rank_band", "0.02"), ("rank_band", True)])
 def test_routing_settings_are_checked(field: str, value) -> None:
     with pytest.raises(ConfigError, match=field):
         tiny(**{field: value})
@@ -227,6 +230,102 @@ def test_the_rank_rule_keeps_the_share_wherever_the_scores_sit_and_a_threshold_d
     assert shares[-0.5][1] < keep - 0.12 and shares[0.5][1] > keep + 0.12, shares
 
 
+# --------------------------------------------------------------------------------------
+# The rank rule's budget band (design.md §3.8)
+
+
+def band_reference(rank: list[list[bool]], valid: list[list[bool]], keep: float, band: float
+                   ) -> list[list[bool]]:
+    """The band as stated, in plain Python, token by token: keep the rank rule's decision
+    unless it would take the row's kept count above min(n, ceil((keep + band) n)) (then
+    drop) or leave it below floor((keep - band) n) (then keep), n = real tokens so far."""
+    out = []
+    for row, ok in zip(rank, valid, strict=True):
+        kept, c, n = [], 0, 0
+        for r, v in zip(row, ok, strict=True):
+            if not v:
+                kept.append(False)
+                continue
+            n += 1
+            lo = max(0, math.floor(round(n * (keep - band), 6)))
+            hi = min(n, math.ceil(round(n * (keep + band), 6)))
+            k = (r and c + 1 <= hi) or c < lo
+            c += k
+            kept.append(k)
+        out.append(kept)
+    return out
+
+
+@pytest.mark.parametrize("keep, band", [(0.3, 0.0), (0.64, 0.02), (0.9, 0.05), (0.5, 0.2)])
+def test_the_band_equals_its_plain_statement_with_padding_and_a_past(keep: float,
+                                                                     band: float) -> None:
+    from subllm.model.subsample import keep_within_band
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    B, L = 4, 203
+    # runs of keeps and of drops (a rank rule on trending scores), so the band binds
+    p = torch.rand(B, L // 20 + 1, generator=gen).repeat_interleave(20, 1)[:, :L]
+    rank = torch.rand(B, L, generator=gen) < p
+    valid = torch.rand(B, L, generator=gen) > 0.15
+    valid[2, :31] = False  # left padding
+    expected = torch.tensor(band_reference(rank.tolist(), valid.tolist(), keep, band))
+    got = keep_within_band(rank, valid, keep, band)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, rank & valid)  # the band overruled the rank rule somewhere
+    for cut in (1, 64, 150, L - 1):  # continued from cached decisions (decoding)
+        tail = keep_within_band(rank[:, cut:], valid[:, cut:], keep, band, expected[:, :cut],
+                                valid[:, :cut])
+        assert torch.equal(tail, expected[:, cut:])
+
+
+def test_the_band_holds_every_row_where_the_rank_rule_drifts() -> None:
+    """Scores that trend along the row (rising: later tokens beat their prefix; falling:
+    they do not) make the plain rank rule keep far more or far less than keep (the control);
+    with the band every row keeps keep +- band + one token, every prefix of it too."""
+    from subllm.model.subsample import causal_rank_keep, keep_within_band
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    keep, band, B, L = 0.64, 0.02, 16, 256
+    t = torch.arange(L, dtype=torch.float64)
+    for trend in (1.0, -1.0):
+        s = trend * t / L * 3 + torch.randn(B, L, dtype=torch.float64)
+        plain = causal_rank_keep(s, None, keep)
+        share = plain.double().mean(1)
+        assert (share - keep).abs().min() > 0.05, share  # the drift the band is for
+        kept = keep_within_band(plain, None, keep, band)
+        prefix = kept.long().cumsum(1).double() / (t + 1)
+        slack = band + 1 / (t + 1)
+        assert ((prefix - keep).abs() <= slack + 1e-9).all()
+        assert ((kept.double().mean(1) - keep).abs() <= band + 1 / L).all()
+
+
+def test_decoding_with_a_binding_band_equals_the_full_pass() -> None:
+    """A nested model whose band binds (band 0: the count tracks keep x n to a token):
+    prefill + token-by-token decoding reads the cached decisions and equals the full pass;
+    without the band it decides otherwise (the check is not vacuous)."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    cfg = tiny(structure="T(T(TT)T)T", n_layers=6, keep=0.6, rank_band=0.0)
+    m = SubLLM(cfg).double().eval()
+    with torch.no_grad():
+        for sub in m.subsamplers:
+            sub.score.weight.normal_(0, 0.5)
+    x = torch.randint(0, 97, (3, 48))
+    full = m(x)
+    plain = copy.deepcopy(m)
+    for sub in plain.subsamplers:
+        sub.band = None
+    assert any(not torch.equal(a, b) for a, b in zip(full.kept, plain(x).kept, strict=True))
+    out = m(x[:, :9], use_cache=True)
+    pieces, t = [out.logits], 9
+    for n in (1, 4, 1):
+        pieces.append(m(x[:, t:t + n], cache=out.cache).logits)
+        t += n
+    while t < x.shape[1]:
+        pieces.append(m(x[:, t:t + 1], cache=out.cache).logits)
+        t += 1
+    torch.testing.assert_close(torch.cat(pieces, 1), full.logits, atol=1e-10, rtol=0)
+
+
 def test_a_saved_config_without_threshold_loads_with_the_rule_it_was_trained_for(
         tmp_path) -> None:
     """Checkpoints and exports from before `threshold` existed decided by score > 0."""
@@ -242,6 +341,23 @@ def test_a_saved_config_without_threshold_loads_with_the_rule_it_was_trained_for
     del hf["threshold"]
     assert SubLLMConfig.from_dict(hf).threshold == "zero"
     assert SubLLMConfig.from_dict({**hf, "threshold": "rank"}).threshold == "rank"
+
+
+def test_a_saved_config_without_rank_band_loads_without_a_band(tmp_path) -> None:
+    """Checkpoints and exports from before the band keep deciding as they did."""
+    from subllm.model.hf_config import SubLLMConfig
+    from subllm.train import checkpoint as ckpt
+
+    assert ModelConfig().rank_band == 0.02  # new models
+    d = tiny().to_dict()
+    del d["rank_band"]
+    (tmp_path / "model_config.json").write_text(__import__("json").dumps(d))
+    assert ckpt.load_model_config(tmp_path)["rank_band"] is None
+    hf = SubLLMConfig.from_model_config(tiny()).to_dict()
+    assert SubLLMConfig.from_dict(hf).rank_band == 0.02
+    del hf["rank_band"]
+    assert SubLLMConfig.from_dict(hf).rank_band is None
+    assert SubLLM(ModelConfig(**{**d, "rank_band": None})).subsamplers[0].band is None
 
 
 def test_the_quota_controller_moves_toward_keep_and_is_exact_in_bf16() -> None:
@@ -270,10 +386,11 @@ def test_the_quota_controller_moves_toward_keep_and_is_exact_in_bf16() -> None:
 
 def test_quota_counts_are_inference_selection_counts_and_leave_the_mode() -> None:
     """quota_counts: the kept / entered sums of an eval-mode forward, the training mode
-    restored, no RNG drawn; a shift moves the rank rule's quota at inference."""
+    restored, no RNG drawn; a shift moves the rank rule's quota at inference (no band
+    here: the band would hold the share at keep +- 0.02)."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, dim=16, n_layers=4, n_heads=2, ffn_dim=32,
-                      structure="T(TT)T", keep=0.5, max_seq_len=64)
+                      structure="T(TT)T", keep=0.5, max_seq_len=64, rank_band=None)
     model = SubLLM(cfg).train()
     ids = torch.randint(0, 64, (3, 40))
     rng = torch.get_rng_state()

@@ -125,6 +125,9 @@ THRESHOLDS = ("rank", "calibrated", "zero")
 # decided at inference by, score > 0 (no cut-off buffers either). Loading saved configs
 # (checkpoints, exported config.json) fills this in; new configs get the default.
 SAVED_WITHOUT_THRESHOLD = "zero"
+# A saved config without `rank_band` predates the band: it loads without one, so the model
+# keeps deciding as it did when it was saved.
+SAVED_WITHOUT_RANK_BAND = None
 HF_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
@@ -204,6 +207,11 @@ class ModelConfig:
     # what the causal rule above kept). 0: the plain rank rule.
     rank_quota_rate: float = 0.3
     rank_quota_every: int = 10
+    # The rank rule's budget band (design.md §3.8): inference keeps the rank rule's choice
+    # while a row's kept count stays within (keep +- rank_band) x the tokens so far, and is
+    # overruled (a token kept, or dropped) where it would leave that band, so every row keeps
+    # keep +- rank_band (+ one token) of its tokens on any text. None: the plain rank rule.
+    rank_band: float | None = 0.02
     # Share of the gradient the upsampling weight clamp(score, 0, 1) passes below 0 in
     # training (0: the paper's plain clamp, under which dropped tokens' scores pile up at
     # the cut-off and make any threshold keep an unpredictable fraction; design.md §3.8).
@@ -330,6 +338,11 @@ class ModelConfig:
             raise ConfigError(f"weight_leak must be in [0, 1], got {self.weight_leak!r}")
         if isinstance(self.rank_quota_rate, bool) or not 0.0 <= self.rank_quota_rate <= 1.0:
             raise ConfigError(f"rank_quota_rate must be in [0, 1], got {self.rank_quota_rate!r}")
+        if self.rank_band is not None and (
+                isinstance(self.rank_band, bool) or not isinstance(self.rank_band, (int, float))
+                or not 0.0 <= self.rank_band <= 1.0):
+            raise ConfigError(f"rank_band must be a share in [0, 1] or null (no band), got "
+                              f"{self.rank_band!r}")
         if (isinstance(self.rank_quota_every, bool) or not isinstance(self.rank_quota_every, int)
                 or self.rank_quota_every < 1):
             raise ConfigError(f"rank_quota_every must be a positive integer, got "

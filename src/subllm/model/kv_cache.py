@@ -44,25 +44,29 @@ class LayerKV:
 
 
 class ScoreHistory:
-    """The scores one subsampling module gave the tokens entering it, slot by slot in its
-    parent level's cache (validity: that level's `LevelState`): the rank rule ranks each
-    new token against them (design.md §3.8). Grows by doubling, like `LayerKV`."""
+    """The scores one subsampling module gave the tokens entering it and whether it kept
+    them, slot by slot in its parent level's cache (validity: that level's `LevelState`):
+    the rank rule ranks each new token against the scores, its band counts the kept ones
+    (design.md §3.8). Grows by doubling, like `LayerKV`."""
 
     def __init__(self) -> None:
         self.scores: Tensor | None = None  # (B, capacity)
+        self.kept: Tensor | None = None  # (B, capacity) bool
 
-    def update(self, scores: Tensor, start: int) -> None:
+    def update(self, scores: Tensor, kept: Tensor, start: int) -> None:
         end = start + scores.shape[1]
         if self.scores is None or self.scores.shape[1] < end:
             cap = max(end, 2 * (self.scores.shape[1] if self.scores is not None else 0), 64)
-            grown = scores.new_zeros(scores.shape[0], cap)
-            if self.scores is not None:
-                grown[:, :start] = self.scores[:, :start]
-            self.scores = grown
+            self.scores = _grown(self.scores, scores.new_zeros(scores.shape[0], cap), start)
+            self.kept = _grown(self.kept, kept.new_zeros(kept.shape[0], cap), start)
         self.scores[:, start:end] = scores
+        self.kept[:, start:end] = kept
 
-    def past(self, start: int) -> Tensor | None:
-        return None if self.scores is None or start == 0 else self.scores[:, :start]
+    def past(self, start: int) -> tuple[Tensor | None, Tensor | None]:
+        """The scores and decisions of the first `start` slots (None, None before any)."""
+        if self.scores is None or start == 0:
+            return None, None
+        return self.scores[:, :start], self.kept[:, :start]
 
 
 # --------------------------------------------------------------------------------------
@@ -156,6 +160,7 @@ class KVCache:
         for h in self.scores:
             if h.scores is not None:
                 h.scores = h.scores.index_select(0, rows.to(h.scores.device))
+                h.kept = h.kept.index_select(0, rows.to(h.kept.device))
         if self.next_pos is not None:
             self.next_pos = self.next_pos.index_select(0, rows.to(self.next_pos.device))
 

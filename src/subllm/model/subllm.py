@@ -347,12 +347,11 @@ class SubLLM(nn.Module):
                  kept: list, entered: list) -> Tensor:
         past = None
         if cache is not None and span.cache_start:  # the rank rule ranks against these
-            history = cache.scores[seg.index]
-            past = (history.past(span.cache_start),
-                    cache.levels[span.level].valid[:, :span.cache_start])
+            scores, decisions = cache.scores[seg.index].past(span.cache_start)
+            past = (scores, cache.levels[span.level].valid[:, :span.cache_start], decisions)
         sel = self.subsamplers[seg.index](x_out, span.valid, self.step, past)
         if cache is not None and sel.scores is not None:
-            cache.scores[seg.index].update(sel.scores, span.cache_start)
+            cache.scores[seg.index].update(sel.scores, sel.decisions, span.cache_start)
         kept[seg.index], entered[seg.index] = sel.count, sel.entered
         if sel.size == 0:  # no row kept anything: the segment's blocks need do no work
             if self.skip_empty_segments or cache is not None:

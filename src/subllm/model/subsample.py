@@ -179,8 +179,9 @@ class Selection:
     idx: (B, K) positions in the module's input; weight: (B, K) upsampling weights (0 on
     unused slots); valid: (B, K) bool or None when every slot of every row is used;
     count: (B,) tokens kept per row; entered: (B,) tokens that entered the module.
-    scores: (B, L) the (shifted) scores the decision was made on, detached; the KV cache
-    keeps them so that the rank rule can rank later tokens against them.
+    scores: (B, L) the (shifted) scores the decision was made on, detached, and decisions:
+    (B, L) bool, which tokens were kept; the KV cache keeps both, so that the rank rule can
+    rank later tokens against the scores and its band count the kept ones.
     """
 
     idx: Tensor
@@ -189,6 +190,7 @@ class Selection:
     count: Tensor
     entered: Tensor
     scores: Tensor | None = None
+    decisions: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -202,7 +204,7 @@ class Selection:
         return Selection(torch.zeros(B, 1, dtype=torch.long, device=device),
                          torch.zeros(B, 1, device=device),
                          torch.zeros(B, 1, dtype=torch.bool, device=device),
-                         self.count, self.entered, self.scores)
+                         self.count, self.entered, self.scores, self.decisions)
 
 
 # the calibrated cut-off's running mean and the batch cut-offs recorded since its last
@@ -264,6 +266,63 @@ def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float | Tensor,
     return (above < quota) & v
 
 
+# An unbounded end of a clamp (see `keep_within_band`): far beyond any count, far from
+# int64's limits after adding a row's length.
+_FREE = 1 << 40
+
+
+def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: float,
+                     past_kept: Tensor | None = None, past_valid: Tensor | None = None
+                     ) -> Tensor:
+    """The rank rule's budget band (design.md §3.8): token t keeps the decision `rank[t]`
+    while the row's kept count c_t stays in [lo_t, hi_t] = [floor((keep - band) n_t),
+    min(n_t, ceil((keep + band) n_t))], n_t the row's real tokens up to t; a token that would
+    take c_t above hi_t is dropped, one that would leave it below lo_t is kept. Causal: the
+    decision for t reads the decisions before it, so a row keeps keep +- band (+ one token)
+    of its tokens at every prefix, on any text.
+
+    rank: (B, L) bool, the rank rule's decisions; valid: (B, L) bool or None; past_kept /
+    past_valid: (B, P) the row's earlier final decisions and their validity (KV-cached
+    decoding). Returns (B, L) bool.
+
+    The count follows c_t = f_t(c_{t-1}) with f_t(c) = min(c + 1, hi_t) where the rank rule
+    keeps t, max(c, lo_t) where it drops it (lo and hi grow by at most one token per token,
+    so these are the rule above), the identity on padding. Each f is a clamp of a shift,
+    x -> clamp(x + a, l, h), and such maps compose into one of the same form, so all c_t
+    come from a prefix scan in log2(L) vectorised steps instead of a loop over positions
+    (no library offers a scan over this composition).
+    """
+    B, L = rank.shape
+    v = torch.ones_like(rank) if valid is None else valid
+    n = v.long().cumsum(1)
+    c0 = torch.zeros(B, dtype=torch.long, device=rank.device)
+    if past_kept is not None and past_kept.shape[1] > 0:
+        pv = torch.ones_like(past_kept) if past_valid is None else past_valid
+        n = n + pv.sum(1, keepdim=True)
+        c0 = (past_kept & pv).sum(1)
+    nd = n.double()
+    lo = torch.floor(torch.round(nd * (keep - band), decimals=6)).long().clamp(min=0)
+    hi = torch.minimum(torch.ceil(torch.round(nd * (keep + band), decimals=6)).long(), n)
+    r = rank & v
+    a = r.long()
+    low = torch.where(v & ~r, lo, -_FREE)
+    high = torch.where(r, hi, _FREE)
+    d = 1
+    while d < L:  # Hillis-Steele: position t comes to hold f_t o f_{t-1} o ... o f_0
+        ga, gl, gh = a[:, d:], low[:, d:], high[:, d:]  # the later map g, after f = [t - d]
+        a = torch.cat([a[:, :d], a[:, :-d] + ga], 1)
+        low, high = (torch.cat([low[:, :d], _clamp(low[:, :-d] + ga, gl, gh)], 1),
+                     torch.cat([high[:, :d], _clamp(high[:, :-d] + ga, gl, gh)], 1))
+        d *= 2
+    c = _clamp(c0[:, None] + a, low, high)
+    before = torch.cat([c0[:, None], c[:, :-1]], 1)
+    return (c > before) & v
+
+
 class Subsampler(nn.Module):
     """Scores tokens and keeps the important ones (design.md §3.2, §3.8).
 
@@ -288,6 +347,7 @@ class Subsampler(nn.Module):
         self.calibrated = config.threshold in ("calibrated", "rank")
         self.ranked = config.threshold == "rank"
         self.quota_rate = getattr(config, "rank_quota_rate", 0.0) if self.ranked else 0.0
+        self.band = getattr(config, "rank_band", None) if self.ranked else None
         self.decay = config.threshold_decay
         self.leak = config.weight_leak
         self.score = nn.Linear(config.dim, 1, bias=False)
@@ -348,9 +408,11 @@ class Subsampler(nn.Module):
         return self.quota_shift.double() + self.keep
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int = 0,
-                past: tuple[Tensor, Tensor | None] | None = None) -> Selection:
+                past: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+                ) -> Selection:
         """x: (B, L, dim); valid: (B, L) or None; past: the scores (B, P) this module gave
-        the row's earlier tokens and their validity (KV-cached decoding, rank rule)."""
+        the row's earlier tokens, their validity and whether it kept them (KV-cached
+        decoding, rank rule)."""
         B, L, _ = x.shape
         s = self.score(x).squeeze(-1).float()  # (B, L)
         if self.calibrated:
@@ -367,7 +429,11 @@ class Subsampler(nn.Module):
             return self._top_k(s, valid, entered)
         kept = None
         if self.ranked:
-            kept = causal_rank_keep(s, valid, self.effective_keep(), *(past or (None, None)))
+            scores, past_valid, past_kept = past or (None, None, None)
+            kept = causal_rank_keep(s, valid, self.effective_keep(), scores, past_valid)
+            if self.band is not None:
+                kept = keep_within_band(kept, valid, self.keep, self.band, past_kept,
+                                        past_valid)
         return self._threshold(s, valid, entered, kept)
 
     @torch.no_grad()
@@ -450,7 +516,8 @@ class Subsampler(nn.Module):
         used = idx < L
         idx = torch.where(used, idx, idx - L)
         w = s.clamp(0.0, 1.0).gather(1, idx) * used
-        return Selection(idx, w, None if least == K else used, count, entered, s.detach())
+        return Selection(idx, w, None if least == K else used, count, entered, s.detach(),
+                         kept)
 
 
 

@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from subllm.errors import SubLLMError
-from subllm.model.config import SAVED_WITHOUT_THRESHOLD, ModelConfig
+from subllm.model.config import SAVED_WITHOUT_RANK_BAND, SAVED_WITHOUT_THRESHOLD, ModelConfig
 from subllm.model.subllm import SubLLM
 
 CHECKPOINTS = "checkpoints"
@@ -421,6 +421,7 @@ def load_train_state(checkpoint: str | Path) -> dict[str, Any]:
 def load_model_config(checkpoint: str | Path) -> dict[str, Any]:
     d = json.loads((Path(checkpoint) / "model_config.json").read_text())
     d.setdefault("threshold", SAVED_WITHOUT_THRESHOLD)  # saved before the rule was a choice
+    d.setdefault("rank_band", SAVED_WITHOUT_RANK_BAND)  # saved before the band
     return d
 
 
