@@ -37,8 +37,8 @@ sum matches the CPU allocator's live bytes in real steps to within 4 % (tests/te
 - **MsT** (design.md §4, `subllm.mst.apply_mst` defaults) = checkpointing + the MLP in
   ceil(ffn / d) mini-sequences never shorter than 1024 tokens (rows under 2048 tokens
   are not split) + the LM head and cross-entropy in chunks of
-  `default_loss_chunk_tokens(vocab, d, rows)` rows (d rows at a large vocabulary, at most
-  512); one fp32 (rows x vocab) buffer per chunk; the fp32 gradients for the hidden states
+  `default_loss_chunk_tokens(vocab, d, rows)` rows (d / 2 rows at a large vocabulary, at
+  most 512); one fp32 (rows x vocab) buffer per chunk; the fp32 gradients for the hidden states
   and the head weight are formed in the forward pass, scaled in place and held until
   backward.
 - **Standard loss**: the fp32 log-softmax of all logits is kept; its backward holds three

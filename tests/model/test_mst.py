@@ -109,29 +109,29 @@ def test_chunked_ce_unshifted_and_flat():
 
 
 def test_chunked_ce_default_chunk_count(ce_chunk_calls):
-    d, V = 8, 50  # 70 targets > vocab: ceil(70 * 8 / 50) = 12 tokens per chunk
+    d, V = 8, 50  # 70 targets > vocab: ceil(70 * 8 / (2 * 50)) = 6 tokens per chunk
     h, w = torch.randn(1, 71, d), torch.randn(V, d)
     chunked_cross_entropy(h, w, torch.randint(0, V, (1, 71)))
-    assert ce_chunk_calls == [12] * 5 + [10]
-    ce_chunk_calls.clear()  # 20 targets < vocab: chunks of d = 8 tokens
+    assert ce_chunk_calls == [6] * 11 + [4]
+    ce_chunk_calls.clear()  # 20 targets < vocab: chunks of d / 2 = 4 tokens
     chunked_cross_entropy(h[:, :21], w, torch.randint(0, V, (1, 21)))
-    assert ce_chunk_calls == [8, 8, 4]
+    assert ce_chunk_calls == [4] * 5
     ce_chunk_calls.clear()  # the floor, when given: chunks of at least 30 tokens
     chunked_cross_entropy(h, w, torch.randint(0, V, (1, 71)), min_chunk_tokens=30)
     assert ce_chunk_calls == [30, 30, 10]
 
 
 @pytest.mark.parametrize("vocab, dim, n, expected", [
-    (128256, 256, 8192, 256), (128256, 256, 16384, 256),  # d tokens at a large vocabulary
+    (128256, 256, 8192, 128), (128256, 256, 16384, 128),  # d / 2 at a large vocabulary
     (128256, 4096, 60000, 512), (32000, 2048, 4096, 512),  # capped
-    (1000, 64, 4000, 256),  # ceil(4000 * 64 / 1000): a sequence longer than the vocabulary
-    (50, 8, 3, 3), (50, 8, 1, 1)])
+    (1000, 64, 4000, 128),  # ceil(4000 * 64 / 2000): a sequence longer than the vocabulary
+    (50, 8, 3, 3), (50, 8, 1, 1), (50, 7, 100, 7)])
 def test_default_loss_chunk_tokens(vocab, dim, n, expected):
     from subllm.model.config import default_loss_chunk_tokens
 
     assert default_loss_chunk_tokens(vocab, dim, n) == expected
-    # the chunk's logits are never larger than the larger of the two (x d) buffers
-    assert (expected - 1) * vocab < max(vocab, n) * dim
+    # the chunk's logits are never larger than half the larger of the two (x d) buffers
+    assert 2 * (expected - 1) * vocab < max(vocab, n) * dim
 
 
 def test_chunked_ce_holds_no_vocab_by_hidden_copies(monkeypatch):

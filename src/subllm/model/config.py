@@ -469,15 +469,18 @@ def default_loss_chunk_tokens(vocab_size: int, dim: int, n_tokens: int) -> int:
     """Tokens per loss chunk when neither `chunks` nor `chunk_size` is given (design.md §4).
 
     Two (x d) buffers exist during the loss whatever the chunking: the hidden states
-    (n_tokens x d) and the head's weight gradient (vocab x d). A chunk's fp32 logits
-    (c x vocab) are made as large as the larger of the two, so the loss holds at most
-    twice what it must hold anyway: c = d at a vocabulary larger than the sequence, else
-    c = ceil(n_tokens * d / vocab) (the paper's M = ceil(vocab / d) chunks, design.md §4).
-    No smaller: each chunk streams the whole (vocab x d) weight gradient through memory
-    once (its update's inner dimension is c), so chunks much shorter than d spend the step
-    on memory traffic (17-token chunks, the paper's rule at 8k tokens and vocab 128256,
-    made the loss 1.7x slower on a CPU). At most 512 tokens: beyond that the matmuls are
-    no faster and only the memory grows.
+    (n_tokens x d) and the head's weight gradient (vocab x d). A chunk's one fp32 buffer
+    (c x vocab: logits, then in place their gradient) is made half as large as the larger
+    of the two, so the loss holds at most 1.5 times what it must hold anyway: c = d / 2 at a
+    vocabulary larger than the sequence, else c = ceil(n_tokens * d / (2 vocab)) (twice the
+    paper's M = ceil(vocab / d) chunks, design.md §4). Measured on a CPU (HF Llama, d 256,
+    vocab 128256, 8k tokens, fp32): d / 2 = 128-token chunks peaked 4.6 % lower than d-token
+    ones at 6 % more time, 64-token ones no lower than 128 (the step's peak has left the
+    loss) and 10-15 % slower. No smaller: each chunk streams the whole (vocab x d) weight
+    gradient through memory once (its update's inner dimension is c), so short chunks
+    spend the step on memory traffic (17-token chunks, the paper's rule there, made the
+    loss 1.7x slower). At most 512 tokens: beyond that the matmuls are no faster and only
+    the memory grows.
     """
-    per_chunk = math.ceil(dim * max(n_tokens, vocab_size) / vocab_size)
+    per_chunk = math.ceil(dim * max(n_tokens, vocab_size) / (2 * vocab_size))
     return max(1, min(per_chunk, 512, n_tokens))
