@@ -11,10 +11,11 @@ train   one optimizer step = forward with labels + backward + AdamW step, random
         utilisation from `subllm.info.training_flops_per_token`.
 infer   prefill of the prompt, then greedy decoding with the KV cache: prefill time,
         decode time per token, KV-cache bytes at the end, with the SUBLLM's eval-mode kept
-        fractions on the prompts. A random-init SUBLLM keeps about half of its tokens,
-        which flatters it, so B is either a trained run (--checkpoint-b) or calibrated by
-        a short training run (--calibrate-steps) in which the score balancer brings its
-        kept fractions to the keep ratios.
+        fractions on the prompts. Under the default routing (rank rule with its budget
+        band) even a random-init SUBLLM keeps its keep ratios to within about 0.02, but
+        which tokens it keeps is noise, and under the paper's rule (`threshold: zero`) it
+        keeps about half, which flatters it; so B is either a trained run
+        (--checkpoint-b) or calibrated by a short training run (--calibrate-steps).
 """
 
 from __future__ import annotations
