@@ -11,10 +11,18 @@ from subllm.cli import main
 
 
 @pytest.mark.slow
-def test_bench_gpu_smoke(tmp_path, monkeypatch):
+def test_bench_gpu_smoke(tmp_path, monkeypatch, bench_cwd):
+    """Run as documented (no --out), from a temporary current directory: every output lands
+    in ./bench-out/gpu, and nothing in the checkout changes (the committed results in
+    docs/benchmarks/gpu are written only by an explicit --out)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    out = tmp_path / "gpu"
-    assert main(["bench", "gpu", "--smoke", "--out", str(out)]) == 0
+    with bench_cwd(tmp_path / "cwd") as cwd:
+        assert main(["bench", "gpu", "--smoke"]) == 0
+    out = cwd / "bench-out" / "gpu"
+    assert {p.name for p in cwd.iterdir()} == {"bench-out"}  # nothing beside it either
+    assert {p.name for p in (cwd / "bench-out").iterdir()} == {"gpu"}
+    assert {p.name for p in out.iterdir()} == {"gpu.json", "gpu.md", "gpu.png", "tests",
+                                               "train", "infer", "mst", "estimate"}
     report = json.loads((out / "gpu.json").read_text())
     assert list(report["parts"]) == ["tests", "train", "infer", "mst", "estimate"]
     for name, part in report["parts"].items():

@@ -16,15 +16,18 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 88,
 
 
 @pytest.mark.slow
-def test_bench_mst_smoke(tmp_path, monkeypatch):
+def test_bench_mst_smoke(tmp_path, monkeypatch, bench_cwd):
+    """Without --out, from a temporary current directory: the outputs land in
+    ./bench-out/mst and the checkout is untouched (bench_cwd)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the case subprocesses: tiny tensors
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_LLAMA))
-    out = tmp_path / "out"
-    rc = main(["bench", "mst", "--model", str(config), "--seq-lens", "96,48",
-               "--modes", "standard,mst", "--loss-chunk-tokens", "16", "--steps", "1",
-               "--out", str(out)])
+    with bench_cwd(tmp_path / "cwd") as cwd:
+        rc = main(["bench", "mst", "--model", str(config), "--seq-lens", "96,48",
+                   "--modes", "standard,mst", "--loss-chunk-tokens", "16", "--steps", "1"])
     assert rc == 0
+    out = cwd / "bench-out" / "mst"
+    assert [p.name for p in cwd.iterdir()] == ["bench-out"]
     assert {p.name for p in out.iterdir()} == {"mst.json", "mst.md", "mst_memory.png"}
     assert (out / "mst_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "mst.json").read_text())

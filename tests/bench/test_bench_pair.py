@@ -37,11 +37,14 @@ def _files(out):
 
 
 @pytest.mark.slow
-def test_bench_train_pair(pair, tmp_path):
-    out = tmp_path / "train"
-    rc = main(["bench", "train", "--pair", pair, "--seq-lens", "48,24", "--steps", "2",
-               "--threads", "1", "--peak-tflops", "0.05", "--out", str(out)])
+def test_bench_train_pair(pair, tmp_path, bench_cwd):
+    # no --out, from a temporary current directory: ./bench-out/train, checkout untouched
+    with bench_cwd(tmp_path / "cwd") as cwd:
+        rc = main(["bench", "train", "--pair", pair, "--seq-lens", "48,24", "--steps", "2",
+                   "--threads", "1", "--peak-tflops", "0.05"])
     assert rc == 0
+    out = cwd / "bench-out" / "train"
+    assert [p.name for p in cwd.iterdir()] == ["bench-out"]
     assert _files(out) == {"train.json", "train.md", "train_ratios.png"}
     assert (out / "train_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads((out / "train.json").read_text())
@@ -69,17 +72,20 @@ def test_bench_train_pair(pair, tmp_path):
     assert "| 48 |" in table and "MFU" in table
 
 
-def test_bench_infer_pair(pair, tmp_path):
+def test_bench_infer_pair(pair, tmp_path, bench_cwd):
     # --calibrate-shift is for threshold rules (a rank ignores a shift of every score)
     a, b = pair.split(",")
     Path(b).write_text(yaml.safe_dump({**yaml.safe_load(Path(b).read_text()),
                                        "threshold": "calibrated"}))
-    out = tmp_path / "infer"
-    rc = main(["bench", "infer", "--pair", pair, "--prompt-lens", "48", "--new-tokens", "5",
-               "--batch-sizes", "2,1", "--calibrate-steps", "3", "--calibrate-seq-len", "16",
-               "--calibrate-shift", "--repeats", "2", "--threads", "1", "--skip-memory",
-               "--out", str(out)])
+    # no --out, from a temporary current directory: ./bench-out/infer, checkout untouched
+    with bench_cwd(tmp_path / "cwd") as cwd:
+        rc = main(["bench", "infer", "--pair", pair, "--prompt-lens", "48", "--new-tokens", "5",
+                   "--batch-sizes", "2,1", "--calibrate-steps", "3", "--calibrate-seq-len",
+                   "16", "--calibrate-shift", "--repeats", "2", "--threads", "1",
+                   "--skip-memory"])
     assert rc == 0
+    out = cwd / "bench-out" / "infer"
+    assert [p.name for p in cwd.iterdir()] == ["bench-out"]
     assert _files(out) == {"infer.json", "infer.md", "infer_ratios.png"}
     r = json.loads((out / "infer.json").read_text())
     assert r["keep_ratios"] == [0.64, 0.64] and r["b"]["state"].startswith("calibrated")
@@ -127,9 +133,9 @@ def test_bench_infer_random_b_says_its_fractions_are_off(pair, tmp_path, capsys)
     zero = Path(b).with_name("b-zero.yaml")
     zero.write_text(yaml.safe_dump({**yaml.safe_load(Path(b).read_text()), "threshold": "zero"}))
     out = tmp_path / "infer"
-    rc = main(["bench", "infer", "--pair", f"{a},{zero}", "--prompt-lens", "64", "--new-tokens", "3",
-               "--batch-sizes", "4", "--calibrate-steps", "0", "--repeats", "1",
-               "--threads", "1", "--out", str(out)])
+    rc = main(["bench", "infer", "--pair", f"{a},{zero}", "--prompt-lens", "64",
+               "--new-tokens", "3", "--batch-sizes", "4", "--calibrate-steps", "0",
+               "--repeats", "1", "--threads", "1", "--out", str(out)])
     assert rc == 0
     r = json.loads((out / "infer.json").read_text())
     (c,) = r["cases"]

@@ -32,16 +32,21 @@ def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus) -> Path:
     return root
 
 
-def bench(work: Path, out: Path, pair: str, *flags: str) -> int:
+def bench(work: Path, out: Path | None, pair: str, *flags: str) -> int:
+    """`subllm bench quality` on the corpus of `work`, into `out` (None: no --out)."""
     return main(["bench", "quality", "--pair", pair, "--data", str(work / "data"),
-                 "--out", str(out), *FLAGS, "--evals", "3", *flags])
+                 *(["--out", str(out)] if out is not None else []), *FLAGS, "--evals", "3",
+                 *flags])
 
 
 @pytest.fixture(scope="module")
-def llama_vs_subllm(work: Path) -> Path:
-    out = work / "out-pair"
-    assert bench(work, out, f"{work / 'llama.yaml'},{work / 'subllm.yaml'}") == 0
-    return out
+def llama_vs_subllm(work: Path, bench_cwd) -> Path:
+    """Run without --out from a folder of its own: the outputs are in ./bench-out/quality,
+    and the checkout is untouched (bench_cwd)."""
+    with bench_cwd(work / "cwd") as cwd:
+        assert bench(work, None, f"{work / 'llama.yaml'},{work / 'subllm.yaml'}") == 0
+    assert [p.name for p in cwd.iterdir()] == ["bench-out"]
+    return cwd / "bench-out" / "quality"
 
 
 def test_end_to_end_writes_both_curves_at_the_same_tokens(llama_vs_subllm: Path) -> None:

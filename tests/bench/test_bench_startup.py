@@ -13,10 +13,13 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.mark.slow
-def test_bench_startup_writes_every_case_against_a_baseline(tmp_path, capsys) -> None:
-    out = tmp_path / "out"
-    assert main(["bench", "startup", "--repeats", "1", "--baseline", str(SRC),
-                 "--out", str(out)]) == 0
+def test_bench_startup_writes_every_case_against_a_baseline(tmp_path, capsys,
+                                                            bench_cwd) -> None:
+    # no --out, from a temporary current directory: ./bench-out/startup, checkout untouched
+    with bench_cwd(tmp_path / "cwd") as cwd:
+        assert main(["bench", "startup", "--repeats", "1", "--baseline", str(SRC)]) == 0
+    out = cwd / "bench-out" / "startup"
+    assert [p.name for p in cwd.iterdir()] == ["bench-out"]
     report = json.loads((out / "startup.json").read_text())
     cases = {r["case"]: r for r in report["cases"]}
     assert {"import subllm", "subllm --help", "import torch",

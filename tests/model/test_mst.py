@@ -8,6 +8,9 @@ the patched one. Fresh random inputs everywhere; tolerances are the issue's.
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
+import warnings
 
 import pytest
 import torch
@@ -320,6 +323,13 @@ def batch(vocab: int, B: int = 2, L: int = 24) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+# transformers announces a deprecation with a FutureWarning (utils/deprecation.py); one that
+# our patched forward causes (an old argument name, say) fails these tests instead of
+# scrolling past in users' logs
+no_deprecations = pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+
+
+@no_deprecations
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_apply_mst_hf_matches_unpatched(family, ce_chunk_calls):
     model = tiny_hf_model(family)
@@ -362,6 +372,7 @@ def test_gemma2_softcap_is_exercised():
     assert abs(float(model(**inputs).loss.detach()) - float(capped.detach())) > 1e-3
 
 
+@no_deprecations
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_apply_mst_hf_keeps_outputs_and_generation(family):
     model = tiny_hf_model(family).eval()
@@ -377,6 +388,59 @@ def test_apply_mst_hf_keeps_outputs_and_generation(family):
         tokens_after = model.generate(ids, **gen)
     assert rel(logits_after, logits_before) < 1e-6
     assert torch.equal(tokens_before, tokens_after)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_apply_mst_hf_passes_the_cache_under_the_models_own_name(family):
+    """transformers 5.24 renamed the cache argument and output field `past_key_values` ->
+    `cache` and warns (FutureWarning, and a log line) on the old name or on both; 5.0-5.23
+    know only the old one. The patched forward names its cache parameter as the model does
+    (also positionally), passes a cache on under that name only, and returns it in the
+    output class's own field: a prefill with labels and a cached next step match the
+    unpatched model without a single warning or deprecation log line."""
+    model = tiny_hf_model(family).eval()
+    ref = copy.deepcopy(model)
+    apply_mst(model, mlp_chunks=2, loss_chunks=3, min_chunk_tokens=4)
+    ours, theirs = (list(inspect.signature(m.forward).parameters) for m in (model, ref))
+    # the same names in the same places up to use_cache, the cache's included (early 5.x
+    # models take cache_position next; the patched forward takes it by keyword)
+    assert ours[:7] == theirs[:7]
+    name = "cache" if "cache" in theirs else "past_key_values"
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+
+    def prefill_and_step(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, object]:
+        with torch.no_grad():
+            first = m(input_ids=ids[:, :8], labels=ids[:, :8], use_cache=True)
+            cache = getattr(first, name)
+            nxt = m(input_ids=ids[:, 8:], labels=ids[:, 8:], use_cache=True, **{name: cache})
+        return first.loss, nxt.loss, getattr(nxt, name)
+
+    logging.Logger.warning_once.cache_clear()  # transformers logs each message once a process
+    records = _Records()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, step_loss, cache = prefill_and_step(model)
+    finally:
+        hf_logger.removeHandler(records)
+    deprecations = [str(w.message) for w in caught
+                    if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
+    assert [m for m in records.messages if "deprecated" in m] == []
+    assert cache is not None and cache.get_seq_length() == 10
+    ref_loss, ref_step_loss, _ = prefill_and_step(ref)
+    assert rel(loss, ref_loss) < 1e-6 and rel(step_loss, ref_step_loss) < 1e-6
 
 
 def test_apply_mst_twice_does_not_double_wrap():

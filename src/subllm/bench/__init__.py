@@ -3,7 +3,9 @@
 Each benchmark is a module in this package with `HELP` (one line), `add_arguments(parser)`
 and `run(args) -> int`; add a new one by listing it in `BENCHMARKS`. A module that holds
 several benchmarks names each as `module:OBJECT`, an object with the same attributes and
-its description in `DOC`.
+its description in `DOC`. Each writes to `--out`, by default ./bench-out/<name> under the
+current directory (`common.add_out_argument`); nothing in the checkout is written unless
+`--out` points there.
 """
 
 from __future__ import annotations

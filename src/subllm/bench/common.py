@@ -46,6 +46,23 @@ KEPT_TOLERANCE = 0.05  # kept fraction this far off its keep ratio: the ratios a
 # --------------------------------------------------------------------------------------
 
 
+# every benchmark writes to ./bench-out/<its name> (relative to the current directory) unless
+# --out says otherwise; committed results (docs/benchmarks/...) only ever by an explicit --out
+OUT_ROOT = "bench-out"
+
+
+def default_out(name: str) -> str:
+    """The default --out of benchmark `name`: bench-out/NAME, under the current directory."""
+    return f"{OUT_ROOT}/{name}"
+
+
+def add_out_argument(p: Any, name: str, more: str = "") -> None:
+    """`--out OUT`, default bench-out/NAME under the current directory; `more` ends the help."""
+    p.add_argument("--out", default=default_out(name),
+                   help=f"output folder (default ./{default_out(name)}, under the current "
+                        f"directory){more}")
+
+
 def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
     """'1024,2048' -> [1024, 2048] (sorted, unique); raise on anything else."""
     try:

@@ -34,6 +34,7 @@ from subllm.bench.common import (
     MODES,
     RELEASE_ENV,
     adamw,
+    add_out_argument,
     amp_dtype,
     apply_mode,
     build_model,
@@ -108,8 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "it, and one thread keeps a shared machine's cases quick)")
     p.add_argument("--case-timeout", type=float, default=1800.0,
                    help="seconds before a case is abandoned (default 1800)")
-    p.add_argument("--out", default="bench-out/estimate",
-                   help="output folder (default bench-out/estimate)")
+    add_out_argument(p, "estimate")
 
 
 def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:

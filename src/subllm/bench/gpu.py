@@ -14,9 +14,14 @@ the others:
              Hugging Face Llama with Llama-3's vocabulary, with the exactness column
   estimate   `bench estimate`: the memory planner against measured peaks on the GPU
 
-OUT/gpu.json, gpu.md and gpu.png (the parts' wall times) summarise. Nothing needs the
-network. `--budget` (default 480 s) bounds the whole command: each part gets a share of
-the time still left (unused time passes on to the parts after it) and one that outlives
+OUT/gpu.json, gpu.md and gpu.png (the parts' wall times) summarise. OUT is
+./bench-out/gpu (under the current directory) unless `--out` names another folder; the
+committed results in docs/benchmarks/gpu are written only by an explicit
+`--out docs/benchmarks/gpu` (`make bench-gpu`), and nothing else in the checkout is written
+(the tests part runs pytest in OUT/tests). Nothing needs the network.
+
+`--budget` (default 480 s) bounds the whole command: each part gets a share of the time
+still left (unused time passes on to the parts after it) and one that outlives
 its share is stopped, with everything it started, and reported as timed out, so the
 command ends in time and says what did not fit. `--smoke` runs every part at tiny sizes
 (on the CPU when there is no GPU), so the command itself is tested by the suite and cannot
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from subllm.bench.common import (
+    add_out_argument,
     check_cuda,
     command_line,
     machine_info,
@@ -62,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default cuda (--smoke: cuda when visible, else cpu)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated subset of {','.join(PARTS)}")
-    p.add_argument("--out", default="docs/benchmarks/gpu",
-                   help="output folder (default docs/benchmarks/gpu)")
+    add_out_argument(p, "gpu", "; each part in OUT/<part>/. The committed results are "
+                     "written only when asked: --out docs/benchmarks/gpu (make bench-gpu)")
     p.add_argument("--budget", type=positive_float, default=DEFAULT_BUDGET_S, metavar="S",
                    help=f"seconds for the whole command (default {DEFAULT_BUDGET_S:.0f}): each "
                         "part gets a share of what is left and is stopped past it")
@@ -120,14 +126,19 @@ def _bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int | None,
 
 
 def _run_tests(out: Path, timeout: float) -> dict[str, Any]:
-    """pytest -m cuda on this checkout's tests/cuda (a subprocess: its own CUDA context)."""
+    """pytest -m cuda on this checkout's tests/test_cuda.py (a subprocess: its own CUDA
+    context). The checkout is only read: pytest runs in OUT (its current directory, for
+    anything a test writes relative to it), with no cache folder and no bytecode files, and
+    its log goes to OUT/pytest.txt; its configuration still comes from the checkout's
+    pyproject.toml, found from the test file's path."""
     tests = Path(__file__).resolve().parents[3] / "tests" / "test_cuda.py"
     if not tests.is_file():
         return {"status": "skipped", "detail": f"{tests} not found: run from a checkout"}
     out.mkdir(parents=True, exist_ok=True)
     code, stdout, stderr = _bounded([sys.executable, "-m", "pytest", "-rs", "-m", "cuda", "-p",
                                      "no:cacheprovider", str(tests)], timeout,
-                                    cwd=tests.parents[1])
+                                    cwd=out.resolve(),
+                                    env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     log = stdout + stderr
     (out / "pytest.txt").write_text(log)
     if code is None:

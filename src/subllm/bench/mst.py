@@ -55,6 +55,7 @@ from subllm.bench.common import (
     GRANULE,
     MODES,
     RELEASE_ENV,
+    add_out_argument,
     apply_mode,
     autocast,
     build_model,
@@ -142,7 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-len", type=int, default=2048,
                    help="length of the exactness check against the unpatched model (default "
                         "2048, at most the shortest --seq-lens; 0: no check)")
-    p.add_argument("--out", default="bench-out/mst", help="output folder (default bench-out/mst)")
+    add_out_argument(p, "mst")
 
 
 # --------------------------------------------------------------------------------------

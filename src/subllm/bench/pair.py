@@ -33,6 +33,7 @@ from typing import Any
 from subllm.bench.common import (
     KEPT_TOLERANCE,
     adamw,
+    add_out_argument,
     amp_dtype,
     apply_mode,
     autocast,
@@ -102,7 +103,7 @@ def _check_common(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _common_arguments(p: argparse.ArgumentParser, out: str) -> None:
+def _common_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--pair", default=DEFAULT_PAIR,
                    help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -117,7 +118,7 @@ def _common_arguments(p: argparse.ArgumentParser, out: str) -> None:
                    help=f"accelerator peak for the MFU (default {H100_BF16_TFLOPS:g}, H100 bf16 "
                         "dense; MFU is reported on a GPU, or on a CPU when this is given)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    add_out_argument(p, name)
 
 
 # --------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "default 0)")
     p.add_argument("--case-timeout", type=float, default=3600.0,
                    help="seconds before a memory subprocess is abandoned (default 3600)")
-    _common_arguments(p, "bench-out/train")
+    _common_arguments(p, "train")
 
 
 def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool,
@@ -416,7 +417,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "without it, the bytes of the Python standard library")
     p.add_argument("--case-timeout", type=float, default=1800.0,
                    help="seconds before a memory subprocess is abandoned (default 1800)")
-    _common_arguments(p, "bench-out/infer")
+    _common_arguments(p, "infer")
 
 
 def stdlib_byte_stream(vocab_size: int, max_bytes: int = 4_000_000) -> Any:

@@ -34,6 +34,7 @@ from typing import Any
 
 from subllm.bench.common import (
     KEPT_TOLERANCE,
+    add_out_argument,
     command_line,
     fmt,
     machine_info,
@@ -94,8 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's default)")
-    p.add_argument("--out", default="bench-out/quality",
-                   help="output folder (default bench-out/quality); runs go to OUT/runs/A, B")
+    add_out_argument(p, "quality", "; runs go to OUT/runs/A, B")
 
 
 # --------------------------------------------------------------------------------------

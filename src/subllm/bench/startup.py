@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.common import command_line, fmt, machine_info, pyplot, save_figure, write_outputs
+from subllm.bench.common import (
+    add_out_argument,
+    command_line,
+    fmt,
+    machine_info,
+    pyplot,
+    save_figure,
+    write_outputs,
+)
 from subllm.errors import SubLLMError
 from subllm.flags import positive_int
 
@@ -69,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", metavar="SRC_DIR",
                    help="also time every case with another checkout's package (its src/ "
                    "directory put first on PYTHONPATH), interleaved, and report the ratios")
-    p.add_argument("--out", default="bench-out/startup", help="output directory")
+    add_out_argument(p, "startup")
 
 
 def run(args: argparse.Namespace) -> int:

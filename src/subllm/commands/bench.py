@@ -1,5 +1,9 @@
 """`subllm bench <name>`: benchmarks that write JSON, a Markdown table and plots.
 
+Every benchmark writes to --out, by default ./bench-out/<name> under the current directory
+(`subllm.bench.common.default_out`); results committed under docs/benchmarks are written
+only by an explicit --out.
+
 The benchmarks are listed in `subllm.bench.BENCHMARKS`; only the one being run is
 imported.
 """
@@ -13,7 +17,8 @@ from subllm.bench import BENCHMARKS
 from subllm.errors import SubLLMError
 
 TAKES_REST = True  # add_arguments(parser, rest): see subllm.cli
-DESCRIPTION = "Run a benchmark; results go to --out as JSON, a Markdown table and plots."
+DESCRIPTION = ("Run a benchmark; results go to --out (default ./bench-out/BENCH, under the "
+               "current directory) as JSON, a Markdown table and plots.")
 
 
 def _load(target: str):

@@ -18,6 +18,7 @@ time, and relies on block-level activation checkpointing for everything else.
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 from typing import Any
@@ -449,7 +450,48 @@ def _wrap_mlps(blocks: nn.ModuleList, chunks: int | None, min_chunk_tokens: int)
         block.mlp = MiniSequenceMLP(block.mlp, chunks=chunks, min_chunk_tokens=min_chunk_tokens)
 
 
-def _mst_causal_lm_forward(
+# transformers 5.24 renamed the cache argument of the causal LMs' (and their decoders')
+# `forward`, and the output field, `past_key_values` -> `cache`; 5.0-5.23 know only
+# `past_key_values`, and 5.24 on warn (FutureWarning, removal announced for 5.40) when it is
+# passed, and again when both names are. So the patched forward names its cache parameter as
+# the model's own forward does, and passes the cache on only under the name it came by.
+def _cache_arg(forward: Any) -> str:
+    """The name `forward` (a transformers model's, decorators unwrapped) takes its KV cache
+    by: "cache" (transformers >= 5.24) or "past_key_values"."""
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_field(output_cls: Any) -> str:
+    """The KV-cache field of a transformers ModelOutput class: "cache" from 5.24 on."""
+    return "cache" if "cache" in getattr(output_cls, "__dataclass_fields__", {}) else (
+        "past_key_values")
+
+
+def _mst_forward_cache(
+    self: nn.Module,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    cache: Any = None,
+    inputs_embeds: Tensor | None = None,
+    labels: Tensor | None = None,
+    use_cache: bool | None = None,
+    logits_to_keep: int | Tensor = 0,
+    **kwargs: Any,
+) -> Any:
+    """The patched causal-LM forward of transformers >= 5.24 (cache argument `cache`); see
+    `_mst_causal_lm_forward`."""
+    if cache is not None:
+        kwargs["cache"] = cache
+    return _mst_causal_lm_forward(self, input_ids, attention_mask, position_ids, inputs_embeds,
+                                  labels, use_cache, logits_to_keep, **kwargs)
+
+
+def _mst_forward_past_key_values(
     self: nn.Module,
     input_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
@@ -461,13 +503,34 @@ def _mst_causal_lm_forward(
     logits_to_keep: int | Tensor = 0,
     **kwargs: Any,
 ) -> Any:
+    """The patched causal-LM forward of transformers 5.0-5.23 (cache argument
+    `past_key_values`); see `_mst_causal_lm_forward`."""
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
+    return _mst_causal_lm_forward(self, input_ids, attention_mask, position_ids, inputs_embeds,
+                                  labels, use_cache, logits_to_keep, **kwargs)
+
+
+def _mst_causal_lm_forward(
+    self: nn.Module,
+    input_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    inputs_embeds: Tensor | None,
+    labels: Tensor | None,
+    use_cache: bool | None,
+    logits_to_keep: int | Tensor,
+    **kwargs: Any,
+) -> Any:
     """Causal-LM forward whose training loss never materialises the logits.
 
     Without labels (generation, evaluation) or with a `logits_to_keep` slice it is the
     model's own forward, unchanged. With labels it mirrors transformers' forward up to
     the last hidden state, then takes the loss from `chunked_cross_entropy` (same label
     shift, ignore index, `num_items_in_batch`, soft-capping as `ForCausalLMLoss`) and
-    returns logits=None, as Liger-Kernel's fused loss does.
+    returns logits=None, as Liger-Kernel's fused loss does. A KV cache, if any, is in
+    `kwargs` under the name the caller gave it (`cache` or `past_key_values`) and goes on
+    under that name alone.
     """
     original = type(self).forward
     shift_labels = kwargs.get("shift_labels")
@@ -475,9 +538,8 @@ def _mst_causal_lm_forward(
     if (labels is None and shift_labels is None) or not keep_all:
         return original(
             self, input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=position_ids, past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
     # a transformers model is running, so transformers is loaded; the model package does
     # not import it at the top, to keep `import subllm.model.subllm` light
@@ -494,7 +556,6 @@ def _mst_causal_lm_forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         use_cache=use_cache,
         **kwargs,
@@ -514,12 +575,14 @@ def _mst_causal_lm_forward(
         bias=head.bias,
         shift=shift_labels is None,
     )
+    field = _cache_field(CausalLMOutputWithPast)
     out = CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+        # read by the output class's own field name: the old one logs a deprecation
+        **{field: getattr(outputs, _cache_field(type(outputs)), None)},
     )
     return out if return_dict else out.to_tuple()
 
@@ -671,7 +734,11 @@ def apply_mst(
     model.mst_loss_impl = loss_impl
     _wrap_mlps(model.model.layers, mlp_chunks, mlp_floor)
     # instance attribute: `type(model).forward` stays the untouched original it delegates to
-    model.forward = types.MethodType(_mst_causal_lm_forward, model)
+    # named like the model's own cache argument (see _cache_arg): transformers' generate()
+    # passes the cache by that name, and positional callers find it in the same place
+    patched = (_mst_forward_cache if _cache_arg(type(model).forward) == "cache"
+               else _mst_forward_past_key_values)
+    model.forward = types.MethodType(patched, model)
     if checkpointing:
         enable_checkpointing(model)
     if compile:
