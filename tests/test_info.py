@@ -45,6 +45,35 @@ def test_info_bad_input_is_one_line(capsys, tmp_path):
         assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_info_of_a_file_that_is_no_config_says_so_in_one_plain_line(capsys, tmp_path,
+                                                                   monkeypatch):
+    """A JSON-lines corpus, plain text or binary data: what the file is not and what `info`
+    takes, no parser internals; an empty or missing path argument is named as such."""
+    monkeypatch.chdir(tmp_path)
+    Path("corpus.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    Path("notes.txt").write_text("a note: with a colon\n - and: [\n")
+    Path("train.bin").write_bytes(bytes(range(256)))
+    Path("broken.yaml").write_text("lr: [1, 2\n")
+    accepted = "pass a preset (llama-tiny, subllm-tiny"
+    for arg, fragment in (("corpus.jsonl", "corpus.jsonl is not a model config or `subllm "
+                           "train` settings; " + accepted),
+                          ("notes.txt", "notes.txt is not a model config"),
+                          ("train.bin", "train.bin is not a model config"),
+                          ("", "PRESET_OR_CONFIG is empty; " + accepted),
+                          ("no/such/path", "no/such/path does not exist; " + accepted),
+                          ("gone.jsonl", "gone.jsonl does not exist; " + accepted),
+                          ("broken.yaml", "broken.yaml is not valid YAML at line 2, column 1")):
+        assert main(["info", arg]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], err
+        for internal in ("<document start>", "found '{'", "mapping values", "unknown preset",
+                         " . ", "Traceback"):
+            assert internal not in err, err
+    assert main(["info", "subllm-1.3"]) == 2  # a preset name with a typo stays one
+    assert "did you mean 'subllm-1.3b'?" in capsys.readouterr().err
+
+
 # ---- what `subllm train` would build: settings files, runs, exported directories ----------
 
 

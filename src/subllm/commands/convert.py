@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--from-official", metavar="CHECKPOINT",
                         help="the authors' state_dict: a torch.save file or .safetensors")
     p.add_argument("--official-config", metavar="CONFIG_JSON",
-                   help="the authors' model config JSON (with --from-official)")
+                   help="the authors' model config JSON (required with --from-official)")
     p.add_argument("--structure", metavar="S", help="with --from-hf: structure over T ( ), one "
                    "'T' per layer of the model (default: all 'T', the model itself)")
     p.add_argument("--keep", metavar="K", help="with --from-hf: keep ratio, or one per depth: "

@@ -117,7 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-rank memory when N ranks shard the model with FSDP2 "
                    "(`subllm train --distributed fsdp`; default 1: one device)")
     p.add_argument("--gpu-memory", default=None,
-                   help="memory to fit, e.g. 80GB: also print the longest sequence that fits")
+                   help="memory to fit, e.g. 80GB: also print the longest sequence that fits "
+                   "(default: none, no search)")
     p.add_argument("--reserve", default=None,
                    help="part of --gpu-memory not available to tensors (default 1GB on "
                         "cuda for the CUDA context and fragmentation, 0 on cpu)")

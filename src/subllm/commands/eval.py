@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from subllm.errors import SubLLMError
@@ -14,17 +15,24 @@ DESCRIPTION = ("Validation loss, perplexity, tokens evaluated and (SUBLLM) the f
 
 
 def add_arguments(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
+    e.add_argument("--config", metavar="FILE",
+                   help="YAML file whose keys are these flag names; flags win (default: none)")
     e.add_argument("--checkpoint", metavar="RUN_DIR",
                    help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
-                   "or a Hugging Face SubLLM directory (subllm export / convert)")
+                   "or a Hugging Face SubLLM directory (subllm export / convert); required")
     e.add_argument("--data", metavar="DATA_DIR", help="prepared data (default: the run's)")
-    e.add_argument("--batches", type=positive_int, metavar="N", help="validation batches (50)")
-    e.add_argument("--batch-size", type=positive_int, metavar="N", help="default: the run's")
-    e.add_argument("--seq-len", type=positive_int, metavar="N", help="default: the run's")
+    e.add_argument("--batches", type=positive_int, metavar="N",
+                   help="validation batches to evaluate (default 50)")
+    e.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="sequences per batch (default: the run's --batch-size, else 16)")
+    e.add_argument("--seq-len", type=positive_int, metavar="N",
+                   help="tokens per sequence (default: the run's --seq-len, else 256)")
     e.add_argument("--device", metavar="D", help="auto, cpu, cuda, ... (default auto)")
-    e.add_argument("--dtype", choices=("auto", "fp32", "bf16"), help="default auto")
-    e.add_argument("--json", action="store_true", default=None, help="print JSON")
+    e.add_argument("--dtype", choices=("auto", "fp32", "bf16"),
+                   help="autocast dtype; auto = bf16 on GPUs that have it, else fp32 "
+                   "(default auto)")
+    e.add_argument("--json", action="store_true", default=None,
+                   help="print the results as JSON")
 
 
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -44,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from subllm.train.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(s["checkpoint"], s["data"], s["batches"], s["batch_size"],
-                            s["seq_len"], s["device"], s["dtype"])
+                            s["seq_len"], s["device"], s["dtype"],
+                            progress=sys.stderr.isatty())  # no bars in logs and pipes
     if s["json"]:
         print(json.dumps(r, indent=2))
         return 0

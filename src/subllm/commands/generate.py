@@ -14,18 +14,30 @@ DESCRIPTION = "Continue a prompt with a trained model, printing text as it is ge
 
 
 def add_arguments(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML file whose keys are these flag names; flags win (default: none)")
     g.add_argument("--checkpoint", metavar="RUN_DIR",
                    help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
-                   "or a Hugging Face SubLLM directory (subllm export / convert)")
+                   "or a Hugging Face SubLLM directory (subllm export / convert); required")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", metavar="TEXT", help="text to continue (default: none)")
-    prompt.add_argument("--prompt-file", metavar="F", help="read the prompt from a file")
-    g.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="default 200")
-    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=positive_int, metavar="K", help="default 50")
-    g.add_argument("--top-p", type=positive_float, metavar="P", help="nucleus sampling")
-    g.add_argument("--repetition-penalty", type=positive_float, metavar="R")
+    prompt.add_argument("--prompt-file", metavar="F",
+                        help="read the prompt from this UTF-8 file instead of --prompt "
+                        "(default: none)")
+    g.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                   help="tokens to generate at most, fewer where the model's context ends "
+                   "(default 200)")
+    g.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature: lower is more predictable, 0 = greedy "
+                   "(default 0.8)")
+    g.add_argument("--top-k", type=positive_int, metavar="K",
+                   help="sample only from the K most likely tokens (default 50)")
+    g.add_argument("--top-p", type=positive_float, metavar="P",
+                   help="nucleus sampling: keep the smallest set of tokens whose probability "
+                   "sums to P, 0 < P <= 1 (default: off)")
+    g.add_argument("--repetition-penalty", type=positive_float, metavar="R",
+                   help="penalise tokens already in the text, > 1 discourages repeats "
+                   "(default 1.0 = off)")
     g.add_argument("--seed", type=int, metavar="S", help="sampling seed (default 0)")
     g.add_argument("--device", metavar="D", help="auto, cpu, cuda, ... (default auto)")
 

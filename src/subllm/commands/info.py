@@ -17,15 +17,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a preset name (e.g. subllm-1.3b), a YAML/JSON model config, a `subllm "
                    "train` settings file, a run directory, a Hugging Face SubLLM directory, or a "
                    "transformers Llama / Qwen2 / Qwen3 / Mistral directory or config.json")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="sequence length for the FLOPs estimate (default: the context)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="sequence length for the FLOPs estimate (default: the model's context)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from subllm.planner import describe, format_info
-    from subllm.train.config import model_config_of
+    from subllm.train.config import MODEL_ARGUMENTS, model_config_of
 
+    if not args.model.strip():
+        raise SubLLMError(f"PRESET_OR_CONFIG is empty; pass {MODEL_ARGUMENTS}")
     config, _ = model_config_of(args.model)
     if args.seq_len is not None and args.seq_len <= 0:
         raise SubLLMError(f"--seq-len must be positive, got {args.seq_len}")

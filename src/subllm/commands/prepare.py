@@ -15,7 +15,8 @@ DESCRIPTION = ("Train a byte-level BPE tokenizer (or use yours) and tokenize a c
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML file whose keys are these flag names")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file whose keys are these flag names; flags win (default: none)")
     p.add_argument("--out", metavar="DATA_DIR",
                    help=f"output directory (default {DEFAULT_DATA_DIR})")
     p.add_argument("--input", nargs="+", metavar="PATH", dest="input",
@@ -26,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--vocab-size", type=positive_int, metavar="N",
                        help=f"train a byte-level BPE of this size (default {DEFAULT_VOCAB_SIZE})")
-    group.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead")
+    group.add_argument("--tokenizer", metavar="FILE",
+                       help="use this tokenizer.json instead of training one (default: none, "
+                       "train one of --vocab-size)")
     p.add_argument("--val-fraction", type=fraction, metavar="F",
                    help=f"fraction of documents for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the train/val split (default 0)")

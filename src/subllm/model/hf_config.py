@@ -38,7 +38,8 @@ SAME_NAME = (
     "bypass_init", "bypass_min_start", "bypass_min_end", "bypass_min_steps", "bypass_limit_prob",
     "balancer_prob_start", "balancer_prob_end", "balancer_prob_steps", "balancer_strength",
     "balancer_margin", "balancer_rms_min", "balancer_rms_max", "balancer", "threshold",
-    "threshold_decay", "rank_quota_rate", "rank_quota_every", "rank_band", "weight_leak", "rope_positions",
+    "threshold_decay", "rank_quota_rate", "rank_quota_every", "rank_band", "weight_leak",
+    "rope_positions",
     "qkv_bias", "o_bias", "qk_norm", "sliding_window", "hf_family",
 )
 _D = ModelConfig.__dataclass_fields__

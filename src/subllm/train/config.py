@@ -7,6 +7,7 @@ training loop, so a bad flag or config key costs a fraction of a second.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 from dataclasses import dataclass, field
@@ -204,6 +205,11 @@ def check_config(cfg: TrainConfig) -> None:
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 # what a run's config.yaml holds besides the settings (the model it built, exactly)
 RUN_KEYS = {"model_config", "data_tokenizer_sha256", "initialized_from"}
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# what a model argument may be (`subllm info`, `subllm estimate --config`)
+MODEL_ARGUMENTS = (f"a preset ({', '.join(PRESETS)}), a YAML/JSON model config or "
+                   "`subllm train` settings file, a run directory or a Hugging Face model "
+                   "directory")
 
 
 def model_config_of(spec: str) -> tuple[ModelConfig, str]:
@@ -212,10 +218,15 @@ def model_config_of(spec: str) -> tuple[ModelConfig, str]:
     directory: exactly the model that training or loading would build, or an error."""
     if spec in PRESETS:
         return ModelConfig.preset(spec), spec
+    if not spec.strip():
+        raise SubLLMError(f"the model argument is empty; pass {MODEL_ARGUMENTS}")
     path = Path(spec)
     if path.is_dir():
         return _model_config_of_dir(path), path.name
-    if path.suffix not in (".yaml", ".yml", ".json") and not path.exists():
+    if path.suffix not in CONFIG_SUFFIXES and not path.exists():
+        if len(path.parts) > 1 or spec.startswith(("~", ".")) or (
+                path.suffix and not difflib.get_close_matches(spec, list(PRESETS), n=1)):
+            raise SubLLMError(f"{spec} does not exist; pass {MODEL_ARGUMENTS}")  # a path
         return ModelConfig.preset(spec), spec  # raises with the nearest preset names
     data = _read_mapping(path)
     if path.suffix == ".json" and data.get("model_type") in HF_FAMILIES:
@@ -235,18 +246,36 @@ def model_config_of(spec: str) -> tuple[ModelConfig, str]:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
+    """A config file's mapping. A file named like a config (.yaml/.yml/.json) that does not
+    parse is named with where it breaks; any other file that is not a mapping (a .jsonl
+    corpus, plain text, binary data) is one line on what it is not and what is accepted."""
     if not path.is_file():
         raise SubLLMError(f"config file {path} does not exist; pass a preset name, a config "
                           "file, a run directory or a Hugging Face SubLLM directory")
+    named = path.suffix in CONFIG_SUFFIXES
+    not_config = SubLLMError(f"{path} is not a model config or `subllm train` settings; pass "
+                             f"{MODEL_ARGUMENTS}")
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except UnicodeDecodeError:
+        if not named:
+            raise not_config from None
         raise SubLLMError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise SubLLMError(f"cannot parse {path}: {first}") from None
+    except json.JSONDecodeError as e:
+        raise SubLLMError(f"{path} is not valid JSON at line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}; fix the syntax") from None
+    except yaml.YAMLError as e:
+        if not named:
+            raise not_config from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise SubLLMError(f"{path} is not valid YAML{where}: {problem}; fix the "
+                          "syntax") from None
     if not isinstance(data, dict):
+        if not named:
+            raise not_config
         raise SubLLMError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 

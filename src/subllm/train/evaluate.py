@@ -8,10 +8,12 @@ is `subllm eval`; `sample_text` / `prompt_ids` / `TextStream` serve the demo's s
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from tqdm import tqdm
 
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import eot_id_of, load_tokenizer, same_vocab, sha256_file
@@ -97,7 +99,8 @@ def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-             amp: torch.dtype | None, dd: Dist, both_modes: bool = True) -> dict[str, Any]:
+             amp: torch.dtype | None, dd: Dist, both_modes: bool = True,
+             progress: bool = False) -> dict[str, Any]:
     """Mean next-token loss over the batches in eval mode, with inference's selection (the
     threshold) and, for a SUBLLM and `both_modes`, again with training's (top-k) on the same
     batches: `loss` / `kept_fractions` are inference's, `top_k_loss` /
@@ -106,18 +109,24 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     Rank r evaluates the r-th slice of the rows of every batch, so the result does not
     depend on the number of ranks; a rank whose slice is empty runs one row with weight 0,
     so every rank makes the same forward calls (FSDP gathers weights in each). The sums
-    stay on the device (fp64) and are read once, at the end.
+    stay on the device (fp64) and are read once, at the end. `progress`: a bar of the
+    batches on stderr (`subllm eval`), gone when done.
     """
     was_training = model.training
     model.eval()
+    bar = tqdm(desc="eval", unit=" batches", leave=False, file=sys.stderr) if progress else None
     try:
         with torch.random.fork_rng(devices=[]), selection_rule(model, "threshold") as subs:
-            sums = _pass(model, batches, device, amp, dd)
+            if bar is not None:
+                bar.reset(total=len(batches) * (2 if subs and both_modes else 1))
+            sums = _pass(model, batches, device, amp, dd, bar)
         if subs and both_modes:
             with torch.random.fork_rng(devices=[]), selection_rule(model, "top_k"):
-                sums += _pass(model, batches, device, amp, dd)
+                sums += _pass(model, batches, device, amp, dd, bar)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     totals = read_sums(sums, dd, device)
     m = len(subs)
     loss, tokens, kept = _summarise(totals[: 2 + 2 * m], m)
@@ -131,7 +140,7 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
 
 
 def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-          amp: torch.dtype | None, dd: Dist) -> list[torch.Tensor]:
+          amp: torch.dtype | None, dd: Dist, bar: tqdm | None = None) -> list[torch.Tensor]:
     """[loss sum, tokens, kept sums..., entered sums...] of this rank's rows, on the device."""
     loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     tokens = torch.zeros_like(loss_sum)
@@ -152,6 +161,8 @@ def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.dev
         for k, (kept, entered) in enumerate(zip(out.kept, out.entered, strict=True)):
             kept_sum[k] = kept_sum[k] + kept.sum().to(loss_sum.dtype) * weight
             entered_sum[k] = entered_sum[k] + entered.sum().to(loss_sum.dtype) * weight
+        if bar is not None:
+            bar.update(1)
     return [loss_sum, tokens, *kept_sum, *entered_sum]
 
 
@@ -164,9 +175,10 @@ def _summarise(totals: list[float], m: int) -> tuple[float, float, list[float]]:
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None,
                         batches: int = 50, batch_size: int | None = None,
                         seq_len: int | None = None, device: str = "auto",
-                        dtype: str = "auto") -> dict[str, Any]:
+                        dtype: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Validation loss, perplexity, tokens and kept fractions of a checkpoint, with
-    inference's selection and (a SUBLLM) with training's, and the gap between them."""
+    inference's selection and (a SUBLLM) with training's, and the gap between them.
+    `progress`: a progress bar of the batches on stderr."""
     dev = pick_device(device, Dist())
     model, tokenizer_path, run, step = load_any(checkpoint, dev)
     path = tokenizer_path.parent
@@ -191,7 +203,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
         )
     eval_set = val_batches(data.tokens("val"), batch_size or int(run.get("batch_size", 16)),
                            seq_len, batches)
-    result = evaluate(model, eval_set, dev, autocast_dtype(dtype, dev), Dist())
+    result = evaluate(model, eval_set, dev, autocast_dtype(dtype, dev), Dist(),
+                      progress=progress)
     out = {"checkpoint": str(path), "step": step, "data": str(data.path),
            "val_loss": result["loss"], "perplexity": result["perplexity"],
            "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -90,25 +91,34 @@ from subllm.train.runtime import (
     collective_failure,
     fmt_kept,
     init_distributed,
+    load_and_cores,
     peak_memory_gib,
     pick_device,
     plot_loss,
     plot_routing,
     read_sums,
+    thread_tip,
 )
 
 # ---------------------------------------------------------------------------------------------
 # The entry point
 
 
-def train(cfg: TrainConfig, demo: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final validation metrics."""
+def train(cfg: TrainConfig, demo: bool = False, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Train (or resume) a run; returns the final validation metrics. `notes`: lines to say
+    (rank 0, stderr) once setup has passed every check, before the first step."""
     check_config(cfg)
+    load = load_and_cores()  # before this run adds to it (preparing the corpus, training)
     dd = init_distributed(cfg.dist_timeout)
     state: TrainState | None = None
     held = contextlib.ExitStack()  # the run directory's lock (rank 0), released at exit
     try:
         state = setup(cfg, dd, demo, held)
+        if state.device.type == "cpu" and not dd.enabled and load is not None:
+            notes = [*notes, thread_tip(*load, os.environ, torch.get_num_threads())]
+        for line in notes:
+            if line:
+                _say(dd, line)
         result = fit(state, state.cfg, dd)
         if dd.enabled:
             state.phase = "the final barrier"
@@ -685,7 +695,9 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
                     _read(pending, state, dd)  # nothing non-finite gets evaluated
                     state.phase = "validation"
-                    state.last_eval = _eval_and_log(state, dd, state.log)
+                    # the last one is said by the summary line (_finish), once
+                    state.last_eval = _eval_and_log(state, dd, state.log,
+                                                    say=state.step != end)
                 state.phase = "the stop-signal check"
                 stopping = _agree(stop.signum is not None, dd, state.device)
                 save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
@@ -694,14 +706,14 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                     state.phase = "saving a checkpoint"
                     last = stopping or state.step == end
                     state.last_saved = save(state, dd, cfg.async_checkpoint and not last)
-                if stopping:
+                if stopping and state.step < end:  # at the end: saved, finished
                     return _interrupted(state, stop.signum, dd)
         bar.close()
         state.phase = "the final validation"
         if state.last_eval is None or state.last_eval["step"] != state.step:
             # nothing to log when this call trained no step (resuming a finished run)
             state.last_eval = _eval_and_log(
-                state, dd, state.log if state.step > state.start_step else None)
+                state, dd, state.log if state.step > state.start_step else None, say=False)
     finally:
         bar.close()
         if state.log is not None:
@@ -710,8 +722,14 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
             if state.config.is_subllm:
                 segments = sorted(state.config.segments, key=lambda g: g.index)
                 plot_routing(state.run_dir, state.config.keep_per_depth,
-                             [g.depth for g in segments])
+                             [g.depth for g in segments], _held_band(state.config))
     return _finish(state, dd)
+
+
+def _held_band(config: ModelConfig) -> float | None:
+    """The share around keep that inference's selection is held in (the rank rule's
+    budget band), or None where there is none."""
+    return config.rank_band if config.threshold == "rank" else None
 
 
 @dataclass
@@ -823,7 +841,9 @@ def _agree(flag: bool, dd: Dist, device: torch.device) -> bool:
     return all_reduce_sum([float(flag)], dd, device)[0] > 0 if dd.enabled else flag
 
 
-def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None) -> dict[str, Any]:
+def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None, say: bool = True
+                  ) -> dict[str, Any]:
+    """Validate at this step; with a `log`, write its record and (`say`) its line."""
     result = evaluate(state.model, state.eval_set, state.device, state.amp, dd)
     result["step"] = state.step
     if log is not None:
@@ -835,10 +855,11 @@ def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None) -> dict[str, 
             record.update(val_top_k_loss=result["top_k_loss"], val_gap=result["gap"],
                           val_top_k_kept_fractions=result["top_k_kept_fractions"])
         log.write(record)
-        kept = (f", kept {fmt_kept(result['kept_fractions'])}, train/inference gap "
-                f"{100 * result['gap']:+.2f} %" if "gap" in result else "")
-        _say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
-             f"{result['perplexity']:.2f}{kept}")
+        if say:
+            kept = (f", kept {fmt_kept(result['kept_fractions'])}, train/inference gap "
+                    f"{100 * result['gap']:+.2f} %" if "gap" in result else "")
+            _say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
+                 f"{result['perplexity']:.2f}{kept}")
     return result
 
 
@@ -984,19 +1005,32 @@ def _save_failed(e: BaseException, pending: _ShardedSave) -> SubLLMError:
 
 def _interrupted(state: TrainState, signum: int | None, dd: Dist) -> dict[str, Any]:
     name = signal.Signals(signum or signal.SIGTERM).name
-    _say(dd, f"\n{name}: saved {state.last_saved} at step {state.step}; continue with "
-         f"`subllm train --out {state.run_dir} --resume`")
+    _say(dd, f"\n{name}: saved {state.last_saved} at step {state.step}; continue with: "
+         f"{_continue_command(state)}")
     return {"interrupted": True, "step": state.step, "signal": signum}
+
+
+def _continue_command(state: TrainState) -> str:
+    """The command that resumes this run (its saved settings come with --resume)."""
+    return f"subllm train --out {shlex.quote(str(state.run_dir))} --resume"
 
 
 def _finish(state: TrainState, dd: Dist) -> dict[str, Any]:
     """The summary line (and the demo's sample); the result of `train`."""
     last_eval, last_saved = state.last_eval, state.last_saved
     if dd.main:
-        kept_txt = (f", eval kept fractions {fmt_kept(last_eval['kept_fractions'])} "
-                    f"(keep {state.config.keep})" if last_eval["kept_fractions"] else "")
+        kept_txt = ""
+        if last_eval["kept_fractions"]:  # a SUBLLM: with training's selection too (the gap)
+            keep = "/".join(f"{k:g}" for k in state.config.keep_per_depth)
+            kept_txt = (f", eval kept fractions {fmt_kept(last_eval['kept_fractions'])} "
+                        f"(keep {keep})")
+        if "gap" in last_eval:
+            kept_txt += f", train/inference gap {100 * last_eval['gap']:+.2f} %"
         print(f"step {state.step}: val loss {last_eval['loss']:.4f}, perplexity "
               f"{last_eval['perplexity']:.2f}{kept_txt}; checkpoint {last_saved}", flush=True)
+        if state.cfg.stop_at is not None and state.step < state.cfg.max_steps:
+            _say(dd, f"stopped at step {state.step} (--stop-at); continue with: "
+                 f"{_continue_command(state)}")
         if state.demo:
             print("sample:", flush=True)
             print(DEMO_PROMPT + sample_text(state.raw_model, state.data.tokenizer_path,

@@ -9,7 +9,7 @@ import json
 import os
 import resource
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,37 @@ def pick_device(name: str, dd: Dist) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise SubLLMError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
+
+
+# what says how many threads PyTorch's CPU kernels use: the user's choice, left alone
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_tip(load: float, cores: int, env: Mapping[str, str],
+               threads: int | None = None) -> str | None:
+    """The tip a CPU run prints when the cores are already busy with other work (1-minute
+    load average `load` >= `cores` before it starts): there PyTorch's intra-op threads
+    wait on each other and one thread is often several times faster. None when the user
+    chose the threads (OMP_NUM_THREADS / MKL_NUM_THREADS in `env`, or `threads`, the
+    current torch.get_num_threads(), is already 1), under torchrun (it sets
+    OMP_NUM_THREADS for its processes), on one core, or when the cores are free."""
+    if any(v in env for v in THREAD_VARIABLES) or "RANK" in env or "LOCAL_RANK" in env:
+        return None
+    if cores <= 1 or (threads is not None and threads <= 1) or load < cores:
+        return None
+    return (f"tip: the CPU is busy with other work (1-minute load {load:.1f} on {cores} "
+            "cores), where PyTorch's threads wait on each other; `OMP_NUM_THREADS=1 subllm "
+            "train ...` can be several times faster")
+
+
+def load_and_cores() -> tuple[float, int] | None:
+    """(the 1-minute load average, the cores this process may use); None where unknown."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return load, cores or 1
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -208,11 +239,13 @@ def plot_loss(run_dir: Path) -> Path | None:
     return _save_png(fig, run_dir / "loss.png")
 
 
-def plot_routing(run_dir: Path, keep_per_depth: list[float], depths: list[int]) -> Path | None:
+def plot_routing(run_dir: Path, keep_per_depth: list[float], depths: list[int],
+                 band: float | None = None) -> Path | None:
     """routing.png: each subsampling module's kept fraction against the step, in training
     (top-k: the keep ratio by construction, a check; inference's selection on a training
     batch, as the quota controller last measured it), in evaluation with inference's
-    selection and with training's, and the keep ratio it should match."""
+    selection and with training's, the keep ratio it should match and, shaded, `band`:
+    keep +- the rank rule's budget band (`rank_band`), the share inference is held in."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +271,10 @@ def plot_routing(run_dir: Path, keep_per_depth: list[float], depths: list[int]) 
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=label, lw=lw, ms=3)
         ax.axhline(keep, color="k", lw=0.8, ls=":", label=f"keep {keep:g}")
-        ax.axhspan(keep - 0.03, keep + 0.03, color="k", alpha=0.06)
+        if band:
+            ax.axhspan(keep - band, keep + band, color="k", alpha=0.06,
+                       label=f"keep \u00b1 rank_band ({band:g}): where inference's kept "
+                       "share is held")
         ax.set_title(f"subsampler {j} (depth {depths[j]})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
