@@ -52,7 +52,7 @@ def test_compiled_blocks_train_like_eager_for_20_steps():
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            pair.append(loss.detach().item())
+            pair.append(float(loss))
         losses.append((pair[0], pair[1]))
     for a, b in losses:
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6), losses
