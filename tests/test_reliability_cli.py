@@ -5,9 +5,7 @@ disk) is injected into the subprocess by a `sitecustomize` module on its PYTHONP
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,53 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from procs import SRC, cli, one_line, snapshot
 
 from subllm.cli import main
 
 pytestmark = pytest.mark.slow  # ~40 subprocesses, each importing torch
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-BAR = re.compile(r"^\w+:\s+\d+%\|")  # a tqdm progress bar ("train:  50%|...")
-
-def cli(*argv: str, cwd: Path | None = None, inject: str | None = None,
-        timeout: float = 180) -> subprocess.CompletedProcess:
-    path = [str(SRC), os.environ.get("PYTHONPATH", "")]
-    if inject is not None:
-        site = Path(cwd or os.getcwd()) / f"inject-{abs(hash(inject))}"
-        site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(inject)
-        path.insert(0, str(site))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "subllm", *argv], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=cwd)
-
-
-def one_line(r: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    """The run failed with `code`, no traceback, and said what went wrong in one line, its
-    last on stderr (status lines such as "resuming from ..." may come before it), holding
-    every fragment."""
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not BAR.match(ln)]
-    errors = [ln for ln in lines if ": error: " in ln]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """sha256 of every file and the name of every directory under the roots."""
-    out = {}
-    for root in roots:
-        if root.is_file():
-            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
-            continue
-        for p in sorted(root.rglob("*")):
-            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus, tiny_settings) -> Path:
