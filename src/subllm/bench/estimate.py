@@ -26,6 +26,7 @@ the default allocator's resident peak and its excess beside the estimate's error
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from subllm.bench.common import (
     write_outputs,
 )
 from subllm.errors import SubLLMError
-from subllm.planner import estimate_memory, load_hf_config, resolve_shape, shape_from_hf_config
+from subllm.planner import estimate_memory, resolve_shape, shape_from_hf_config
 
 HELP = "the memory planner (subllm estimate) against peaks measured in training steps"
 TARGET = 0.15  # issue 6: within 15 % of the measured peak on every case
@@ -142,8 +143,10 @@ def case_shape(spec: str) -> Any:
     kind = check_model(spec)
     if kind == "hf-spec":
         return shape_from_hf_config({"model_type": "llama", **parse_spec(spec)}, spec)
-    if kind == "hf-config":
-        return shape_from_hf_config(load_hf_config(spec), spec)
+    if kind == "hf-config":  # read as `subllm estimate --hf-config` and `convert` read it
+        from subllm.interop.llama import hf_config_shape
+
+        return dataclasses.replace(hf_config_shape(spec), name=spec)
     return resolve_shape(spec, spec)
 
 

@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'T' per layer of the model (default: all 'T', the model itself)")
     p.add_argument("--keep", metavar="K", help="with --from-hf: keep ratio, or one per depth: "
                    "0.64,0.5 (default 0.64)")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="with --from-hf: the converted model's context (default: "
+                   "max_position_embeddings); YaRN configs as Qwen documents them keep "
+                   "max_position_embeddings at the original context, so pass the extended one "
+                   "(factor x original_max_position_embeddings) to reach it")
     p.add_argument("--rope-positions", choices=("parent", "original"),
                    help="with --from-official: RoPE positions of nested segments' blocks; "
                    "parent (default) reproduces the release's full forward pass, original "
@@ -65,12 +70,14 @@ def run(args: argparse.Namespace) -> int:
             raise SubLLMError("--official-config goes with --from-official, not --from-hf")
         if args.rope_positions is not None:
             raise SubLLMError("--rope-positions goes with --from-official, not --from-hf")
+        if args.max_seq_len is not None and args.max_seq_len <= 0:
+            raise SubLLMError(f"--max-seq-len must be a positive integer, got {args.max_seq_len}")
         src = Path(args.from_hf)
         keep = parse_keep(args.keep) if args.keep is not None else None
-        model = from_hf_dir(src, args.structure, keep, dtype=dtype)
+        model = from_hf_dir(src, args.structure, keep, dtype=dtype, max_seq_len=args.max_seq_len)
         raw = read_json(src / "config.json", "no config")
         family = model.config.hf_family
-        token_ids = {k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        token_ids = model.hf_token_ids
         gen = src / "generation_config.json"
         tokenizer = args.tokenizer or (src if tokenizer_files(src) else None)
         arch = (raw.get("architectures") or [family])[0]
@@ -78,10 +85,15 @@ def run(args: argparse.Namespace) -> int:
         if model.config.is_subllm:
             info["freshly initialised"] = (f"{len(model.subsamplers)} scorer(s) and "
                                            f"{len(model.bypasses)} bypass scale(s)")
+        for note in _notes(model.config, raw, args.max_seq_len):
+            print(f"note: {note}")
     else:
         if args.official_config is None:
             raise SubLLMError("--from-official needs --official-config CONFIG_JSON (the "
                               "release's model config)")
+        if args.max_seq_len is not None:
+            raise SubLLMError("--max-seq-len goes with --from-hf; the release's context is "
+                              "its config's tokens_per_sample")
         for flag in ("structure", "keep"):
             if getattr(args, flag) is not None:
                 raise SubLLMError(f"--{flag} does not apply to --from-official: the structure "
@@ -114,3 +126,20 @@ def run(args: argparse.Namespace) -> int:
           + ("" if tokenizer else "; no tokenizer (pass --tokenizer FILE_OR_DIR)"))
     print(f"continue training: subllm train --init-from {out} --data DATA_DIR --out RUN_DIR")
     return 0
+
+
+def _notes(config, raw: dict, max_seq_len: int | None) -> list[str]:
+    """What the conversion did that the source's config.json does not say."""
+    notes = []
+    if raw.get("tie_word_embeddings") and not config.tie_embeddings:
+        notes.append("lm_head.weight differs from the embedding although "
+                     "tie_word_embeddings is true: converted untied, as transformers loads it")
+    rs = config.rope_scaling or {}
+    if (max_seq_len is None and rs.get("rope_type") in ("yarn", "llama3")
+            and rs["factor"] * rs["original_max_position_embeddings"] > config.max_seq_len):
+        longer = int(rs["factor"] * rs["original_max_position_embeddings"])
+        notes.append(f"{rs['rope_type']} rope scaling (factor {rs['factor']:g}) extends the "
+                     f"context to {longer} tokens, but max_position_embeddings is "
+                     f"{config.max_seq_len}, the converted model's context: pass "
+                     f"--max-seq-len {longer} to reach it")
+    return notes

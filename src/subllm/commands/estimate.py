@@ -18,11 +18,9 @@ from subllm.planner import (
     estimate_memory,
     fmt_bytes,
     format_estimate,
-    load_hf_config,
     longest_fit,
     parse_memory,
     shape_from_config,
-    shape_from_hf_config,
 )
 from subllm.train.config import model_config_of
 
@@ -49,9 +47,9 @@ def _load_model_arg(args: argparse.Namespace) -> ModelShape:
                                   "pass it as --hf-config")
         config, name = model_config_of(args.config)
         return shape_from_config(config, name)
-    cfg = load_hf_config(args.hf_config)
-    p = Path(args.hf_config)
-    return shape_from_hf_config(cfg, p.parent.name if p.name == "config.json" else p.stem)
+    from subllm.interop.llama import hf_config_shape
+
+    return hf_config_shape(args.hf_config)
 
 
 def run(args: argparse.Namespace) -> int:

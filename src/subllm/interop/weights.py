@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,23 @@ from subllm.errors import SubLLMError
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of an error's message; for huggingface_hub's strict-dataclass errors
+    ("Validation error for field 'head_dim':"), that of their cause, which says what."""
+    if e.__cause__ is not None and type(e).__name__.startswith("StrictDataclass"):
+        return first_line(e.__cause__)
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def unreadable(e: BaseException) -> str:
+    """Why a weights file could not be read, without torch's advice to retry with
+    `weights_only=False` (which would run whatever code the file holds: we never do)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        return (f"it pickles a {found.group(1)} object, not only tensors" if found
+                else "it is not a torch.save file of tensors")
+    return first_line(e)
 
 
 def read_json(path: Path, missing: str) -> dict[str, Any]:
@@ -76,7 +93,7 @@ class TensorFiles(Mapping):
             except SubLLMError:
                 raise
             except Exception as e:  # safetensors and torch raise many types
-                raise SubLLMError(f"cannot read weights {path}: {first_line(e)}") from None
+                raise SubLLMError(f"cannot read weights {path}: {unreadable(e)}") from None
 
     def __getitem__(self, key: str) -> Tensor:
         handle = self._where[key]
@@ -93,11 +110,14 @@ class TensorFiles(Mapping):
 
 
 def _torch_load(path: Path) -> dict[str, Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in the legacy (pre-zip) format cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+    with warnings.catch_warnings():  # "Detected pickle protocol 4": the error says more
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                              for k, v in state.items()):
         inner = [k for k, v in state.items() if isinstance(v, dict)] if isinstance(
             state, dict) else []
         hint = (f"; it wraps one under {inner[0]!r}: save that entry alone "
@@ -119,7 +139,7 @@ def read_state_dict(path: str | Path) -> Mapping[str, Tensor]:
         raise
     except Exception as e:  # unpickling and safetensors errors come in many types
         raise SubLLMError(
-            f"cannot read checkpoint {path} ({first_line(e)}); pass a raw state_dict saved "
+            f"cannot read checkpoint {path} ({unreadable(e)}); pass a raw state_dict saved "
             "with torch.save or a .safetensors file"
         ) from None
 
@@ -146,6 +166,12 @@ def check_keys(present: Iterable[str], expected: Iterable[str], source: str,
 
 
 def check_shape(key: str, t: Tensor, shape: tuple[int, ...], source: str) -> None:
+    """A weight of the shape the config implies, and of floating point (an integer tensor
+    is a quantized or damaged checkpoint, whose values would be taken as they are)."""
+    if not t.is_floating_point():
+        raise SubLLMError(f"{source}: {key!r} holds {str(t.dtype).removeprefix('torch.')} "
+                          "values, not floating point; a quantized checkpoint cannot be "
+                          "converted: pass the unquantized (fp32, bf16 or fp16) weights")
     if tuple(t.shape) != tuple(shape):
         raise SubLLMError(f"{source}: {key!r} has shape {list(t.shape)} but the config implies "
                           f"{list(shape)}")
