@@ -73,9 +73,10 @@ def replace_dir(tmp: Path, out: Path, force: bool) -> None:
     old = None
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty directory holds nothing to lose
-    if out.exists():
-        if not force:  # checked before the work too; re-checked here against a race
+    if out.exists():  # checked before the work too; re-checked here against a race
+        if not force:
             raise SubLLMError(f"{out} exists; pass --force to replace it")
+        _check_replaceable(out)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
@@ -117,7 +118,7 @@ def check_not_overlapping(out: Path, inputs: Iterable[str | Path | None],
 def check_out_dir(out: str | Path, force: bool,
                   inputs: tuple[str | Path | None, ...] = ()) -> Path:
     """The output directory, checked before any work: not a file, not one of (or inside, or
-    around) the `inputs`, and empty unless `force`."""
+    around) the `inputs`, and empty, or with `force` an earlier export/convert."""
     if not str(out).strip():
         raise SubLLMError("--out is empty; pass a directory path")
     out = Path(out)
@@ -128,22 +129,51 @@ def check_out_dir(out: str | Path, force: bool,
         if not force:
             raise SubLLMError(f"--out {out} exists and is not empty; pass --force to replace "
                               "it")
-        if not _is_model_dir(out):  # --force replaces an earlier export, nothing else
-            raise SubLLMError(f"--out {out} holds something other than an exported model (no "
-                              "config.json of a model in it); --force replaces only an earlier "
-                              "export or conversion: choose another --out")
+        _check_replaceable(out)
     return out
 
 
-def _is_model_dir(path: Path) -> bool:
-    """An earlier `subllm export` / `convert` (or any Hugging Face model) directory."""
+# What `subllm export` / `convert` leave in every directory they write: --force replaces
+# only a directory that holds it (or an empty one), never one subllm did not write.
+MARKER = ".subllm-export.json"
+
+
+def write_marker(directory: Path, verb: str) -> None:
+    """Mark `directory` as written by `subllm <verb>` (and when)."""
     import json
+    from importlib import metadata
 
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config
+        version = metadata.version("subllm")
+    except metadata.PackageNotFoundError:  # run from a source tree, not installed
+        version = "(source tree)"
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (directory / MARKER).write_text(json.dumps(
+        {"written_by": f"subllm {version} {verb}", "at": when}, indent=2) + "\n")
+
+
+def _written_by_subllm(path: Path) -> bool:
+    """Whether `path` is an earlier `subllm export` / `convert` output: it holds our marker,
+    or (written before the marker existed) a config.json of model_type "subllm". A
+    Llama, Mistral or Qwen directory is not one, whatever else it holds."""
+    import json
+
+    for name, ours in ((MARKER, lambda d: str(d.get("written_by", "")).startswith("subllm")),
+                       ("config.json", lambda d: d.get("model_type") == "subllm")):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and ours(data):
+            return True
+    return False
+
+
+def _check_replaceable(out: Path) -> None:
+    if not _written_by_subllm(out):
+        raise SubLLMError(f"--out {out} was not written by subllm export/convert (no "
+                          f"{MARKER}, no SubLLM config.json); --force replaces only an earlier "
+                          "export or conversion: choose another --out, or remove it yourself")
 
 
 LOCK_FILE = ".lock"

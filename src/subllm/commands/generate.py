@@ -70,14 +70,15 @@ def run(args: argparse.Namespace) -> int:
             raise SubLLMError(f"cannot read --prompt-file {s['prompt_file']} ({reason})") from None
     import torch
 
-    from subllm.train.evaluate import TextStream, prompt_ids
+    from subllm.train.evaluate import TextStream
     from subllm.train.load import load_any
     from subllm.train.runtime import Dist, pick_device
 
     device = pick_device(s["device"], Dist())
-    model, tokenizer_path, _, _ = load_any(s["checkpoint"], device)
+    model, tokenizer_path, settings, _ = load_any(s["checkpoint"], device)
     ctx = model.config.max_seq_len
-    tokenizer, eot, ids = prompt_ids(tokenizer_path, prompt, ctx)
+    tokenizer, stop, ids = text_pipeline(s["checkpoint"], tokenizer_path, prompt, ctx,
+                                         settings.get("initialized_from"))
     max_new = s["max_new_tokens"]
     if len(ids) + max_new > ctx:
         max_new = ctx - len(ids)
@@ -88,7 +89,49 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     model.generate(torch.tensor([ids], device=device), max_new, temperature=s["temperature"],
                    top_k=s["top_k"], top_p=s["top_p"],
-                   repetition_penalty=s["repetition_penalty"], eos_token_id=eot,
+                   repetition_penalty=s["repetition_penalty"], eos_token_id=stop,
                    streamer=TextStream(tokenizer, sys.stdout), generator=generator)
     sys.stdout.write("\n")
     return 0
+
+
+def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: str,
+                  ctx: int, initialized_from: str | None = None
+                  ) -> tuple[Any, list[int], list[int]]:
+    """(tokenizer, the ids generation stops at, the prompt's ids) for `checkpoint`, as
+    transformers' AutoTokenizer + generate() see them for a Hugging Face directory (subllm
+    export / convert): the prompt encoded with the tokenizer's post-processor (a Llama-3's
+    BOS first), stopping at any id of the model's eos_token_id list. A `subllm train`
+    checkpoint's tokenizer.json encodes with its own post-processor and stops at its
+    end-of-text token, and at the eos_token_id list of the model it was initialised from
+    (`--init-from`, where that directory still exists)."""
+    from subllm.interop.tokenizer import (
+        eot_id_of,
+        load_tokenizer,
+        model_stop_ids,
+        model_tokenizer,
+    )
+
+    directory = Path(checkpoint)
+    hf_dir = (directory / "config.json").is_file()
+    if hf_dir and (directory / "tokenizer_config.json").is_file():
+        tokenizer, _ = model_tokenizer(directory)
+    else:
+        tokenizer = load_tokenizer(tokenizer_path)
+    if hf_dir:
+        stop = model_stop_ids(directory) or [eot_id_of(tokenizer, tokenizer_path)]
+    else:
+        origin = Path(initialized_from) if initialized_from else None
+        stop = [eot_id_of(tokenizer, tokenizer_path)]
+        stop += [i for i in (model_stop_ids(origin) if origin and origin.is_dir() else [])
+                 if i not in stop]
+    ids = tokenizer.encode(prompt, add_special_tokens=True).ids
+    if not ids:  # an empty prompt starts a new document: after an end-of-text token
+        try:
+            ids = [eot_id_of(tokenizer)]
+        except SubLLMError:
+            ids = stop[:1]
+    if len(ids) > ctx:
+        raise SubLLMError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                          f"{ctx}; shorten the prompt")
+    return tokenizer, stop, ids

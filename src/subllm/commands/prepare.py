@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--vocab-size", type=positive_int, metavar="N",
                        help=f"train a byte-level BPE of this size (default {DEFAULT_VOCAB_SIZE})")
-    group.add_argument("--tokenizer", metavar="FILE",
-                       help="use this tokenizer.json instead of training one (default: none, "
-                       "train one of --vocab-size)")
+    group.add_argument("--tokenizer", metavar="FILE_OR_DIR",
+                       help="use this tokenizer.json, or a model directory's tokenizer "
+                       "(encoding as transformers' AutoTokenizer does, a BOS first where it "
+                       "adds one), instead of training one (default: none, train one of "
+                       "--vocab-size)")
     p.add_argument("--val-fraction", type=fraction, metavar="F",
                    help=f"fraction of documents for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--seed", type=int, metavar="S", help="seed of the train/val split (default 0)")
@@ -47,7 +50,7 @@ PREPARE_DEFAULTS: dict[str, Any] = {
 
 
 def run(args: argparse.Namespace) -> int:
-    from subllm.train.data import prepare, print_summary
+    from subllm.train.data import Terminated, prepare, print_summary, terminate_raises
 
     s, _ = resolve_flags(args, args._parser, PREPARE_DEFAULTS)
     if s["tokenizer"] is not None and s["vocab_size"] is not None:
@@ -60,10 +63,20 @@ def run(args: argparse.Namespace) -> int:
         if out == i or i in out.parents:  # the next prepare would read its own outputs
             raise SubLLMError(f"--out {s['out']} is or lies inside the input {inp}; write the "
                               "prepared data outside the corpus")
-    meta = prepare(
-        s["out"], inputs=s["input"], text_field=s["text_field"],
-        vocab_size=s["vocab_size"] or DEFAULT_VOCAB_SIZE, tokenizer=s["tokenizer"],
-        val_fraction=s["val_fraction"], seed=s["seed"],
-    )
+    tok = s["tokenizer"]
+    if tok is not None and Path(tok).is_dir() and Path(tok).resolve() == out:
+        raise SubLLMError(f"--out {s['out']} is the --tokenizer directory; its tokenizer.json "
+                          "would be replaced: write the prepared data elsewhere")
+    try:
+        with terminate_raises():  # SIGTERM, like Ctrl-C, removes prepare's temporaries
+            meta = prepare(
+                s["out"], inputs=s["input"], text_field=s["text_field"],
+                vocab_size=s["vocab_size"] or DEFAULT_VOCAB_SIZE, tokenizer=tok,
+                val_fraction=s["val_fraction"], seed=s["seed"],
+            )
+    except Terminated as e:
+        print(f"subllm prepare: terminated by {e}; its temporary files are removed",
+              file=sys.stderr)
+        return 128 + e.signum
     print_summary(meta, s["out"])
     return 0

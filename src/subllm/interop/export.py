@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 import subllm.model
-from subllm.atomic import check_out_dir, staged_dir
+from subllm.atomic import check_out_dir, staged_dir, write_marker
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import EOT_CANDIDATES, eot_id_of, load_tokenizer
 from subllm.model.hf import SubLLMForCausalLM
@@ -121,11 +121,14 @@ def save_hf_model(
     dtype: str | None = None,
     force: bool = False,
     info: dict[str, Any] | None = None,
+    verb: str = "export",
 ) -> Path:
     """Write `model` (a `subllm.SubLLM`) as a self-contained Hugging Face model directory.
 
     Written into a temporary sibling directory and renamed into place, so `out` is either
     complete or untouched. `dtype` ("fp32", "bf16", "fp16") converts the saved weights.
+    The directory holds our marker (`subllm.atomic.MARKER`, naming `verb`): a later
+    `--force` replaces only a directory that holds it.
     """
     out = check_out_dir(out, force)
     if dtype is not None and dtype not in DTYPES:
@@ -154,6 +157,7 @@ def save_hf_model(
         GenerationConfig(**gen, **GENERATION_DEFAULTS).save_pretrained(str(tmp))
         write_code(tmp)
         (tmp / "README.md").write_text(_model_card(config, info or {}))
+        write_marker(tmp, verb)
         for f in tmp.iterdir():
             f.chmod(0o644)
     return out
@@ -201,7 +205,7 @@ def write_converted(model: SubLLM, out: str | Path, *, tokenizer: str | Path | N
         _check_tokenizer_vocab(copy_from, model.config.vocab_size)
     with staged_dir(out, force) as staging:
         save_hf_model(model, staging, tok if copy_from is None else None, dtype=dtype,
-                      force=True, info=info)
+                      force=True, info=info, verb="convert")
         for f in tokenizer_files(copy_from) if copy_from is not None else []:
             shutil.copyfile(f, staging / f.name)
         if generation_config is not None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,53 @@ def load_tokenizer(path: str | Path) -> Any:
             f"{path} is not a Hugging Face tokenizer.json ({first}); "
             "pass the tokenizer.json of a `tokenizers` tokenizer"
         ) from None
+
+
+def model_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
+    """(the `tokenizers` tokenizer of a model directory, its eos id or None), encoding text
+    as transformers' `AutoTokenizer.from_pretrained(directory)` does: with the post-processor
+    it applies (a Llama-3's `<|begin_of_text|>` first; what tokenizer_config.json's
+    add_bos_token / add_eos_token make of it). Encode with `add_special_tokens=True`."""
+    directory = Path(directory)
+    if not (directory / "tokenizer_config.json").is_file():
+        if (directory / "tokenizer.json").is_file():  # no config: the file is all there is
+            return load_tokenizer(directory / "tokenizer.json"), None
+        raise SubLLMError(f"tokenizer {directory} is a directory, not a tokenizer.json, and holds "
+                          "no tokenizer.json / tokenizer_config.json; pass a tokenizer.json or "
+                          "a model directory with its tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:  # transformers raises many kinds; say which and where
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SubLLMError(f"transformers cannot load the tokenizer in {directory} ({first}); "
+                          "pass its tokenizer.json instead") from None
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise SubLLMError(f"the tokenizer in {directory} is not a `tokenizers` (fast) one; "
+                          "pass a tokenizer.json")
+    return backend, hf.eos_token_id
+
+
+def model_stop_ids(directory: str | Path) -> list[int]:
+    """The ids a model directory's generation stops at, as transformers' `generate()` reads
+    them: generation_config.json's eos_token_id (one id or a list, e.g. a Llama-3's
+    `<|eot_id|>` and `<|end_of_text|>`), else config.json's; [] when neither sets one."""
+    directory = Path(directory)
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((directory / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if eos is None:
+            continue
+        ids = eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise SubLLMError(f"{directory / name}: eos_token_id must be a token id or a list "
+                              f"of them, got {eos!r}; fix the file")
+        return ids
+    return []
 
 
 def eot_id_of(tokenizer: Any, path: str | Path = "the tokenizer") -> int:

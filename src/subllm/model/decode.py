@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,6 +82,15 @@ def _validate(model: SubLLM, input_ids: Tensor, max_new_tokens: int, temperature
         )
 
 
+def _eos_tensor(eos_token_id: int | Sequence[int] | Tensor | None,
+                device: torch.device) -> Tensor | None:
+    """The stop ids as a 1-D tensor (None when there are none)."""
+    if eos_token_id is None:
+        return None
+    ids = torch.as_tensor(eos_token_id, dtype=torch.long, device=device).reshape(-1)
+    return ids if ids.numel() else None
+
+
 def _emit(streamer: Any, token: Tensor) -> None:
     if streamer is None:
         return
@@ -94,14 +103,17 @@ def _emit(streamer: Any, token: Tensor) -> None:
 @torch.no_grad()
 def generate(model: SubLLM, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float | None = None, eos_token_id: int | None = None,
+             repetition_penalty: float | None = None,
+             eos_token_id: int | Sequence[int] | None = None,
              attention_mask: Tensor | None = None,
              streamer: Callable[[Tensor], Any] | Any | None = None,
              generator: torch.Generator | None = None) -> Tensor:
     """Decode up to max_new_tokens per row; returns (B, L + n) ids.
 
     Prompts of different lengths go in one batch left-padded, with attention_mask marking
-    the real tokens. Rows that produced eos_token_id keep emitting it until every row has.
+    the real tokens. eos_token_id is one id or a list (a model's `<|eot_id|>` and
+    `<|end_of_text|>`, as in its generation_config): a row stops at the first of them it
+    produces, then emits the first id of the list until every row has stopped.
     `streamer` is a callable (or a transformers streamer with put/end) receiving each new
     (B,) token tensor.
     """
@@ -123,19 +135,20 @@ def generate(model: SubLLM, input_ids: Tensor, max_new_tokens: int, temperature:
         logits = out.logits[:, -1]
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        eos = _eos_tensor(eos_token_id, input_ids.device)
         for i in range(max_new_tokens):
             logits = logits.float()
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             tok = next_token(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                tok = torch.where(finished, torch.full_like(tok, eos_token_id), tok)
-                finished |= tok == eos_token_id
+            if eos is not None:
+                tok = torch.where(finished, eos[0], tok)
+                finished |= torch.isin(tok, eos)
             tokens.append(tok[:, None])
             _emit(streamer, tok)
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
-            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            if i == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
                 break
             logits = model(tok[:, None], cache=cache).logits[:, -1]
         if streamer is not None and hasattr(streamer, "end"):

@@ -2,7 +2,8 @@
 
 A prepared data directory holds
     tokenizer.json   byte-level BPE (Hugging Face `tokenizers`), with an end-of-text token
-    train.bin        token ids of the training documents, each followed by end-of-text
+    train.bin        token ids of the training documents, each as its tokenizer encodes it
+                     (a BOS first where its template adds one) and followed by end-of-text
     val.bin          the same for the validation documents (split by document)
     meta.json        token counts, dtype, vocab size, eot id, tokenizer sha256, sources
 `meta.json` is written last, so a directory without it is incomplete.
@@ -12,12 +13,16 @@ The .bin files are flat arrays (uint16 when the vocabulary fits, else uint32) re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import sysconfig
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +33,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from subllm.atomic import _alive
 from subllm.errors import SubLLMError
-from subllm.interop.tokenizer import EOT_TOKEN, eot_id_of, load_tokenizer, sha256_file
+from subllm.interop.tokenizer import (
+    EOT_TOKEN,
+    eot_id_of,
+    load_tokenizer,
+    model_tokenizer,
+    sha256_file,
+)
 from subllm.train.config import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 
 META_FORMAT = 1
@@ -209,11 +221,77 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # prepare
 
 
+OUTPUTS = ("tokenizer.json", "train.bin", "val.bin", "meta.json")
+# prepare's temporaries in the output directory: `.train.bin.tmp-PID`, `.write-test-PID`
+_TEMPORARY = re.compile(r"^\.(?:(?:tokenizer\.json|train\.bin|val\.bin|meta\.json)\.tmp|"
+                        r"write-test)-(?P<pid>\d+)$")
+
+
+class Terminated(BaseException):
+    """A SIGTERM arrived while prepare was writing (its temporaries are removed)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the block (as SIGINT raises KeyboardInterrupt), so
+    prepare's cleanup runs instead of the process vanishing mid-write (`subllm prepare`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one cuts no cleanup short
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """A SIGINT or SIGTERM arriving in the block (renaming the outputs into place: a
+    directory with some new files and some old ones would be neither run's) is delivered
+    when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporaries a killed prepare left in `out_dir` (those of a process that
+    is not running; never a running prepare's)."""
+    for p in out_dir.iterdir():
+        m = _TEMPORARY.match(p.name)
+        pid = int(m["pid"]) if m else 0
+        # our own pid can only be a dead process's reused one: we have written nothing yet
+        if m and p.is_file() and (pid == os.getpid() or not _alive(pid)):
+            p.unlink(missing_ok=True)
+
+
 def _make_out_dir(out_dir: Path) -> bool:
-    """Create the output directory (returns whether we created it) and prove it is writable."""
+    """Create the output directory (returns whether we created it), remove what killed
+    prepares left in it, and prove it is writable."""
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out_dir)
         probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -271,10 +349,10 @@ def prepare(
                 yield text
 
     created = _make_out_dir(out_dir)
-    tmp = {name: out_dir / f".{name}.tmp-{os.getpid()}"
-           for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json")}
+    tmp = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in OUTPUTS}
     try:
         # Pass 2: the tokenizer, trained on the training documents only.
+        eos_id = None  # a model directory's tokenizer_config.json eos token
         if tokenizer is None:
             if progress:
                 print(f"training a byte-level BPE tokenizer (vocab {vocab_size}) "
@@ -282,14 +360,26 @@ def prepare(
             tok = train_tokenizer(texts("train" if n_val else None), vocab_size,
                                   length=n_docs - n_val)
             tok.save(str(tmp["tokenizer.json"]))
+        elif Path(tokenizer).is_dir():  # a model's: encode as transformers' AutoTokenizer
+            tok, eos_id = model_tokenizer(tokenizer)
+            tok.save(str(tmp["tokenizer.json"]))  # with the post-processor it applies
         else:
             tok = load_tokenizer(tokenizer)
             shutil.copyfile(tokenizer, tmp["tokenizer.json"])
-        eot_id = eot_id_of(tok, tokenizer or "tokenizer.json")
+        try:
+            eot_id = eot_id_of(tok, tokenizer or "tokenizer.json")
+        except SubLLMError:  # a model directory's tokenizer names its own eos token
+            if eos_id is None:
+                raise
+            eot_id = eos_id
         vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab)
 
-        # Pass 3: encode in batches (the Rust side uses every core), one eot after each doc.
+        # Pass 3: encode in batches (the Rust side uses every core), each document as the
+        # tokenizer encodes it (its post-processor: a BOS first where its template adds
+        # one), then eot unless the template ended it with eot already.
+        tok.no_truncation()  # whole documents, whatever lengths the tokenizer file sets
+        tok.no_padding()
         encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         counts = {"train": 0, "val": 0}
         doc_counts = {"train": 0, "val": 0}
@@ -299,10 +389,11 @@ def prepare(
             batch: list[tuple[int, str]] = []
 
             def flush() -> None:
-                encoded = encode([t for _, t in batch], add_special_tokens=False)
+                encoded = encode([t for _, t in batch], add_special_tokens=True)
                 for (i, _), enc in zip(batch, encoded, strict=True):
                     split = "val" if i in val_docs else "train"
-                    ids = np.asarray(enc.ids + [eot_id], dtype=dtype)
+                    end = [] if enc.ids[-1:] == [eot_id] else [eot_id]
+                    ids = np.asarray(enc.ids + end, dtype=dtype)
                     outs[split].write(ids.tobytes())
                     counts[split] += len(ids)
                     doc_counts[split] += 1
@@ -345,8 +436,9 @@ def prepare(
         }
         tmp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
         # meta.json goes last: its presence marks a complete data directory.
-        for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
-            os.replace(tmp[name], out_dir / name)
+        with _signals_deferred():
+            for name in OUTPUTS:
+                os.replace(tmp[name], out_dir / name)
     except BaseException:
         for path in tmp.values():
             path.unlink(missing_ok=True)
