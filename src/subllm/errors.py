@@ -6,10 +6,12 @@ outside its own package."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 from subllm.model.errors import ConfigError, SubLLMError
 
-__all__ = ["ConfigError", "SubLLMError", "os_error_line"]
+__all__ = ["ConfigError", "SubLLMError", "os_error_in", "os_error_line"]
 
 _OS_HINTS = {
     errno.ENOSPC: "free some space or write elsewhere",
@@ -28,3 +30,26 @@ def os_error_line(e: OSError) -> str:
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
     hint = _OS_HINTS.get(e.errno or 0)
     return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error ends its text
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The operating-system error behind `e`, or None: `e` itself, the OSError it was raised
+    from or while handling (torch's C++ writer turns a failed write into a RuntimeError whose
+    context is the OSError), or the one a Rust library names in its text (safetensors:
+    "... No space left on device (os error 28)"). So a full disk is said to be one, not
+    reported as a damaged file."""
+    for _ in range(4):  # the chain of causes, not further
+        if isinstance(e, OSError):
+            return e
+        found = _RUST_OS_ERROR.search(str(e))
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            return None
+        e = nxt
+    return None

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if s["seq_len"] is not None and s["seq_len"] < 2:
         raise SubLLMError(f"--seq-len {s['seq_len']}: a validation window needs at least 2 "
                           "tokens (one input, one target)")
-    from subllm.train.evaluate import evaluate_checkpoint
+    from subllm.train.evaluate import evaluate_checkpoint, fmt_perplexity
 
     r = evaluate_checkpoint(s["checkpoint"], s["data"], s["batches"], s["batch_size"],
                             s["seq_len"], s["device"], s["dtype"],
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     at = f" (step {r['step']})" if r["step"] is not None else ""
     print(f"{r['checkpoint']}{at} on {r['data']}: val loss {r['val_loss']:.4f} | "
-          f"perplexity {r['perplexity']:.2f} | {r['tokens']:,} tokens")
+          f"perplexity {fmt_perplexity(r['val_loss'])} | {r['tokens']:,} tokens")
     if r["kept_fractions"]:
         def fractions(values: list[float]) -> str:
             return ", ".join(f"{k:.3f}" for k in values)

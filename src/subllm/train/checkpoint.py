@@ -16,15 +16,21 @@ and in both
     model_config.json    the ModelConfig
     train_config.yaml    the resolved training settings
     tokenizer.json       a copy of the data's tokenizer, so a checkpoint is self-contained
+    manifest.json        the size and sha256 of every other file (shards included), written
+                         last: what `damage` checks the files against
 A checkpoint is written into `checkpoints/.tmp-...` and renamed into place once complete,
 so a kill at any moment leaves only complete `step-*` directories (plus a stale tmp
 directory, removed by the next run). A checkpoint damaged afterwards (a missing or garbage
-file, a truncated copy) is found by `damage`; `--resume --skip-damaged` sets it aside as
-`checkpoints/damaged-step-XXXXXXXX` (never deleted) and resumes from the newest intact one.
+file, a truncated copy, bytes changed anywhere) is found by `damage`, before resuming,
+evaluating, exporting or generating from it, and before older checkpoints are pruned for
+it; `--resume --skip-damaged` sets it aside as `checkpoints/damaged-step-XXXXXXXX` (never
+deleted) and resumes from the newest intact one. Checkpoints saved before manifest.json
+existed are checked as before: every file present, headers whole and covering their files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,7 +38,7 @@ import re
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +48,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from subllm.errors import SubLLMError
+from subllm.errors import SubLLMError, os_error_in
 from subllm.model.config import SAVED_WITHOUT_RANK_BAND, SAVED_WITHOUT_THRESHOLD, ModelConfig
 from subllm.model.subllm import SubLLM
 
@@ -51,6 +57,7 @@ _NAME = re.compile(r"^step-(\d{8,})$")
 _FILES = ("model.safetensors", "state.pt", "model_config.json", "train_config.yaml")
 SHARDED = "sharded"  # the DCP directory of a sharded checkpoint
 _METADATA = ".metadata"  # what DCP's coordinator writes last, once every shard is written
+MANIFEST = "manifest.json"  # {"files": {relative path: {"bytes", "sha256"}}}, written last
 
 
 def checkpoint_name(step: int) -> str:
@@ -91,12 +98,15 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def damage(checkpoint: str | Path, state: bool = True) -> str | None:
-    """What is wrong with a checkpoint, or None when it looks intact.
+def damage(checkpoint: str | Path, state: bool = True, checksums: bool = True) -> str | None:
+    """What is wrong with a checkpoint, or None when it is intact.
 
-    Cheap (no tensor is read): every file present, the safetensors header whole and covering
-    the file (a truncated copy fails here), state.pt a whole zip archive (what `torch.save`
-    writes). `state=False` skips state.pt (loading weights does not need it)."""
+    Every file present and, where the checkpoint has a manifest.json, the size and sha256 it
+    records for each (reading every byte once: about a second per GB); then, without reading
+    a tensor, the safetensors header whole and covering the file (a truncated copy fails
+    here), state.pt a whole zip archive (what `torch.save` writes), the configs readable.
+    `state=False` skips state.pt (loading weights does not need it); `checksums=False` the
+    sha256s (a checkpoint another process has just verified)."""
     path = Path(checkpoint)
     needed = _FILES if state else tuple(f for f in _FILES if f != "state.pt")
     if is_sharded(path):
@@ -104,6 +114,9 @@ def damage(checkpoint: str | Path, state: bool = True) -> str | None:
     missing = [f for f in needed if not (path / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
+    why = _checksum_damage(path, state) if checksums else None
+    if why is not None:
+        return why
     if is_sharded(path):
         why = _shards_damage(path / SHARDED)
         if why is not None:
@@ -143,6 +156,66 @@ def _shards_damage(shards: Path) -> str | None:
         if f.stat().st_size < end:
             return f"{SHARDED}/{name} is truncated ({f.stat().st_size} of {end} bytes)"
     return None
+
+
+def _checksum_damage(path: Path, state: bool) -> str | None:
+    """What differs from the checkpoint's manifest.json (None: nothing, or no manifest: a
+    checkpoint saved before there was one)."""
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"{MANIFEST} unreadable: {_first_line(e)[:200]}"
+    for name, (size, sha) in sorted(expected.items()):
+        f = path / name
+        if name == "state.pt" and not state:
+            continue
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size < size:  # as `_shards_damage` says it
+            return f"{name} is truncated ({f.stat().st_size} of {size} bytes)"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} when it was saved"
+        try:
+            if _sha256(f) != sha:
+                return f"{name} does not match its checksum: its bytes changed after it was saved"
+        except OSError as e:
+            return f"{name} unreadable: {e.strerror or e}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(root: Path, files: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """{path relative to `root`: {"bytes": size, "sha256": hex digest}} of `files` (under
+    `root`), read back from disk: what manifest.json records."""
+    return {f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in files}
+
+
+def shard_files(staged: Path, rank: int) -> list[Path]:
+    """The files rank `rank` wrote into a sharded checkpoint's staging directory (DCP names
+    them `__<rank>_<n>.distcp`): each rank checksums its own, in parallel."""
+    return sorted((staged / SHARDED).glob(f"__{rank}_*.distcp"))
+
+
+def _write_manifest(tmp: Path, known: Mapping[str, dict[str, Any]] | None) -> None:
+    """manifest.json of a staged checkpoint: `known` checksums (shards each rank summed) and
+    those of every other file, read back now."""
+    known = dict(known or {})
+    files = [f for f in sorted(tmp.rglob("*")) if f.is_file() and f.name != MANIFEST]
+    sums = checksums(tmp, [f for f in files if f.relative_to(tmp).as_posix() not in known])
+    sums.update({k: v for k, v in known.items() if (tmp / k).is_file()})
+    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": dict(sorted(sums.items()))},
+                                           indent=1) + "\n")
 
 
 def _reader(shards: Path) -> Any:
@@ -258,11 +331,28 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 def _write_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     tensors, aliases = _dedupe(state)
-    save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    except SafetensorError as e:  # a full disk is an OSError, not a safetensors problem
+        raise _os_error(e, path) from None
 
 
 def _write_state(path: Path, train_state: dict[str, Any]) -> None:
-    torch.save(train_state, path)
+    # through a Python file: a failed write raises an OSError (errno, say ENOSPC), which
+    # torch's writer wraps in a RuntimeError that names no cause (or closing the file raises)
+    try:
+        with open(path, "wb") as f:
+            torch.save(train_state, f)
+    except (OSError, RuntimeError) as e:
+        raise _os_error(e, path) from None
+
+
+def _os_error(e: Exception, path: Path) -> Exception:
+    """The OSError behind a writer's error `e`, naming `path`; `e` itself when there is none."""
+    found = os_error_in(e)
+    if found is None:
+        return e
+    return OSError(found.errno, found.strerror, found.filename or str(path))
 
 
 def staging_dir(run_dir: str | Path, step: int, tag: int | None = None) -> Path:
@@ -287,11 +377,15 @@ def save_checkpoint(
     tokenizer_path: str | Path | None = None,
     keep: int | None = None,
     staged: Path | None = None,
+    sums: Mapping[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and prune all but the newest `keep`; returns its path.
 
     `model_state` None: the weights are already in `staged` (a `staging_dir` holding the
-    DCP shards every rank wrote, `sharded/`); the rest is added there and it is renamed."""
+    DCP shards every rank wrote, `sharded/`, and `sums`, their `checksums`); the rest is
+    added there and it is renamed. manifest.json is written last. Older checkpoints are
+    pruned only once this one verifies against it (`damage`): a damaged new checkpoint
+    raises, and every older one stays."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     if _complete(final):  # already saved at this step (e.g. a signal right after a save)
@@ -311,6 +405,7 @@ def save_checkpoint(
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(train_config, sort_keys=False))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        _write_manifest(tmp, sums)
         if final.exists():  # an incomplete leftover of the same name: kept, out of the way
             if any(final.iterdir()):
                 set_aside(final)
@@ -320,9 +415,14 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    if keep is not None and (prune := list_checkpoints(run_dir)[:-keep]):
+        why = damage(final)
+        if why is not None:
+            raise SubLLMError(f"checkpoint {final} does not read back as it was written ({why}); "
+                              "no older checkpoint was pruned; check the disk it is on")
+        for old in prune:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -392,18 +492,28 @@ def _model_keys(shards: Path) -> dict[str, Any]:
 
 def _load_shards(shards: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Full tensors of model parameters from a DCP directory, in this process (no_dist)."""
-    import torch.distributed.checkpoint as dcp
-
     meta = _model_keys(shards)
     out = {n: torch.empty(meta[n].size, dtype=meta[n].properties.dtype) for n in names}
+    read_shards({"model": out}, shards)
+    return out
+
+
+def read_shards(state_dict: dict[str, Any], shards: Path, no_dist: bool = True,
+                then: str = "pass another one") -> None:
+    """Fill `state_dict` in place from the DCP directory `shards` (a collective unless
+    `no_dist`). A shard that does not read (damaged where no checksum could tell: a
+    checkpoint saved before manifest.json) is one SubLLMError naming it; `then`: what to do."""
+    import torch.distributed.checkpoint as dcp
+
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": out}, storage_reader=_reader(shards), no_dist=True)
-    except Exception as e:  # DCP wraps every reader error in a CheckpointException
-        raise SubLLMError(f"cannot read the weights in {shards} ({_first_line(e)[:200]}); the "
-                          "checkpoint is damaged") from None
-    return out
+            dcp.load(state_dict, storage_reader=_reader(shards), no_dist=no_dist)
+    except (dcp.CheckpointException, Exception) as e:  # a BaseException, wrapping the error
+        inner = [err for err, _ in getattr(e, "failures", {}).values()]
+        why = _first_line(inner[0] if inner else e)[:200]
+        raise SubLLMError(f"cannot read {shards} ({why}); the checkpoint {shards.parent.name} "
+                          f"is damaged: {then}") from None
 
 
 def load_train_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -139,6 +139,14 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     return result
 
 
+def fmt_perplexity(loss: float) -> str:
+    """The perplexity of a mean loss, for people: two decimals, or past a million (a model
+    that has blown up) three significant digits; "inf" past what a float holds (the
+    `perplexity` of a result stops at exp(700), so JSON stays valid), never 300 digits."""
+    perplexity = math.inf if loss >= 709.0 else math.exp(loss)
+    return f"{perplexity:.2f}" if perplexity < 1e6 else f"{perplexity:.3g}"
+
+
 def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
           amp: torch.dtype | None, dd: Dist, bar: tqdm | None = None) -> list[torch.Tensor]:
     """[loss sum, tokens, kept sums..., entered sums...] of this rank's rows, on the device."""
