@@ -7,6 +7,9 @@ classes learn `model_type="subllm"` as soon as transformers loads (`subllm.autor
 
 from __future__ import annotations
 
+# first: in the `subllm` command, Ctrl-C is one line from here on (subllm.interrupt)
+from subllm import interrupt  # isort: split
+
 import importlib
 from typing import TYPE_CHECKING, Any
 

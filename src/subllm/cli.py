@@ -7,6 +7,8 @@ and a bad flag cost a fraction of a second. User errors (`SubLLMError`) become o
 on stderr with exit code 2; an operating-system error (no space left, a read-only or
 occupied path, ...) and a damaged safetensors file become one line with exit code 1. Each
 verb writes its outputs atomically, so such a failure leaves the previous output as it was.
+Ctrl-C, at any moment from the first import on, is the one line `subllm VERB: interrupted`
+and exit code 130 (`subllm.interrupt`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import os
 import signal
 import sys
 import threading
+import types
+
+from subllm import interrupt
 
 # verb -> (module in subllm.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
@@ -77,9 +82,81 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from subllm.errors import SubLLMError, os_error_line
-
+    """Run `subllm` with `argv` (default: the command line); the exit code. Ctrl-C at any
+    point is the line `subllm VERB: interrupted` and 130 (subllm.interrupt)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    verb = _verb_of(argv)
+    interrupt.verb = verb
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while a verb ran, or any time in a caller's process
+        print(f"subllm{' ' + verb if verb else ''}: interrupted", file=sys.stderr)
+        return 130
+
+
+class _VerbInterrupts:
+    """While a verb works in the command, Ctrl-C raises KeyboardInterrupt (cleanups run,
+    `train` saves) instead of exiting at once as it does while the command loads.
+
+    Not inside an import, though: raised there, it can crash a C extension halfway through
+    its initialisation (torch aborts) or be swallowed by it (torch clears one raised while
+    it imports numpy). There it is raised as the outermost import returns; a second Ctrl-C
+    raises at once. And should a library swallow it anyway (Python only reports one raised
+    in a weakref callback), the verb ends as interrupted, whatever it returned or raised."""
+
+    def __enter__(self) -> _VerbInterrupts:
+        self.pressed = self.deferred = False
+        self.active = signal.getsignal(signal.SIGINT) is interrupt.interrupted
+        if self.active:
+            self.unraisable = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        self.pressed = True
+        outer = None  # the outermost import running now
+        while frame is not None:
+            if (frame.f_code.co_name == "_find_and_load"
+                    and frame.f_code.co_filename.startswith("<frozen importlib")):
+                outer = frame
+            frame = frame.f_back
+        if outer is None or self.deferred or sys.gettrace() is not None:
+            raise KeyboardInterrupt
+        self.deferred = True
+        outer.f_trace_lines = False
+        outer.f_trace = self._at_return
+        sys.settrace(_untraced)  # tracing on for this thread, for `outer` alone
+
+    def _at_return(self, frame: types.FrameType, event: str, arg: object) -> object:
+        if event == "return":
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return self._at_return
+
+    def _unraisable(self, info: object) -> None:
+        if not (self.pressed and isinstance(getattr(info, "exc_value", None),
+                                            KeyboardInterrupt)):
+            self.unraisable(info)
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, interrupt.interrupted)
+            sys.unraisablehook = self.unraisable
+            if self.deferred:
+                sys.settrace(None)
+        if self.pressed and kind is not KeyboardInterrupt:
+            raise KeyboardInterrupt from None
+
+
+def _untraced(frame: types.FrameType, event: str, arg: object) -> None:
+    """The global trace function while a Ctrl-C waits for an import: no frame is traced."""
+    return None
+
+
+def _main(argv: list[str]) -> int:
+    from subllm.errors import SubLLMError, os_error_in, os_error_line
+
     # transformers' own progress bars ("Writing model shards", "Loading weights") would
     # bury our one-line messages; the CLI prints its own progress
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -94,17 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _VerbInterrupts():
+            return int(args.func(args) or 0)
     except SubLLMError as e:
         print(f"subllm {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"subllm {args.verb}: interrupted", file=sys.stderr)
-        return 130
     except OSError as e:  # the operating system said no: one line, not a traceback
         print(f"subllm {args.verb}: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except Exception as e:
+        cause = os_error_in(e)  # a full disk under a library's own error (safetensors, torch)
+        if cause is not None and type(e).__name__ in ("SafetensorError", "RuntimeError"):
+            print(f"subllm {args.verb}: error: {os_error_line(cause)}", file=sys.stderr)
+            return 1
         if type(e).__name__ != "SafetensorError":  # a damaged .safetensors file
             raise
         print(f"subllm {args.verb}: error: a safetensors file is damaged or unreadable "

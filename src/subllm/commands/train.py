@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     # said once setup has passed every check (a failing run says only what failed)
     notes = [line for line in (note, warmup_warning(cfg)) if line]
     result = train(cfg, demo=demo, notes=notes)
+    if result.get("nothing_to_train"):  # a finished run resumed: said so, nothing changed
+        if demo:
+            print(next_steps(cfg), flush=True)
+        return 0
     if demo and not result.get("interrupted"):
         print(f"demo finished in {time.perf_counter() - t0:.0f} s", flush=True)
         print(next_steps(cfg), flush=True)
@@ -171,6 +175,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser
     settings, extras = resolve_flags(args, parser, defaults, base=base, from_file=from_file)
     model = extras["model"] if "model" in extras else (base or {}).get("model")
     cfg = TrainConfig(**{**settings, "model": model or {}})
+    if cfg.distributed != "fsdp":  # an FSDP run resumed under DDP: its FSDP-only settings go
+        for key, off in (("replicate", 1), ("async_checkpoint", False)):
+            if key not in given:
+                setattr(cfg, key, off)
     if cfg.init_from is not None and "preset" in given:
         raise SubLLMError("--preset does not go with --init-from: the model is that of "
                           f"{cfg.init_from}")

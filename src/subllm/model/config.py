@@ -131,6 +131,57 @@ SAVED_WITHOUT_RANK_BAND = None
 HF_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
+# The valid values of every number of ModelConfig, as intervals ("[0, 1]": a probability;
+# "(0, inf)": any finite positive number; NaN is in none of them): (interval, integer?).
+# Schedules count steps from 1 (0 would skip the ramp), strengths and margins cannot be
+# negative, probabilities and shares lie in [0, 1]. keep and rope_scaling are checked
+# with their structure.
+VALUE_RANGES: dict[str, tuple[str, bool]] = {
+    "vocab_size": ("[1, inf)", True), "dim": ("[1, inf)", True),
+    "n_layers": ("[1, inf)", True), "n_heads": ("[1, inf)", True),
+    "n_kv_heads": ("[1, inf)", True), "ffn_dim": ("[1, inf)", True),
+    "max_seq_len": ("[1, inf)", True), "head_dim": ("[2, inf)", True),
+    "sliding_window": ("[1, inf)", True),
+    "rope_theta": ("(1, inf)", False),  # the base of the rotary wavelengths
+    "norm_eps": ("(0, inf)", False), "init_std": ("(0, inf)", False),
+    "bypass_init": ("[0, 1]", False),  # the bypass scale c, held in [c_min, 1]
+    "bypass_min_start": ("(0, 1]", False), "bypass_min_end": ("(0, 1]", False),
+    "bypass_min_steps": ("[1, inf)", True), "bypass_limit_prob": ("[0, 1]", False),
+    "balancer_prob_start": ("[0, 1]", False), "balancer_prob_end": ("[0, 1]", False),
+    "balancer_prob_steps": ("[1, inf)", True), "balancer_strength": ("[0, inf)", False),
+    "balancer_margin": ("[0, 1]", False),  # half-width of a band of kept fractions
+    "balancer_rms_min": ("(0, inf)", False), "balancer_rms_max": ("(0, inf)", False),
+    "threshold_decay": ("[0, 1)", False), "rank_quota_rate": ("[0, 1]", False),
+    "rank_quota_every": ("[1, inf)", True), "rank_band": ("[0, 1]", False),
+    "weight_leak": ("[0, 1]", False),
+}
+OPTIONAL_VALUES = ("head_dim", "sliding_window", "rank_band")  # null: none
+
+
+def check_value(name: str, v: Any, interval: str, integer: bool = False,
+                none_ok: bool = False) -> None:
+    """Raise ConfigError unless `v` is a number (an integer when `integer`; a bool is
+    neither) in `interval`, written "[lo, hi]", "(lo, inf)", ...: NaN is refused always, and
+    +-inf wherever a bound is finite or open."""
+    left, right = interval[0], interval[-1]
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    if (not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+            and (lo < v if left == "(" else lo <= v) and (v < hi if right == ")" else v <= hi)):
+        return
+    if hi < math.inf:
+        valid = f"in {interval}"
+    elif integer:
+        valid = "a positive integer" if (lo, left) == (1, "[") else f"an integer >= {lo:g}"
+    else:
+        valid = f"a finite number {'>' if left == '(' else '>='} {lo:g}"
+    hint = ""
+    if isinstance(v, str):  # YAML 1.1 reads 1e-5 (no dot) as text
+        yaml_float = "e" in v.lower() and v.strip().lower() not in ("inf", "nan")
+        hint = (" (text, not a number: YAML wants a dot in it, as in 1.0e-5)" if yaml_float
+                else " (text, not a number: write it without quotes)")
+    raise ConfigError(f"{name} must be {valid}{' or null' if none_ok else ''}, got {v!r}{hint}")
+
+
 @dataclass
 class ModelConfig:
     """Every hyper-parameter of a SUBLLM / LLaMA model.
@@ -266,21 +317,19 @@ class ModelConfig:
 
     # ---- validation ---------------------------------------------------------------
     def validate(self) -> ModelConfig:
-        ints = {
-            "vocab_size": self.vocab_size, "dim": self.dim, "n_layers": self.n_layers,
-            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "ffn_dim": self.ffn_dim,
-            "max_seq_len": self.max_seq_len,
-        }
-        for name, v in ints.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        """Refuse any value the model cannot mean (ConfigError naming the field, the value
+        and what is valid): every number is checked against VALUE_RANGES, then the
+        relations between fields."""
+        for name, (interval, integer) in VALUE_RANGES.items():
+            optional = name in OPTIONAL_VALUES
+            if getattr(self, name) is not None or not optional:
+                check_value(name, getattr(self, name), interval, integer, none_ok=optional)
         if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                 "choose n_heads that divides dim (or set head_dim)"
             )
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0
-                                          or self.head_dim % 2):
+        if self.head_dim is not None and self.head_dim % 2:
             raise ConfigError(f"head_dim must be a positive even integer, got {self.head_dim!r}")
         if self.resolved_head_dim % 2:
             raise ConfigError(
@@ -307,21 +356,19 @@ class ModelConfig:
                 "give one keep ratio, or exactly one per depth"
             )
         for k in keeps:
-            if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k <= 1.0:
-                raise ConfigError(f"keep ratio must be in (0, 1], got {k!r}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if not 0.0 < self.bypass_min_end <= self.bypass_min_start <= 1.0:
-            raise ConfigError("need 0 < bypass_min_end <= bypass_min_start <= 1")
+            check_value("keep ratio", k, "(0, 1]")
+        if self.bypass_min_end > self.bypass_min_start:
+            raise ConfigError(f"bypass_min_end={self.bypass_min_end!r} is above bypass_min_start="
+                              f"{self.bypass_min_start!r}; the bypass limit ramps down: need "
+                              "0 < bypass_min_end <= bypass_min_start <= 1")
+        if self.balancer_rms_min > self.balancer_rms_max:
+            raise ConfigError(f"balancer_rms_min={self.balancer_rms_min!r} is above "
+                              f"balancer_rms_max={self.balancer_rms_max!r}; need rms_min <= "
+                              "rms_max")
         self._validate_rope_scaling()
-        for name in ("qkv_bias", "o_bias", "qk_norm"):
+        for name in ("qkv_bias", "o_bias", "qk_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        w = self.sliding_window
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
-            raise ConfigError(f"sliding_window must be a positive integer or null, got {w!r}")
         if self.hf_family is not None and self.hf_family not in HF_FAMILIES:
             raise ConfigError(f"hf_family must be one of {', '.join(HF_FAMILIES)} or null, got "
                               f"{self.hf_family!r}")
@@ -334,21 +381,6 @@ class ModelConfig:
         if self.threshold not in THRESHOLDS:
             raise ConfigError(f"threshold must be one of {', '.join(THRESHOLDS)}, got "
                               f"{self.threshold!r}")
-        if isinstance(self.weight_leak, bool) or not 0.0 <= self.weight_leak <= 1.0:
-            raise ConfigError(f"weight_leak must be in [0, 1], got {self.weight_leak!r}")
-        if isinstance(self.rank_quota_rate, bool) or not 0.0 <= self.rank_quota_rate <= 1.0:
-            raise ConfigError(f"rank_quota_rate must be in [0, 1], got {self.rank_quota_rate!r}")
-        if self.rank_band is not None and (
-                isinstance(self.rank_band, bool) or not isinstance(self.rank_band, (int, float))
-                or not 0.0 <= self.rank_band <= 1.0):
-            raise ConfigError(f"rank_band must be a share in [0, 1] or null (no band), got "
-                              f"{self.rank_band!r}")
-        if (isinstance(self.rank_quota_every, bool) or not isinstance(self.rank_quota_every, int)
-                or self.rank_quota_every < 1):
-            raise ConfigError(f"rank_quota_every must be a positive integer, got "
-                              f"{self.rank_quota_every!r}")
-        if isinstance(self.threshold_decay, bool) or not 0.0 <= self.threshold_decay < 1.0:
-            raise ConfigError(f"threshold_decay must be in [0, 1), got {self.threshold_decay!r}")
         return self
 
     def _validate_rope_scaling(self) -> None:
@@ -368,8 +400,19 @@ class ModelConfig:
                                   f"(known: {', '.join(required + optional)})")
         for key in required:
             v = rs.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"rope scaling {kind!r} needs a positive {key!r}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"rope scaling {kind!r} needs a finite positive {key!r}, got "
+                                  f"{v!r}")
+        for key in optional:
+            if key == "truncate":
+                if not isinstance(rs.get(key, True), bool):
+                    raise ConfigError(f"rope scaling {kind!r}: 'truncate' must be true or "
+                                      f"false, got {rs[key]!r}")
+            elif rs.get(key) is not None:
+                check_value(f"rope scaling {kind!r}: {key!r}", rs[key], "[0, inf)")
+        if kind == "llama3" and not rs["low_freq_factor"] < rs["high_freq_factor"]:
+            raise ConfigError(f"rope scaling 'llama3' needs low_freq_factor < high_freq_factor, "
+                              f"got {rs['low_freq_factor']!r} and {rs['high_freq_factor']!r}")
         if kind == "dynamic" and self.max_seq_len > rs["original_max_position_embeddings"]:
             # Dynamic NTK changes the frequencies only past the original context, growing
             # with the sequence; inside it, it is the plain rotary embedding (design.md §2.1).
@@ -441,6 +484,22 @@ class ModelConfig:
         if path.suffix in (".yaml", ".yml", ".json") or path.exists():
             return cls.from_file(preset_or_path)
         return cls.preset(preset_or_path)  # raises with the list of presets
+
+
+def require_model_config(config: Any, owner: str) -> None:
+    """A TypeError that says what to pass when a model part is built from something other
+    than a ModelConfig (a dict, a transformers config). By class name too: a model directory
+    exported with its own copy of this package has its own ModelConfig class."""
+    if isinstance(config, ModelConfig) or type(config).__name__ == "ModelConfig":
+        return
+    if isinstance(config, dict):
+        how = "ModelConfig.from_dict(d) or ModelConfig(**d) from a dict d"
+    elif type(config).__name__ == "SubLLMConfig":
+        how = "config.to_model_config() (or use SubLLMForCausalLM(config))"
+    else:
+        how = "ModelConfig(...), ModelConfig.preset(name) or ModelConfig.load(path)"
+    raise TypeError(f"{owner}(config) takes a subllm.ModelConfig, got {type(config).__name__}; "
+                    f"make one with {how}")
 
 
 PAPER_STRUCTURE = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, require_model_config
 from .kv_cache import LayerKV
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
@@ -208,6 +208,7 @@ def attention_mask_for(
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
+        require_model_config(config, "Attention")
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
@@ -252,6 +253,7 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
+        require_model_config(config, "MLP")
         super().__init__()
         self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
@@ -265,6 +267,7 @@ class Block(nn.Module):
     """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
+        require_model_config(config, "Block")
         super().__init__()
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config)

@@ -541,6 +541,12 @@ def _mst_causal_lm_forward(
             position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
+    target = shift_labels if shift_labels is not None else labels
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs is not None and tuple(target.shape) != tuple(inputs.shape[:2]):
+        raise SubLLMError(f"{'shift_labels' if shift_labels is not None else 'labels'} of shape "
+                          f"{tuple(target.shape)} must have the inputs' shape "
+                          f"{tuple(inputs.shape[:2])}: one label per input token")
     # a transformers model is running, so transformers is loaded; the model package does
     # not import it at the top, to keep `import subllm.model.subllm` light
     from transformers.modeling_outputs import CausalLMOutputWithPast

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from .bypass import Bypass
-from .config import ModelConfig, Segment
+from .config import ModelConfig, Segment, require_model_config
 from .decode import generate as _generate
 from .errors import SubLLMError
 from .kv_cache import KVCache
@@ -57,6 +57,13 @@ def assign_full(p: Tensor, full: Tensor) -> None:
         p.copy_(full)
 
 
+def _describe(x: object) -> str:
+    """A tensor's shape and dtype (or what was passed instead), for an error message."""
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)}, {str(x.dtype).removeprefix('torch.')}"
+    return type(x).__name__
+
+
 @dataclass
 class ModelOutput:
     logits: Tensor | None
@@ -77,6 +84,7 @@ class SubLLM(nn.Module):
     """A SUBLLM decoder; with a structure of only "T" it is exactly a LLaMA."""
 
     def __init__(self, config: ModelConfig) -> None:
+        require_model_config(config, "SubLLM")
         super().__init__()
         config.validate()
         self.config = config
@@ -224,23 +232,8 @@ class SubLLM(nn.Module):
         to extend (eval mode only). logits_to_keep > 0: logits of the last positions only.
         num_items_in_batch: divide the summed loss by this (gradient accumulation) instead
         of by the number of targets."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise SubLLMError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
-                raise SubLLMError(
-                    f"inputs_embeds must be (batch, length, {self.config.dim}), got shape "
-                    f"{tuple(inputs_embeds.shape)}"
-                )
-            B, L = inputs_embeds.shape[:2]
-            device = inputs_embeds.device
-        else:
-            if input_ids.dim() != 2:
-                raise SubLLMError(
-                    f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}"
-                )
-            B, L = input_ids.shape
-            device = input_ids.device
+        B, L = self._check_inputs(input_ids, inputs_embeds, labels, logits_to_keep)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None and self.training:
@@ -251,6 +244,13 @@ class SubLLM(nn.Module):
                 f"sequence of {past + L} tokens exceeds the model's context "
                 f"(max_seq_len={self.config.max_seq_len}); shorten the input"
             )
+        if attention_mask is not None and (attention_mask.dim() != 2
+                                           or attention_mask.shape[0] != B
+                                           or attention_mask.shape[1] not in (L, past + L)):
+            cached = f", or ({B}, {past + L}) to cover the {past} cached tokens" if past else ""
+            raise SubLLMError(f"attention_mask of shape {tuple(attention_mask.shape)} does not "
+                              f"match the inputs: pass (batch, length) = ({B}, {L}){cached}, "
+                              "1 for real tokens and 0 for padding")
         valid = None
         if attention_mask is not None:
             valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
@@ -269,7 +269,12 @@ class SubLLM(nn.Module):
         if cache is not None:
             cache.next_pos = n_new if start is None else start + n_new
 
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        try:
+            h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        except IndexError:  # an id past the vocabulary (checked on the CPU only, for free)
+            raise SubLLMError(f"input_ids hold a token id outside the vocabulary [0, "
+                              f"{self.config.vocab_size}); check the tokenizer matches the "
+                              "model") from None
         kept: list[Tensor | None] = [None] * len(self.subsamplers)
         entered: list[Tensor | None] = [None] * len(self.subsamplers)
         span = self._span(0, pos, valid, cache, h.dtype)
@@ -294,13 +299,51 @@ class SubLLM(nn.Module):
                 shifted = logits[:, :-1].flatten(0, 1)
                 if shifted.dtype in (torch.float16, torch.bfloat16):
                     shifted = shifted.float()  # softmax in fp32 under autocast
-                targets = labels[:, 1:].flatten().to(shifted.device)
-                if num_items_in_batch is None:
-                    loss = F.cross_entropy(shifted, targets, ignore_index=-100)
-                else:
-                    loss = F.cross_entropy(shifted, targets, ignore_index=-100, reduction="sum")
+                targets = labels[:, 1:].flatten().to(shifted.device, torch.long)
+                reduction = "mean" if num_items_in_batch is None else "sum"
+                try:
+                    loss = F.cross_entropy(shifted, targets, ignore_index=-100,
+                                           reduction=reduction)
+                except IndexError:  # as the input ids: a label past the vocabulary
+                    raise SubLLMError(f"labels hold a token id outside the vocabulary [0, "
+                                      f"{self.config.vocab_size}) other than -100 (ignored)"
+                                      ) from None
+                if num_items_in_batch is not None:
                     loss = loss / num_items_in_batch
         return ModelOutput(logits, loss, cache, kept_t, entered_t)
+
+    def _check_inputs(self, input_ids: Tensor | None, inputs_embeds: Tensor | None,
+                      labels: Tensor | None, logits_to_keep: int) -> tuple[int, int]:
+        """(batch, length) of the inputs, or a SubLLMError (a ValueError) that names what
+        does not fit, before any work: shapes and dtypes only, no device sync."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise SubLLMError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if (not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3
+                    or inputs_embeds.shape[-1] != self.config.dim
+                    or not inputs_embeds.is_floating_point()):
+                raise SubLLMError(
+                    f"inputs_embeds must be a floating-point tensor (batch, length, "
+                    f"{self.config.dim}), got {_describe(inputs_embeds)}")
+            B, L = inputs_embeds.shape[:2]
+        else:
+            if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2
+                    or input_ids.dtype not in (torch.long, torch.int)):
+                raise SubLLMError(f"input_ids must be a (batch, length) tensor of token ids "
+                                  f"(torch.long), got {_describe(input_ids)}")
+            B, L = input_ids.shape
+        if labels is not None and (
+                not isinstance(labels, Tensor) or tuple(labels.shape) != (B, L)
+                or labels.is_floating_point() or labels.is_complex()
+                or labels.dtype == torch.bool):
+            raise SubLLMError(f"labels must be token ids (torch.long) of the inputs' shape "
+                              f"({B}, {L}), one per input token (-100: no target; shifted "
+                              f"inside), got {_describe(labels)}")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or (
+                logits_to_keep < 0):
+            raise SubLLMError(f"logits_to_keep must be an integer >= 0 (0: all), got "
+                              f"{logits_to_keep!r}")
+        return B, L
 
     def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
               dtype: torch.dtype) -> Span:

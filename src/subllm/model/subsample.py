@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, require_model_config
 
 
 def linear_schedule(step: int, start: float, end: float, steps: int) -> float:
@@ -142,6 +142,7 @@ class ScoreBalancer(nn.Module):
     """
 
     def __init__(self, keep: float, config: ModelConfig) -> None:
+        require_model_config(config, "ScoreBalancer")
         super().__init__()
         self.keep = keep
         self.lo = keep - config.balancer_margin  # target band of P(score > 0)
@@ -342,6 +343,7 @@ class Subsampler(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, keep: float) -> None:
+        require_model_config(config, "Subsampler")
         super().__init__()
         self.keep = keep
         self.calibrated = config.threshold in ("calibrated", "rank")

@@ -197,6 +197,10 @@ def check_config(cfg: TrainConfig) -> None:
                           f"{cfg.replicate!r}")
     if cfg.replicate > 1 and cfg.distributed != "fsdp":
         raise SubLLMError("--replicate (HSDP) goes with --distributed fsdp")
+    if cfg.async_checkpoint and cfg.distributed != "fsdp":
+        raise SubLLMError("--async-checkpoint goes with --distributed fsdp: it writes sharded "
+                          "checkpoints in the background; DDP and one process write theirs "
+                          "whole, in the foreground (drop --async-checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
     train(cfg)
       setup(cfg) -> TrainState
-        data -> model config -> run directory (resume checks, config.yaml)
-        -> model (+ MsT / checkpointing) -> DDP or FSDP2 -> AdamW -> resume
+        run directory -> the checkpoint to resume -> data -> model config (checked
+        against the checkpoint's) -> model (+ MsT / checkpointing) -> DDP or FSDP2
+        -> AdamW -> resume -> config.yaml
       fit(state)
         loop { lr -> micro-batches -> train_step (forward, backward with grad
                accumulation, clip, optimizer step; results stay on the device)
@@ -31,7 +32,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +55,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from subllm.atomic import dir_lock, write_atomic
-from subllm.errors import SubLLMError, os_error_line
+from subllm.errors import SubLLMError, os_error_in, os_error_line
 from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
 from subllm.model.mst import apply_mst, compile_blocks
 from subllm.model.subllm import SubLLM, assign_full
+from subllm.model.subsample import CUTOFF_BUFFERS
 from subllm.train import checkpoint as ckpt
 from subllm.train.config import (
     DEFAULT_DATA_DIR,
@@ -77,7 +78,7 @@ from subllm.train.data import (
     print_summary,
     val_batches,
 )
-from subllm.train.evaluate import evaluate, sample_text
+from subllm.train.evaluate import evaluate, fmt_perplexity, sample_text
 from subllm.train.load import load_pretrained
 from subllm.train.runtime import (
     Dist,
@@ -105,8 +106,9 @@ from subllm.train.runtime import (
 
 
 def train(cfg: TrainConfig, demo: bool = False, notes: Sequence[str] = ()) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final validation metrics. `notes`: lines to say
-    (rank 0, stderr) once setup has passed every check, before the first step."""
+    """Train (or resume) a run; returns the final validation metrics ({"nothing_to_train":
+    True} for a run resumed at its last step). `notes`: lines to say (rank 0, stderr) once
+    setup has passed every check, before the first step."""
     check_config(cfg)
     load = load_and_cores()  # before this run adds to it (preparing the corpus, training)
     dd = init_distributed(cfg.dist_timeout)
@@ -124,6 +126,9 @@ def train(cfg: TrainConfig, demo: bool = False, notes: Sequence[str] = ()) -> di
             state.phase = "the final barrier"
             dist.barrier()  # no rank tears gloo down while another still talks to it
         return result
+    except NothingToTrain as e:  # a finished run resumed: said, nothing changed
+        _say(dd, str(e))
+        return {"nothing_to_train": True}
     except RuntimeError as e:
         where = ("setup", 0) if state is None else (state.phase, state.step)
         failure = collective_failure(e, dd, *where, cfg.dist_timeout)
@@ -175,7 +180,8 @@ def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
     """Data, model config, run directory, model, DDP / FSDP2, optimizer, resume.
 
     Rank 0 first locks the run directory (creating it) for as long as `held` stays open;
-    a setup that fails removes a run directory it created and writes no config.yaml.
+    a setup that fails removes the directories it created (the run directory and any new
+    parent of it) and writes no config.yaml.
     Under torchrun every step that can fail on one rank is a `_gate`: a failure anywhere
     stops every rank there, at once, instead of the others waiting out the dist-timeout."""
     run_dir = Path(cfg.out)
@@ -185,8 +191,8 @@ def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
     try:
         return _setup(cfg, dd, demo)
     except BaseException:
-        if created:  # we hold its lock: nobody else is using it
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if created is not None:  # we hold its lock: nobody else is using it
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
@@ -215,12 +221,12 @@ def _gate(dd: Dist, what: str, fn: Callable[[], Any] | None) -> Any:
     return result
 
 
-def _open_run_dir(run_dir: Path, held: contextlib.ExitStack) -> bool:
-    """Create and lock the run directory (rank 0 only: only rank 0 writes); whether this
-    call created it."""
+def _open_run_dir(run_dir: Path, held: contextlib.ExitStack) -> Path | None:
+    """Create and lock the run directory (rank 0 only: only rank 0 writes); the outermost
+    directory this call created (the run directory or a parent of it), or None."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SubLLMError(f"--out {run_dir} is a file; pass a directory path")
-    created = not run_dir.exists()
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -231,22 +237,12 @@ def _open_run_dir(run_dir: Path, held: contextlib.ExitStack) -> bool:
 
 
 def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
-    _gate(dd, "preparing the default corpus", (lambda: _prepare_default(cfg, dd))
-          if dd.main else None)
-
-    def checks() -> tuple[TokenData, TrainConfig, ModelConfig, Mapping | None, torch.device]:
-        data = load_data(Path(cfg.data))
-        new_cfg, config, init_weights = _model_config(cfg, data, dd)
-        return data, new_cfg, config, init_weights, pick_device(new_cfg.device, dd)
-
-    data, cfg, config, init_weights, device = _gate(dd, "checking the data and settings",
-                                                    checks)
-    amp = autocast_dtype(cfg.dtype, device)
-
     def find() -> tuple[Path | None, dict[str, Any] | None]:
-        return _resume_point(cfg, config, data, demo, dd)
+        return _resume_point(cfg, demo, dd)
 
-    # rank 0 first: with --skip-damaged it sets damaged checkpoints aside before the others look
+    # first the checkpoint (or the refusal that there is none): it needs no data, so a bad
+    # --resume prepares no default corpus. Rank 0 first: with --skip-damaged it sets damaged
+    # checkpoints aside before the others look.
     resume_from, saved = _gate(dd, "choosing the checkpoint to resume from",
                                find if dd.main else None) or (None, None)
     if dd.enabled:
@@ -254,6 +250,21 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
                       None if dd.main else find)
         if not dd.main:
             resume_from, saved = found
+    if saved is not None:  # before anything is prepared, built or written
+        _check_steps_left(cfg, resume_from, int(saved["step"]))
+    _gate(dd, "preparing the default corpus", (lambda: _prepare_default(cfg, dd))
+          if dd.main else None)
+
+    def checks() -> tuple[TokenData, TrainConfig, ModelConfig, Mapping | None, torch.device]:
+        data = load_data(Path(cfg.data))
+        new_cfg, config, init_weights = _model_config(cfg, data, dd)
+        if resume_from is not None:
+            new_cfg, config = _resumed_model(new_cfg, config, data, resume_from, dd)
+        return data, new_cfg, config, init_weights, pick_device(new_cfg.device, dd)
+
+    data, cfg, config, init_weights, device = _gate(dd, "checking the data and settings",
+                                                    checks)
+    amp = autocast_dtype(cfg.dtype, device)
     if resume_from is not None and ckpt.is_sharded(resume_from):
         weights, fill = None, False  # _restore reads this rank's shards (with the optimizer)
     elif resume_from is not None:
@@ -306,10 +317,10 @@ def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
     return cfg, config, init_weights
 
 
-def _resume_point(cfg: TrainConfig, config: ModelConfig, data: TokenData, demo: bool,
-                  dd: Dist) -> tuple[Path | None, dict[str, Any] | None]:
-    """(the checkpoint --resume continues from, its training state), checked against this
-    call's settings; (None, None) for a new run."""
+def _resume_point(cfg: TrainConfig, demo: bool, dd: Dist
+                  ) -> tuple[Path | None, dict[str, Any] | None]:
+    """(the checkpoint --resume continues from, its training state); (None, None) for a new
+    run. Needs no data: `_resumed_model` checks the checkpoint against the settings."""
     run_dir = Path(cfg.out)
     if not cfg.resume:
         if ckpt.step_dirs(run_dir):
@@ -322,6 +333,19 @@ def _resume_point(cfg: TrainConfig, config: ModelConfig, data: TokenData, demo: 
             return None, None
         raise SubLLMError(f"--resume: {run_dir} has no complete checkpoint to resume from; "
                           "drop --resume to start a new run")
+    return resume_from, saved
+
+
+def _resumed_model(cfg: TrainConfig, config: ModelConfig, data: TokenData, resume_from: Path,
+                   dd: Dist) -> tuple[TrainConfig, ModelConfig]:
+    """(the settings, the model config) a resumed run continues with: the checkpoint's model.
+
+    A model setting this call changes (a flag, --config) is refused. One that only today's
+    code builds differently from the run's own settings (a run saved by an older subllm: a
+    field added since, whose default is not what the run was trained with, or a changed
+    default) keeps the run's value, said in one line, and goes into `model` so that the
+    run's config.yaml builds it from now on."""
+    run_dir = Path(cfg.out)
     # the data first: re-prepared data changes vocab_size too, but the data is the cause
     old_train = ckpt.load_train_config(resume_from)
     old_sha = old_train.get("data_tokenizer_sha256")
@@ -332,32 +356,84 @@ def _resume_point(cfg: TrainConfig, config: ModelConfig, data: TokenData, demo: 
             f"(it was re-prepared, or is another data directory); resume with the data the "
             f"run was trained on{f' ({was})' if was else ''}, or start a new run with a new "
             "--out")
-    old = ModelConfig.from_dict(ckpt.load_model_config(resume_from))
-    if old.to_dict() != config.to_dict():
-        diff = [k for k, v in config.to_dict().items() if old.to_dict().get(k) != v]
-        raise SubLLMError(
-            f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
-            "with the settings of the run (or start a new run with a new --out)")
-    return resume_from, saved
+    old = ModelConfig.from_dict(ckpt.load_model_config(resume_from)).to_dict()
+    new = config.to_dict()
+    if new == old:
+        return cfg, config
+    diff = [k for k, v in new.items() if old.get(k) != v]
+    if new == _rebuilt(old_train, data):  # this call asks for no change: the code changed
+        kept = {k: old[k] for k in diff}
+        cfg = dataclasses.replace(cfg, model={**cfg.model, **kept})
+        config = build_model_config(cfg, data)
+        if config.to_dict() == old:
+            _say(dd, f"warning: {run_dir} was saved by an older subllm; it continues with the "
+                 "model settings it was trained with: " + ", ".join(
+                     f"{k} {old[k]!r} (new runs: {new[k]!r})" for k in diff))
+            return cfg, config
+    raise SubLLMError(
+        f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
+        "with the settings of the run (or start a new run with a new --out)")
+
+
+def _rebuilt(saved: dict[str, Any], data: TokenData) -> dict[str, Any] | None:
+    """The model config a run's saved settings (a checkpoint's train_config.yaml) build
+    with today's code, as a dict; None where they no longer build one."""
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in keys})
+        return build_model_config(cfg, data).to_dict()
+    except (SubLLMError, TypeError, ValueError):
+        return None
+
+
+def _check_steps_left(cfg: TrainConfig, resume_from: Path, step: int) -> None:
+    """A resumed run that would train no step is refused (--max-steps or --stop-at before
+    the checkpoint's step) or said to be done (at it), before the run directory changes:
+    neither writes anything, so the run's saved settings stay as they were."""
+    end = cfg.max_steps if cfg.stop_at is None else min(cfg.max_steps, cfg.stop_at)
+    if end > step:
+        return
+    flag = "--max-steps" if end == cfg.max_steps else "--stop-at"
+    more = (f"pass --max-steps above {step} to train on" if flag == "--max-steps" else
+            "pass a later --stop-at, or none, to train on")
+    if end == step:
+        raise NothingToTrain(f"{cfg.out} is already at step {step} ({flag} {end}): nothing to "
+                             f"train; {more}")
+    if flag == "--max-steps":  # the schedule's length: say what the run had
+        more += (f" (it sets the schedule's length; the run's is "
+                 f"{ckpt.load_train_config(resume_from).get('max_steps', 'unknown')})")
+    raise SubLLMError(f"{flag} {end} is below step {step} of the checkpoint to resume "
+                      f"({resume_from}): the run is past it; {more}")
+
+
+class NothingToTrain(Exception):
+    """A resumed run already at its last step: `train` says so and returns, changing
+    nothing."""
 
 
 def _intact_checkpoint(cfg: TrainConfig, run_dir: Path, dd: Dist
                        ) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest checkpoint that reads whole, and its training state. A damaged newer one
     stops the run with an offer of the intact one; with --skip-damaged rank 0 sets it aside
-    (checkpoints/damaged-step-*) and the run resumes from the intact one, with a warning."""
+    (checkpoints/damaged-step-*) and the run resumes from the intact one, with a warning.
+    Rank 0 checks each file against the checksums of its manifest (once each); the other
+    ranks look only after it has, so they check the rest (`damage(checksums=False)`)."""
     candidates = list(reversed(ckpt.step_dirs(run_dir)))
+    whys: dict[Path, str | None] = {}
+
+    def damage(p: Path) -> str | None:
+        if p not in whys:
+            whys[p] = ckpt.damage(p, checksums=dd.main)
+        return whys[p]
+
     for i, path in enumerate(candidates):
-        why = ckpt.damage(path)
-        saved = None
+        why = damage(path)
         if why is None:
             try:
-                saved = ckpt.load_train_state(path)
+                return path, ckpt.load_train_state(path)
             except SubLLMError:
                 why = "state.pt cannot be read"
-        if why is None:
-            return path, saved
-        older = next((p for p in candidates[i + 1:] if ckpt.damage(p) is None), None)
+        older = next((p for p in candidates[i + 1:] if damage(p) is None), None)
         if not cfg.skip_damaged:
             offer = (f"the newest intact one is {older.name}: resume from it with --resume "
                      f"--skip-damaged (which moves {path.name} aside to "
@@ -471,17 +547,21 @@ def _mesh(cfg: TrainConfig, dd: Dist, device: torch.device) -> DeviceMesh:
 @torch.no_grad()
 def _load_weights(model: SubLLM, weights: Mapping[str, Tensor], cfg: TrainConfig) -> None:
     """Fill every parameter and buffer from `weights`, one full tensor read at a time, each
-    rank keeping its own shard (`assign_full`)."""
+    rank keeping its own shard (`assign_full`). Weights saved by an older subllm, before
+    the subsamplers' cut-off buffers existed, get them as `SubLLM.load_state_dict` does:
+    zeros (cut-off 0 is exactly the rule such a model was trained and decided with)."""
     where = f"--init-from {cfg.init_from}" if cfg.init_from else "the checkpoint"
     targets = model.state_dict(keep_vars=True)  # tied weights under both names
-    missing = [k for k in targets if k not in weights]
+    added = {k for k in targets if k not in weights and k.startswith("subsamplers.")
+             and k.rsplit(".", 1)[-1] in CUTOFF_BUFFERS}
+    missing = [k for k in targets if k not in weights and k not in added]
     unexpected = [k for k in weights if k not in targets]
     if missing or unexpected:
         what = (f"missing {', '.join(missing[:3])}" if missing else
                 f"unexpected {', '.join(unexpected[:3])}")
         raise SubLLMError(f"{where}: its weights do not fit its model config ({what})")
     for name, t in targets.items():
-        full = weights[name]
+        full = torch.zeros(()) if name in added else weights[name]
         if tuple(full.shape) != tuple(t.shape):
             raise SubLLMError(f"{where}: its weights do not fit its model config ({name} has "
                               f"shape {tuple(full.shape)}, the model {tuple(t.shape)})")
@@ -507,19 +587,26 @@ def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
     A sharded checkpoint (format 2): every rank reads only the pieces of the weights and
     optimizer state it holds (any number of processes: DCP reshards; one process or DDP:
     the whole of them). An unsharded one: the optimizer state keyed by name (the weights
-    were read by _build_model)."""
+    were read by _build_model).
+
+    A parameter that has had no gradient yet (frozen by --train-only-routers) has no
+    optimizer state, saved or not: it stays without, as in a run never stopped, and AdamW
+    creates it at its first update."""
     if ckpt.is_sharded(state.resume_from):
         _init_adamw_state(state.optimizer)
+        shards = state.resume_from / ckpt.SHARDED
         sd = {"model": get_model_state_dict(state.model),
               "optim": get_optimizer_state_dict(state.model, state.optimizer)}
-        with warnings.catch_warnings():  # one process: "assuming the intent is to load in a
-            warnings.simplefilter("ignore", UserWarning)  # single process" (it is)
-            dcp.load(sd, checkpoint_id=state.resume_from / ckpt.SHARDED,
-                     no_dist=not dd.enabled)
+        saved_keys = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+        sd["optim"]["state"] = {name: s for name, s in sd["optim"]["state"].items()
+                                if f"optim.state.{name}.exp_avg" in saved_keys}
+        ckpt.read_shards(sd, shards, no_dist=not dd.enabled,
+                         then=f"move it out of {ckpt.CHECKPOINTS}/ and resume from an older one")
         set_model_state_dict(state.model, sd["model"])
-        set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
+        set_optimizer_state_dict(state.model, state.optimizer, sd["optim"],
+                                 options=StateDictOptions(strict=False))
     else:
-        options = StateDictOptions(full_state_dict=_sharded(state.cfg, dd))
+        options = StateDictOptions(full_state_dict=_sharded(state.cfg, dd), strict=False)
         set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
                                  options=options)
     state.batches.load_state_dict(saved["data"])
@@ -859,7 +946,7 @@ def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None, say: bool = T
             kept = (f", kept {fmt_kept(result['kept_fractions'])}, train/inference gap "
                     f"{100 * result['gap']:+.2f} %" if "gap" in result else "")
             _say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
-                 f"{result['perplexity']:.2f}{kept}")
+                 f"{fmt_perplexity(result['loss'])}{kept}")
     return result
 
 
@@ -897,7 +984,7 @@ def save(state: TrainState, dd: Dist, background: bool = False) -> Path | None:
             return ckpt.save_checkpoint(
                 state.run_dir, state.step, model_state, train_state, state.config.to_dict(),
                 run_config(state.cfg, state.data), state.data.tokenizer_path,
-                keep=state.cfg.keep_checkpoints)
+                keep=_keep(state, dd))
         except OSError as e:  # nothing half-written is left (save_checkpoint cleans up)
             kept = (f"{state.last_saved.name} is intact (continue with --resume)"
                     if state.last_saved else "no checkpoint of this run was saved yet")
@@ -905,6 +992,22 @@ def save(state: TrainState, dd: Dist, background: bool = False) -> Path | None:
                               f"{ckpt.checkpoint_name(state.step)}; {kept}") from None
 
     return _gate(dd, f"saving the checkpoint of step {state.step}", write if dd.main else None)
+
+
+def _keep(state: TrainState, dd: Dist) -> int | None:
+    """--keep-checkpoints, or None (prune nothing) while the last validation loss is not
+    finite or worse than guessing every token uniformly (ln vocab_size), as no trained model
+    is: a run that has blown up (a damaged resume, a divergence) never costs its intact
+    older checkpoints. Rank 0."""
+    keep, last = state.cfg.keep_checkpoints, state.last_eval
+    bound = math.log(state.config.vocab_size)
+    if (keep is None or last is None or last["loss"] <= bound
+            or len(ckpt.list_checkpoints(state.run_dir)) < keep):  # nothing to prune anyway
+        return keep
+    _say(dd, f"warning: the validation loss at step {last['step']} is {last['loss']:.4g}, worse "
+         f"than a uniform guess over the vocabulary ({bound:.4g}); no older checkpoint is "
+         "pruned until it recovers")
+    return None
 
 
 @dataclass
@@ -966,21 +1069,37 @@ def _async_group(state: TrainState) -> Any:
 
 
 def _complete_sharded(state: TrainState, dd: Dist, pending: _ShardedSave) -> Path | None:
-    """Wait for the shards (a background save), then rank 0 adds state.pt (data position,
-    step, every rank's RNG states) and the configs and renames the staging directory into
-    place: the checkpoint is complete or invisible. The path on rank 0."""
-    if pending.future is not None:
-        try:
+    """Wait for the shards (a background save); every rank checksums the shard files it
+    wrote (all ranks at once, each reading its own); then rank 0 adds state.pt (data
+    position, step, every rank's RNG states), the configs and manifest.json and renames the
+    staging directory into place: the checkpoint is complete or invisible. The path on
+    rank 0."""
+
+    def written() -> dict[str, Any]:
+        if pending.future is not None:
             pending.future.result()
-        except dcp.CheckpointException as e:
-            raise _shards_failed(e, pending, dd) from None
+        return ckpt.checksums(pending.staged, ckpt.shard_files(pending.staged, dd.rank))
+
+    try:
+        mine = _gate(dd, f"writing the shards of step {pending.step}", written)
+    except dcp.CheckpointException as e:  # raised on every rank alike
+        raise _shards_failed(e, pending, dd) from None
+    except (OSError, SubLLMError) as e:  # this rank's checksums, or another rank's
+        if dd.main:
+            shutil.rmtree(pending.staged, ignore_errors=True)
+        raise (_save_failed(e, pending) if isinstance(e, OSError) else e) from None
+    sums = [mine]
+    if dd.enabled:
+        sums = [None] * dd.world_size
+        dist.all_gather_object(sums, mine)
 
     def finish() -> Path:
         try:
             return ckpt.save_checkpoint(
                 state.run_dir, pending.step, None, pending.train_state, state.config.to_dict(),
                 run_config(state.cfg, state.data), state.data.tokenizer_path,
-                keep=state.cfg.keep_checkpoints, staged=pending.staged)
+                keep=_keep(state, dd), staged=pending.staged,
+                sums={k: v for rank in sums for k, v in rank.items()})
         except OSError as e:  # save_checkpoint removed the staging directory
             raise _save_failed(e, pending) from None
 
@@ -998,7 +1117,8 @@ def _shards_failed(e: Any, pending: _ShardedSave, dd: Dist) -> SubLLMError:
 def _save_failed(e: BaseException, pending: _ShardedSave) -> SubLLMError:
     kept = (f"{pending.last_saved.name} is intact (continue with --resume)"
             if pending.last_saved else "no checkpoint of this run was saved yet")
-    first = os_error_line(e) if isinstance(e, OSError) else str(e).strip()[:200]
+    cause = os_error_in(e)  # a write torch's C++ writer wrapped in a RuntimeError
+    first = os_error_line(cause) if cause is not None else str(e).strip()[:200]
     return SubLLMError(f"{first} while writing checkpoint {ckpt.checkpoint_name(pending.step)}; "
                        f"{kept}")
 
@@ -1027,7 +1147,8 @@ def _finish(state: TrainState, dd: Dist) -> dict[str, Any]:
         if "gap" in last_eval:
             kept_txt += f", train/inference gap {100 * last_eval['gap']:+.2f} %"
         print(f"step {state.step}: val loss {last_eval['loss']:.4f}, perplexity "
-              f"{last_eval['perplexity']:.2f}{kept_txt}; checkpoint {last_saved}", flush=True)
+              f"{fmt_perplexity(last_eval['loss'])}{kept_txt}; checkpoint {last_saved}",
+              flush=True)
         if state.cfg.stop_at is not None and state.step < state.cfg.max_steps:
             _say(dd, f"stopped at step {state.step} (--stop-at); continue with: "
                  f"{_continue_command(state)}")
