@@ -199,6 +199,7 @@ def test_a_run_from_a_converted_model_keeps_its_text_pipeline(llama3, tmp_path: 
     from subllm.train.load import load_any
 
     src, converted, eot, end = llama3
+    converted = Path(shutil.copytree(converted, tmp_path / "converted"))
     prompt_ref, _ = _reference(src)
     corpus = write_corpus(tmp_path / "corpus", 6, words=WORDS, lines=4, seed=3)
     assert main(["prepare", "--input", str(corpus), "--tokenizer", str(src), "--out",
@@ -207,10 +208,23 @@ def test_a_run_from_a_converted_model_keeps_its_text_pipeline(llama3, tmp_path: 
                  "--out", str(tmp_path / "run"), "--max-steps", "1", "--warmup", "1",
                  "--seq-len", "16", "--batch-size", "2", "--device", "cpu",
                  "--eval-every", "0", "--save-every", "0"]) == 0
+    shutil.rmtree(converted)  # what the run needs of it, it recorded
     model, tokenizer_path, settings, _ = load_any(tmp_path / "run", torch.device("cpu"))
     _, stop, ids = text_pipeline(tmp_path / "run", tokenizer_path, PROMPT,
-                                 model.config.max_seq_len, settings.get("initialized_from"))
+                                 model.config.max_seq_len, settings.get("token_ids"))
     assert ids == prompt_ref and sorted(stop) == sorted([end, eot])
+    # its export generates as the source does: the source's token ids, in both configs
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out",
+                 str(tmp_path / "hf")]) == 0
+    for name in ("config.json", "generation_config.json"):
+        exported = json.loads((tmp_path / "hf" / name).read_text())
+        source = json.loads((src / name).read_text())
+        assert all(exported[k] == source[k] for k in ("bos_token_id", "eos_token_id")
+                   if k in source), name
+    _, stop, ids = text_pipeline(tmp_path / "hf", tmp_path / "hf" / "tokenizer.json", PROMPT,
+                                 model.config.max_seq_len)
+    assert sorted(stop) == sorted(json.loads((src / "generation_config.json").read_text())
+                                  ["eos_token_id"])
 
 
 # --force ---------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer_path, settings, _ = load_any(s["checkpoint"], device)
     ctx = model.config.max_seq_len
     tokenizer, stop, ids = text_pipeline(s["checkpoint"], tokenizer_path, prompt, ctx,
-                                         settings.get("initialized_from"))
+                                         settings.get("token_ids"))
     max_new = s["max_new_tokens"]
     if len(ids) + max_new > ctx:
         max_new = ctx - len(ids)
@@ -96,15 +96,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: str,
-                  ctx: int, initialized_from: str | None = None
+                  ctx: int, token_ids: dict[str, Any] | None = None
                   ) -> tuple[Any, list[int], list[int]]:
     """(tokenizer, the ids generation stops at, the prompt's ids) for `checkpoint`, as
     transformers' AutoTokenizer + generate() see them for a Hugging Face directory (subllm
     export / convert): the prompt encoded with the tokenizer's post-processor (a Llama-3's
     BOS first), stopping at any id of the model's eos_token_id list. A `subllm train`
     checkpoint's tokenizer.json encodes with its own post-processor and stops at its
-    end-of-text token, and at the eos_token_id list of the model it was initialised from
-    (`--init-from`, where that directory still exists)."""
+    end-of-text token, and at the eos ids of the model it was initialised from (`token_ids`,
+    which the run recorded at `--init-from`)."""
     from subllm.interop.tokenizer import (
         eot_id_of,
         load_tokenizer,
@@ -121,10 +121,10 @@ def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: st
     if hf_dir:
         stop = model_stop_ids(directory) or [eot_id_of(tokenizer, tokenizer_path)]
     else:
-        origin = Path(initialized_from) if initialized_from else None
+        source = (token_ids or {}).get("generation") or (token_ids or {}).get("config") or {}
+        eos = source.get("eos_token_id")
         stop = [eot_id_of(tokenizer, tokenizer_path)]
-        stop += [i for i in (model_stop_ids(origin) if origin and origin.is_dir() else [])
-                 if i not in stop]
+        stop += [i for i in (eos if isinstance(eos, list) else [eos]) if i not in (*stop, None)]
     ids = tokenizer.encode(prompt, add_special_tokens=True).ids
     if not ids:  # an empty prompt starts a new document: after an end-of-text token
         try:

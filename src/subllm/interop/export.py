@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 import subllm.model
 from subllm.atomic import check_out_dir, staged_dir, write_marker
 from subllm.errors import SubLLMError
-from subllm.interop.tokenizer import EOT_CANDIDATES, eot_id_of, load_tokenizer
+from subllm.interop.tokenizer import EOT_CANDIDATES, TOKEN_ID_KEYS, eot_id_of, load_tokenizer
 from subllm.model.hf import SubLLMForCausalLM
 from subllm.model.hf_config import SubLLMConfig
 from subllm.model.subllm import SubLLM
@@ -122,13 +122,17 @@ def save_hf_model(
     force: bool = False,
     info: dict[str, Any] | None = None,
     verb: str = "export",
+    token_ids: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` (a `subllm.SubLLM`) as a self-contained Hugging Face model directory.
 
     Written into a temporary sibling directory and renamed into place, so `out` is either
     complete or untouched. `dtype` ("fp32", "bf16", "fp16") converts the saved weights.
     The directory holds our marker (`subllm.atomic.MARKER`, naming `verb`): a later
-    `--force` replaces only a directory that holds it.
+    `--force` replaces only a directory that holds it. `token_ids`: {"config": ...,
+    "generation": ...} bos/eos/pad ids for config.json and generation_config.json (a run
+    started from a Hugging Face model keeps that model's: `model_token_ids`); by default
+    the tokenizer's end-of-text token is all three.
     """
     out = check_out_dir(out, force)
     if dtype is not None and dtype not in DTYPES:
@@ -138,9 +142,10 @@ def save_hf_model(
         eot_id = None
         if tokenizer_file is not None:
             eot_id = _write_tokenizer(Path(tokenizer_file), tmp, config)
-        hf_config = SubLLMConfig.from_model_config(
-            config, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
-        )
+        given = token_ids or {}
+        ids = {"config": {k: given.get("config", {}).get(k, eot_id) for k in TOKEN_ID_KEYS}}
+        ids["generation"] = {**ids["config"], **given.get("generation", {})}
+        hf_config = SubLLMConfig.from_model_config(config, **ids["config"])
         hf_config.auto_map = dict(AUTO_MAP)
         hf_config.architectures = ["SubLLMForCausalLM"]
         with torch.device("meta"):
@@ -153,8 +158,7 @@ def save_hf_model(
             hf.to(DTYPES[dtype])
         with _quiet_progress():
             hf.save_pretrained(str(tmp))
-        gen = {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
-        GenerationConfig(**gen, **GENERATION_DEFAULTS).save_pretrained(str(tmp))
+        GenerationConfig(**ids["generation"], **GENERATION_DEFAULTS).save_pretrained(str(tmp))
         write_code(tmp)
         (tmp / "README.md").write_text(_model_card(config, info or {}))
         write_marker(tmp, verb)

@@ -38,6 +38,9 @@ def load_tokenizer(path: str | Path) -> Any:
         ) from None
 
 
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def model_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
     """(the `tokenizers` tokenizer of a model directory, its eos id or None), encoding text
     as transformers' `AutoTokenizer.from_pretrained(directory)` does: with the post-processor
@@ -63,6 +66,22 @@ def model_tokenizer(directory: str | Path) -> tuple[Any, int | None]:
         raise SubLLMError(f"the tokenizer in {directory} is not a `tokenizers` (fast) one; "
                           "pass a tokenizer.json")
     return backend, hf.eos_token_id
+
+
+def model_token_ids(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """A model directory's bos/eos/pad ids, as its two files set them: {"config": those of
+    config.json, "generation": those of generation_config.json (what `generate()` stops
+    at; Llama 3 lists three eos ids there, one in config.json)}; {} for neither."""
+    out = {}
+    for key, name in (("config", "config.json"), ("generation", "generation_config.json")):
+        try:
+            raw = json.loads((Path(directory) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and (ids := {k: raw[k] for k in TOKEN_ID_KEYS
+                                              if raw.get(k) is not None}):
+            out[key] = ids
+    return out
 
 
 def model_stop_ids(directory: str | Path) -> list[int]:

@@ -208,7 +208,7 @@ def check_config(cfg: TrainConfig) -> None:
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 # what a run's config.yaml holds besides the settings (the model it built, exactly)
-RUN_KEYS = {"model_config", "data_tokenizer_sha256", "initialized_from"}
+RUN_KEYS = {"model_config", "data_tokenizer_sha256", "initialized_from", "token_ids"}
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # what a model argument may be (`subllm info`, `subllm estimate --config`)
 MODEL_ARGUMENTS = (f"a preset ({', '.join(PRESETS)}), a YAML/JSON model config or "

@@ -108,4 +108,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str | N
     tokenizer = path / "tokenizer.json"
     info = {"exported from": str(path), "training step": ckpt.step_of(path)}
     return save_hf_model(model, out, tokenizer if tokenizer.is_file() else None,
-                         dtype=dtype, force=force, info=info)
+                         dtype=dtype, force=force, info=info,
+                         token_ids=ckpt.load_train_config(path).get("token_ids"))

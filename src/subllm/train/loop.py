@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from subllm.atomic import dir_lock, write_atomic
 from subllm.errors import SubLLMError, os_error_in, os_error_line
-from subllm.interop.tokenizer import same_vocab
+from subllm.interop.tokenizer import model_token_ids, same_vocab
 from subllm.model.config import ModelConfig
 from subllm.model.mst import apply_mst, compile_blocks
 from subllm.model.subllm import SubLLM, assign_full
@@ -471,6 +471,10 @@ def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     d["out"] = str(Path(cfg.out).resolve())
     if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
         d["initialized_from"] = str(Path(cfg.init_from).resolve())
+        # a Hugging Face model's bos/eos/pad ids (Llama 3: an eos list), for export and
+        # generate: the run's tokenizer.json alone knows only its end-of-text token
+        if ids := model_token_ids(cfg.init_from):
+            d["token_ids"] = ids
     d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
     return d
 
