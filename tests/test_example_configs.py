@@ -93,7 +93,7 @@ def test_the_upcycling_config_trains_from_a_converted_qwen3(
     tok.save_pretrained(tmp_path / "qwen3")
     assert main(["convert", "--from-hf", str(tmp_path / "qwen3"), "--out", raw["init-from"],
                  "--structure", "T(TT)T", "--keep", "0.64"]) == 0
-    assert main(["prepare", "--tokenizer", f"{raw['init-from']}/tokenizer.json",
+    assert main(["prepare", "--tokenizer", raw["init-from"],
                  "--input", str(tmp_path / "work" / "corpus"), "--out", raw["data"]]) == 0
     cfg = _settings(path)
     assert cfg.init_from == raw["init-from"] and cfg.train_only_routers == 200
