@@ -130,7 +130,10 @@ def test_second_sweep_inputs_are_one_line_and_touch_nothing(tmp_path, capsys,
                          "--seq-len", "1"], "needs at least 2 tokens")
     for argv in (["train", "--data", str(data), "--out", ""],
                  ["prepare", "--input", str(tmp_path / "corpus"), "--out", ""]):
-        one_line(capsys, 2, argv, "--out is empty")
+        with pytest.raises(SystemExit, match="2"):  # a usage error, as argparse exits
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "argument --out: is empty" in err[0], err
     assert not (tmp_path / "r").exists()
     # --force replaces an earlier export, never a data directory or anything else
     before = {p.name: p.read_bytes() for p in data.iterdir()}

@@ -254,11 +254,12 @@ def test_ctrl_c_in_every_phase_of_a_command_is_one_line_and_130(tmp_path):
     """SIGINT while the package loads, while the CLI module loads, while the verb's parser
     is built, inside the verb (an import `info` makes), inside an import that torch would
     swallow it in (numpy, under `eval`: the command would go on), and at exit."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # eval gets past its checks
     cases = [("subllm.errors", ["info", "subllm-tiny"], "subllm: interrupted"),
              ("argparse", ["info", "subllm-tiny"], "subllm: interrupted"),
              ("subllm.commands.info", ["info", "subllm-tiny"], "subllm info: interrupted"),
              ("subllm.planner", ["info", "subllm-tiny"], "subllm info: interrupted"),
-             ("numpy", ["eval", "--checkpoint", str(tmp_path / "none")],
+             ("numpy", ["eval", "--checkpoint", str(tmp_path / "run")],
               "subllm eval: interrupted")]
     for module, argv, line in cases:
         interrupted(run_cli(*argv, cwd=tmp_path, inject=AT_IMPORT.format(module=module)), line)

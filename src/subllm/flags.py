@@ -59,6 +59,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def non_empty_path(text: str) -> str:
+    """The type of every flag that names a file or directory: an empty one ('' from an unset
+    shell variable) would mean the current directory, and fail later with a message about
+    `.`; refused here, by the flag's name."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; pass a path")
+    return text
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML file; a missing file or a syntax error is a one-line SubLLMError."""
     path = Path(path)

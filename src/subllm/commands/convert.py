@@ -8,6 +8,7 @@ from pathlib import Path
 
 from subllm.atomic import check_out_dir
 from subllm.errors import SubLLMError
+from subllm.flags import non_empty_path
 from subllm.train.config import parse_keep
 
 DESCRIPTION = ("Write a Hugging Face SubLLM directory (as `subllm export` does) from a local "
@@ -20,13 +21,13 @@ DESCRIPTION = ("Write a Hugging Face SubLLM directory (as `subllm export` does) 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="HF_DIR",
+    source.add_argument("--from-hf", type=non_empty_path, metavar="HF_DIR",
                         help="a transformers LlamaForCausalLM, Qwen2ForCausalLM, "
                         "Qwen3ForCausalLM or MistralForCausalLM directory (config.json + "
                         "safetensors)")
-    source.add_argument("--from-official", metavar="CHECKPOINT",
+    source.add_argument("--from-official", type=non_empty_path, metavar="CHECKPOINT",
                         help="the authors' state_dict: a torch.save file or .safetensors")
-    p.add_argument("--official-config", metavar="CONFIG_JSON",
+    p.add_argument("--official-config", type=non_empty_path, metavar="CONFIG_JSON",
                    help="the authors' model config JSON (required with --from-official)")
     p.add_argument("--structure", metavar="S", help="with --from-hf: structure over T ( ), one "
                    "'T' per layer of the model (default: all 'T', the model itself)")
@@ -41,10 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --from-official: RoPE positions of nested segments' blocks; "
                    "parent (default) reproduces the release's full forward pass, original "
                    "its cached decoding (design.md §3.3)")
-    p.add_argument("--tokenizer", metavar="FILE_OR_DIR", help="a tokenizer.json, or a "
-                   "directory of Hugging Face tokenizer files (default with --from-hf: the "
-                   "model directory's)")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--tokenizer", type=non_empty_path, metavar="FILE_OR_DIR",
+                   help="a tokenizer.json, or a directory of Hugging Face tokenizer files (default "
+                   "with --from-hf: the model directory's)")
+    p.add_argument("--out", required=True, type=non_empty_path, metavar="DIR",
+                   help="directory to write")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
                    help="dtype of the saved weights (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from subllm.errors import SubLLMError
+from subllm.flags import non_empty_path
 from subllm.model.config import ModelConfig
 from subllm.planner import (
     CUDA_DEFAULT_RESERVE,
@@ -89,10 +90,12 @@ def run(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a subllm preset, e.g. subllm-1.3b")
-    src.add_argument("--config", help="a subllm YAML/JSON model config, `subllm train` "
-                     "settings, a run directory or a Hugging Face SubLLM directory")
-    src.add_argument("--hf-config", help="a transformers config.json (Llama, Mistral, Qwen2, "
-                                         "Qwen3), e.g. examples/hf-configs/llama-3-8b.json")
+    src.add_argument("--config", type=non_empty_path,
+                     help="a subllm YAML/JSON model config, `subllm train` settings, a run "
+                     "directory or a Hugging Face SubLLM directory")
+    src.add_argument("--hf-config", type=non_empty_path,
+                     help="a transformers config.json (Llama, Mistral, Qwen2, Qwen3), e.g. "
+                     "examples/hf-configs/llama-3-8b.json")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",

@@ -8,19 +8,20 @@ import sys
 from typing import Any
 
 from subllm.errors import SubLLMError
-from subllm.flags import positive_int, resolve_flags
+from subllm.flags import non_empty_path, positive_int, resolve_flags
 
 DESCRIPTION = ("Validation loss, perplexity, tokens evaluated and (SUBLLM) the fraction of "
                "tokens each subsampling module keeps in eval mode.")
 
 
 def add_arguments(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--config", metavar="FILE",
+    e.add_argument("--config", type=non_empty_path, metavar="FILE",
                    help="YAML file whose keys are these flag names; flags win (default: none)")
-    e.add_argument("--checkpoint", metavar="RUN_DIR",
+    e.add_argument("--checkpoint", type=non_empty_path, metavar="RUN_DIR",
                    help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
                    "or a Hugging Face SubLLM directory (subllm export / convert); required")
-    e.add_argument("--data", metavar="DATA_DIR", help="prepared data (default: the run's)")
+    e.add_argument("--data", type=non_empty_path, metavar="DATA_DIR",
+                   help="prepared data (default: the run's)")
     e.add_argument("--batches", type=positive_int, metavar="N",
                    help="validation batches to evaluate (default 50)")
     e.add_argument("--batch-size", type=positive_int, metavar="N",
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if s["seq_len"] is not None and s["seq_len"] < 2:
         raise SubLLMError(f"--seq-len {s['seq_len']}: a validation window needs at least 2 "
                           "tokens (one input, one target)")
+    from subllm.train.config import check_model_dir
+
+    check_model_dir(s["checkpoint"], "--checkpoint")  # before torch and transformers load
     from subllm.train.evaluate import evaluate_checkpoint, fmt_perplexity
 
     r = evaluate_checkpoint(s["checkpoint"], s["data"], s["batches"], s["batch_size"],

@@ -8,20 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from subllm.errors import SubLLMError
-from subllm.flags import positive_float, positive_int, resolve_flags
+from subllm.flags import non_empty_path, positive_float, positive_int, resolve_flags
 
 DESCRIPTION = "Continue a prompt with a trained model, printing text as it is generated."
 
 
 def add_arguments(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--config", metavar="FILE",
+    g.add_argument("--config", type=non_empty_path, metavar="FILE",
                    help="YAML file whose keys are these flag names; flags win (default: none)")
-    g.add_argument("--checkpoint", metavar="RUN_DIR",
+    g.add_argument("--checkpoint", type=non_empty_path, metavar="RUN_DIR",
                    help="run directory (its newest checkpoint), a checkpoints/step-* directory, "
                    "or a Hugging Face SubLLM directory (subllm export / convert); required")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", metavar="TEXT", help="text to continue (default: none)")
-    prompt.add_argument("--prompt-file", metavar="F",
+    prompt.add_argument("--prompt-file", type=non_empty_path, metavar="F",
                         help="read the prompt from this UTF-8 file instead of --prompt "
                         "(default: none)")
     g.add_argument("--max-new-tokens", type=positive_int, metavar="N",
@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as e:
             reason = getattr(e, "strerror", None) or str(e)
             raise SubLLMError(f"cannot read --prompt-file {s['prompt_file']} ({reason})") from None
+    from subllm.train.config import check_model_dir
+
+    check_model_dir(s["checkpoint"], "--checkpoint")  # before torch and transformers load
     import torch
 
     from subllm.train.evaluate import TextStream

@@ -42,13 +42,14 @@ def _check_spec(spec: str, accepted: str) -> None:
     path, a word that is no preset and no file here, a directory that holds no model) and
     what `info` takes."""
     from subllm.model.config import PRESETS
+    from subllm.train.config import MODEL_DIR_FILES
 
     if spec in PRESETS:
         return
     if not spec.strip():
         raise SubLLMError(f"PRESET_OR_CONFIG is empty; pass {accepted}")
     path = Path(spec)
-    if path.is_dir() and not any((path / name).exists() for name in _MODEL_DIR_FILES) \
+    if path.is_dir() and not any((path / name).exists() for name in MODEL_DIR_FILES) \
             and not path.name.startswith("step-"):
         raise SubLLMError(f"{spec} is a directory without a model (no config.json, "
                           f"checkpoints/ or model_config.json in it); pass {accepted}")
@@ -61,7 +62,3 @@ def _check_spec(spec: str, accepted: str) -> None:
     hint = f"did you mean {near[0]!r}? " if near else ""
     raise SubLLMError(f"unknown preset {spec!r}, and no file or directory of that name "
                       f"exists; {hint}pass {accepted}")
-
-
-# what a run, a checkpoint or a Hugging Face model directory holds (any one of them)
-_MODEL_DIR_FILES = ("config.json", "checkpoints", "model_config.json", "config.yaml")

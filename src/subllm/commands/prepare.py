@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from subllm.errors import SubLLMError
-from subllm.flags import fraction, positive_int, resolve_flags
+from subllm.flags import fraction, non_empty_path, positive_int, resolve_flags
 from subllm.train.config import DEFAULT_DATA_DIR, DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 
 DESCRIPTION = ("Train a byte-level BPE tokenizer (or use yours) and tokenize a corpus into "
@@ -16,11 +16,11 @@ DESCRIPTION = ("Train a byte-level BPE tokenizer (or use yours) and tokenize a c
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE",
+    p.add_argument("--config", type=non_empty_path, metavar="FILE",
                    help="YAML file whose keys are these flag names; flags win (default: none)")
-    p.add_argument("--out", metavar="DATA_DIR",
+    p.add_argument("--out", type=non_empty_path, metavar="DATA_DIR",
                    help=f"output directory (default {DEFAULT_DATA_DIR})")
-    p.add_argument("--input", nargs="+", metavar="PATH", dest="input",
+    p.add_argument("--input", nargs="+", type=non_empty_path, metavar="PATH", dest="input",
                    help="files or directories (.txt, .jsonl, any text; walked recursively); "
                    "default: the running Python's standard-library source")
     p.add_argument("--text-field", metavar="NAME",
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--vocab-size", type=positive_int, metavar="N",
                        help=f"train a byte-level BPE of this size (default {DEFAULT_VOCAB_SIZE})")
-    group.add_argument("--tokenizer", metavar="FILE_OR_DIR",
+    group.add_argument("--tokenizer", type=non_empty_path, metavar="FILE_OR_DIR",
                        help="use this tokenizer.json, or a model directory's tokenizer "
                        "(encoding as transformers' AutoTokenizer does, a BOS first where it "
                        "adds one), instead of training one (default: none, train one of "

@@ -22,6 +22,7 @@ from subllm.errors import SubLLMError
 from subllm.flags import (
     explicit_flags,
     file_settings,
+    non_empty_path,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -49,13 +50,14 @@ def _flag_name(dest: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--config", metavar="FILE",
+    p.add_argument("--config", type=non_empty_path, metavar="FILE",
                    help="YAML file whose keys are these flag names (flags win); "
                    "a `model:` section overrides ModelConfig fields of the preset "
                    "(default: none)")
     specs: list[tuple[str, Any, str, str]] = [
-        ("data", str, "DATA_DIR", "prepared data directory"),
-        ("out", str, "RUN_DIR", "run directory (checkpoints, metrics, TensorBoard, loss.png)"),
+        ("data", non_empty_path, "DATA_DIR", "prepared data directory"),
+        ("out", non_empty_path, "RUN_DIR", "run directory (checkpoints, metrics, TensorBoard, "
+         "loss.png)"),
         ("preset", str, "NAME", "model preset (subllm-tiny, llama-tiny, subllm-small, ...)"),
         ("structure", str, "S", "structure string over T ( ), e.g. TTT(TT(TT)TT)TTT "
          "(default: the preset's)"),
@@ -77,9 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ("keep_checkpoints", positive_int, "N", "keep the newest N checkpoints"),
         ("log_every", positive_int, "N", "write metrics every N steps"),
         ("seed", int, "N", "seed of the weights and the data order"),
-        ("init_from", str, "DIR", "start a new run from the weights and model config of a "
-         "Hugging Face SubLLM directory (subllm export / convert) or a `subllm train` run "
-         "(default: fresh weights from --seed)"),
+        ("init_from", non_empty_path, "DIR", "start a new run from the weights and model "
+         "config of a Hugging Face SubLLM directory (subllm export / convert) or a `subllm "
+         "train` run (default: fresh weights from --seed)"),
         ("train_only_routers", non_negative_int, "N", "router warm-up: for the first N steps "
          "train only the scorers and bypass scales, the blocks stay as they are"),
         ("device", str, "D", "auto, cpu, cuda, cuda:1, ..."),

@@ -64,6 +64,18 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
+def longer_context(config: ModelConfig) -> str:
+    """How to get past max_seq_len where the model's YaRN / llama3 rope scaling reaches
+    further (a model converted with its max_position_embeddings, the original context, as
+    its own: `subllm convert --max-seq-len`), to end a too-long-input message; else ''."""
+    rs = config.rope_scaling or {}
+    if rs.get("rope_type") not in ("yarn", "llama3"):
+        return ""
+    longer = int(rs["factor"] * rs["original_max_position_embeddings"])
+    return (f", or, as its {rs['rope_type']} rope scaling reaches {longer} tokens, convert it "
+            f"again with --max-seq-len {longer}" if longer > config.max_seq_len else "")
+
+
 @dataclass
 class ModelOutput:
     logits: Tensor | None
@@ -243,6 +255,7 @@ class SubLLM(nn.Module):
             raise SubLLMError(
                 f"sequence of {past + L} tokens exceeds the model's context "
                 f"(max_seq_len={self.config.max_seq_len}); shorten the input"
+                f"{longer_context(self.config)}"
             )
         if attention_mask is not None and (attention_mask.dim() != 2
                                            or attention_mask.shape[0] != B

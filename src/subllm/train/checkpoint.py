@@ -245,8 +245,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
+def resolve_checkpoint(path: str | Path, checksums: bool = True) -> Path:
+    """A checkpoint directory, or a run directory (its newest complete checkpoint).
+    `checksums=False`: without reading every byte (for a caller that reads only the configs)."""
     path = Path(path)
     if not path.exists():
         raise SubLLMError(
@@ -254,7 +255,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "run or one of its checkpoints/step-* directories"
         )
     if _NAME.match(path.name) and path.is_dir():
-        why = damage(path, state=False)
+        why = damage(path, state=False, checksums=checksums)
         if why is not None:
             raise SubLLMError(f"checkpoint {path} is damaged ({why}); pass another one")
         return path
@@ -264,9 +265,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{path} holds no complete checkpoint; pass the --out directory of a `subllm train` "
             "run that has saved at least once"
         )
-    why = damage(found[0], state=False)
+    why = damage(found[0], state=False, checksums=checksums)
     if why is not None:  # say so rather than quietly answer for an older step
-        older = next((p for p in found[1:] if damage(p, state=False) is None), None)
+        older = next((p for p in found[1:]
+                      if damage(p, state=False, checksums=checksums) is None), None)
         offer = (f"the newest intact one is {older}: pass it instead" if older is not None
                  else "no older checkpoint of the run is intact")
         raise SubLLMError(f"the newest checkpoint {found[0]} is damaged ({why}); {offer}")

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from subllm.errors import SubLLMError
-from subllm.model.config import HF_FAMILIES, PRESETS, ModelConfig, parse_structure
+from subllm.model.config import (
+    HF_FAMILIES,
+    OPTIONAL_VALUES,
+    PRESETS,
+    VALUE_RANGES,
+    ModelConfig,
+    check_value,
+    parse_structure,
+)
 
 if TYPE_CHECKING:
     from subllm.train.data import TokenData
@@ -106,7 +114,8 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
     if cfg.keep is not None:
         d["keep"] = parse_keep(cfg.keep)
     if "vocab_size" in cfg.model:
-        if int(cfg.model["vocab_size"]) < data.vocab_size:
+        check_value("vocab_size", cfg.model["vocab_size"], *VALUE_RANGES["vocab_size"])
+        if cfg.model["vocab_size"] < data.vocab_size:
             raise SubLLMError(
                 f"the tokenizer of {data.path} has {data.vocab_size} tokens but the model's "
                 f"vocab_size is {cfg.model['vocab_size']}; raise model.vocab_size to at least "
@@ -130,18 +139,10 @@ ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
 def init_model_config(cfg: TrainConfig, data: TokenData, base: Any) -> Any:
     """--init-from: the model's own config < `model:` training fields (keep, max_seq_len, the
     bypass_* and balancer_* schedules) < --keep. Architecture fields are refused."""
-    if cfg.resume:
-        raise SubLLMError("--init-from starts a new run and --resume continues one; pass one")
     if cfg.structure is not None:
         raise SubLLMError(f"--structure does not go with --init-from: the structure is that of "
                           f"{cfg.init_from} ({base.structure})")
-    if not isinstance(cfg.model, dict):
-        raise SubLLMError(f"`model` in the config file must be a mapping, got {cfg.model!r}")
-    fixed = [k for k in cfg.model if k in ARCHITECTURE_FIELDS]
-    if fixed:
-        raise SubLLMError(f"`model: {fixed[0]}` does not go with --init-from: the architecture "
-                          f"is that of {cfg.init_from}; only training fields (keep, max_seq_len, "
-                          "bypass_*, balancer_*) may be set")
+    _check_init_settings(cfg)
     d = {**base.to_dict(), **cfg.model}
     if cfg.keep is not None:
         d["keep"] = parse_keep(cfg.keep)
@@ -154,6 +155,23 @@ def init_model_config(cfg: TrainConfig, data: TokenData, base: Any) -> Any:
         )
     _check_seq_len(cfg, config)
     return config
+
+
+def _check_init_settings(cfg: TrainConfig) -> None:
+    """What --init-from refuses whatever the model is: --resume, and `model:` fields other
+    than training ones or out of their ranges."""
+    if cfg.resume:
+        raise SubLLMError("--init-from starts a new run and --resume continues one; pass one")
+    if not isinstance(cfg.model, dict):
+        raise SubLLMError(f"`model` in the config file must be a mapping, got {cfg.model!r}")
+    fixed = [k for k in cfg.model if k in ARCHITECTURE_FIELDS]
+    if fixed:
+        raise SubLLMError(f"`model: {fixed[0]}` does not go with --init-from: the architecture "
+                          f"is that of {cfg.init_from}; only training fields (keep, max_seq_len, "
+                          "bypass_*, balancer_*) may be set")
+    for name, value in cfg.model.items():
+        if name in VALUE_RANGES and (value is not None or name not in OPTIONAL_VALUES):
+            check_value(name, value, *VALUE_RANGES[name], none_ok=name in OPTIONAL_VALUES)
 
 
 def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
@@ -169,9 +187,13 @@ def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    for name in ("out", "data"):
-        if not str(getattr(cfg, name)).strip():
-            raise SubLLMError(f"--{name} is empty; pass a directory path")
+    """Every check of the settings that needs no data and no torch (a fraction of a second,
+    before the default corpus is prepared): the values, how they go together, the model
+    they build (with a stand-in vocabulary: the data's is checked once it is read) or, with
+    --init-from, that the model is there and the `model:` fields it allows."""
+    for name in ("out", "data", "init_from"):
+        if getattr(cfg, name) is not None and not str(getattr(cfg, name)).strip():
+            raise SubLLMError(f"--{name.replace('_', '-')} is empty; pass a directory path")
     if cfg.seq_len < 2:
         raise SubLLMError(f"--seq-len {cfg.seq_len}: a training sequence needs at least 2 "
                           "tokens (one input, one target)")
@@ -201,6 +223,35 @@ def check_config(cfg: TrainConfig) -> None:
         raise SubLLMError("--async-checkpoint goes with --distributed fsdp: it writes sharded "
                           "checkpoints in the background; DDP and one process write theirs "
                           "whole, in the foreground (drop --async-checkpoint)")
+    if cfg.init_from is not None:
+        check_model_dir(cfg.init_from, "--init-from")
+        _check_init_settings(cfg)
+    else:
+        stand_in = types.SimpleNamespace(vocab_size=1, path=Path(cfg.data))
+        build_model_config(cfg, stand_in)
+
+
+# what a run, a checkpoint or a Hugging Face model directory holds (any one of them)
+MODEL_DIR_FILES = ("config.json", "checkpoints", "model_config.json", "config.yaml")
+
+
+def check_model_dir(path: str | Path, flag: str, hf: bool = True) -> None:
+    """Refuse a model directory argument that names none (missing, a file, a directory
+    with no run, checkpoint or, with `hf`, Hugging Face model in it) before torch and
+    transformers are imported, seconds that a typo should not cost; what is in it is
+    checked as it loads."""
+    path = Path(path)
+    accepted = ("the --out directory of a `subllm train` run or one of its checkpoints/step-* "
+                "directories" + (", or a Hugging Face SubLLM directory (subllm export / "
+                                 "convert)" if hf else ""))
+    if not path.exists():
+        raise SubLLMError(f"{flag} {path} does not exist; pass {accepted}")
+    if not path.is_dir():
+        raise SubLLMError(f"{flag} {path} is a file; pass {accepted}")
+    if not path.name.startswith("step-") and not any((path / name).exists()
+                                                    for name in MODEL_DIR_FILES):
+        model = " and no Hugging Face model (config.json)" if hf else ""
+        raise SubLLMError(f"{flag} {path} holds no complete checkpoint{model}; pass {accepted}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,4 +375,5 @@ def _model_config_of_dir(path: Path) -> ModelConfig:
     # import of the checkpoint module is paid only here)
     from subllm.train import checkpoint as ckpt
 
-    return ModelConfig.from_dict(ckpt.load_model_config(ckpt.resolve_checkpoint(path)))
+    return ModelConfig.from_dict(ckpt.load_model_config(
+        ckpt.resolve_checkpoint(path, checksums=False)))  # the config alone: no weight read

@@ -1,8 +1,7 @@
 """Evaluation: validation loss and kept fractions, and text samples from a model.
 
 `evaluate` is what the training loop runs at every validation point; `evaluate_checkpoint`
-is `subllm eval`; `sample_text` / `prompt_ids` / `TextStream` serve the demo's sample and
-`subllm generate`.
+is `subllm eval`; `sample_text` / `TextStream` serve the demo's sample and `subllm generate`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from subllm.errors import SubLLMError
-from subllm.interop.tokenizer import eot_id_of, load_tokenizer, same_vocab, sha256_file
+from subllm.interop.tokenizer import same_vocab, sha256_file
+from subllm.model.subllm import longer_context
 from subllm.model.subsample import selection_rule
 from subllm.train.data import load_data, val_batches
 from subllm.train.load import load_any
@@ -61,39 +61,25 @@ class TextStream:
         self.printed = max(self.printed, len(text))
 
 
-def encode_prompt(tokenizer: Any, prompt: str, eot_id: int) -> list[int]:
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    return ids or [eot_id]  # an empty prompt starts a new document
-
-
-def prompt_ids(tokenizer_path: str | Path, prompt: str, ctx: int) -> tuple[Any, int, list[int]]:
-    """(tokenizer, end-of-text id, the prompt's token ids), refusing a prompt longer than
-    the context `ctx`."""
-    tokenizer = load_tokenizer(Path(tokenizer_path))
-    eot = eot_id_of(tokenizer, tokenizer_path)
-    ids = encode_prompt(tokenizer, prompt, eot)
-    if len(ids) > ctx:
-        raise SubLLMError(
-            f"the prompt has {len(ids)} tokens, more than the model's context of {ctx}; "
-            "shorten the prompt"
-        )
-    return tokenizer, eot, ids
-
-
 @torch.no_grad()
 def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
                 max_new_tokens: int = 100, device: torch.device | str = "cpu",
                 temperature: float = 0.8, top_k: int | None = 50, seed: int = 0,
                 out: TextIO | None = None) -> str:
-    """Continue `prompt`; returns the new text (and streams it to `out` when given)."""
-    tokenizer, eot, ids = prompt_ids(tokenizer_path, prompt, model.config.max_seq_len)
+    """Continue `prompt`; returns the new text (and streams it to `out` when given). The
+    prompt is encoded, and generation stops, as `subllm generate` does (the tokenizer's
+    template, a BOS first where it adds one; its end-of-text token)."""
+    from subllm.commands.generate import text_pipeline
+
     ctx = model.config.max_seq_len
+    tokenizer, stop, ids = text_pipeline(Path(tokenizer_path).parent, tokenizer_path, prompt,
+                                         ctx)
     max_new_tokens = min(max_new_tokens, ctx - len(ids))
     stream = TextStream(tokenizer, out)
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
-                   eos_token_id=eot, streamer=stream, generator=generator)
+                   eos_token_id=stop, streamer=stream, generator=generator)
     return stream.text
 
 
@@ -207,7 +193,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     if seq_len > model_cfg["max_seq_len"]:
         raise SubLLMError(
             f"--seq-len {seq_len} exceeds the model's context ({model_cfg['max_seq_len']}); "
-            "lower --seq-len"
+            f"lower --seq-len{longer_context(model.config)}"
         )
     eval_set = val_batches(data.tokens("val"), batch_size or int(run.get("batch_size", 16)),
                            seq_len, batches)
