@@ -103,7 +103,7 @@ def _reference(src: Path) -> tuple[list[int], list[int]]:
 
 # The text pipeline of a converted model ------------------------------------------------------
 def test_generate_on_a_converted_model_gives_transformers_tokens(llama3) -> None:
-    from subllm.commands.generate import text_pipeline
+    from subllm.interop.tokenizer import text_pipeline
     from subllm.train.load import load_any
 
     src, converted, eot, end = llama3
@@ -195,7 +195,7 @@ def test_a_run_from_a_converted_model_keeps_its_text_pipeline(llama3, tmp_path: 
                                                               write_corpus) -> None:
     """prepare --tokenizer DIR, train --init-from the conversion: generating from the run
     encodes the prompt as AutoTokenizer does and stops at the source's eos ids too."""
-    from subllm.commands.generate import text_pipeline
+    from subllm.interop.tokenizer import text_pipeline
     from subllm.train.load import load_any
 
     src, converted, eot, end = llama3

@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(s["checkpoint"], "--checkpoint")  # before torch and transformers load
     import torch
 
+    from subllm.interop.tokenizer import text_pipeline
     from subllm.train.evaluate import TextStream
     from subllm.train.load import load_any
     from subllm.train.runtime import Dist, pick_device
@@ -96,45 +97,3 @@ def run(args: argparse.Namespace) -> int:
                    streamer=TextStream(tokenizer, sys.stdout), generator=generator)
     sys.stdout.write("\n")
     return 0
-
-
-def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: str,
-                  ctx: int, token_ids: dict[str, Any] | None = None
-                  ) -> tuple[Any, list[int], list[int]]:
-    """(tokenizer, the ids generation stops at, the prompt's ids) for `checkpoint`, as
-    transformers' AutoTokenizer + generate() see them for a Hugging Face directory (subllm
-    export / convert): the prompt encoded with the tokenizer's post-processor (a Llama-3's
-    BOS first), stopping at any id of the model's eos_token_id list. A `subllm train`
-    checkpoint's tokenizer.json encodes with its own post-processor and stops at its
-    end-of-text token, and at the eos ids of the model it was initialised from (`token_ids`,
-    which the run recorded at `--init-from`)."""
-    from subllm.interop.tokenizer import (
-        eot_id_of,
-        load_tokenizer,
-        model_stop_ids,
-        model_tokenizer,
-    )
-
-    directory = Path(checkpoint)
-    hf_dir = (directory / "config.json").is_file()
-    if hf_dir and (directory / "tokenizer_config.json").is_file():
-        tokenizer, _ = model_tokenizer(directory)
-    else:
-        tokenizer = load_tokenizer(tokenizer_path)
-    if hf_dir:
-        stop = model_stop_ids(directory) or [eot_id_of(tokenizer, tokenizer_path)]
-    else:
-        source = (token_ids or {}).get("generation") or (token_ids or {}).get("config") or {}
-        eos = source.get("eos_token_id")
-        stop = [eot_id_of(tokenizer, tokenizer_path)]
-        stop += [i for i in (eos if isinstance(eos, list) else [eos]) if i not in (*stop, None)]
-    ids = tokenizer.encode(prompt, add_special_tokens=True).ids
-    if not ids:  # an empty prompt starts a new document: after an end-of-text token
-        try:
-            ids = [eot_id_of(tokenizer)]
-        except SubLLMError:
-            ids = stop[:1]
-    if len(ids) > ctx:
-        raise SubLLMError(f"the prompt has {len(ids)} tokens, more than the model's context of "
-                          f"{ctx}; shorten the prompt")
-    return tokenizer, stop, ids

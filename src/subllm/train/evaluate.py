@@ -69,7 +69,7 @@ def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
     """Continue `prompt`; returns the new text (and streams it to `out` when given). The
     prompt is encoded, and generation stops, as `subllm generate` does (the tokenizer's
     template, a BOS first where it adds one; its end-of-text token)."""
-    from subllm.commands.generate import text_pipeline
+    from subllm.interop.tokenizer import text_pipeline
 
     ctx = model.config.max_seq_len
     tokenizer, stop, ids = text_pipeline(Path(tokenizer_path).parent, tokenizer_path, prompt,
