@@ -84,22 +84,19 @@ def model_token_ids(directory: str | Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def model_stop_ids(directory: str | Path) -> list[int]:
-    """The ids a model directory's generation stops at, as transformers' `generate()` reads
-    them: generation_config.json's eos_token_id (one id or a list, e.g. a Llama-3's
-    `<|eot_id|>` and `<|end_of_text|>`), else config.json's; [] when neither sets one."""
-    directory = Path(directory)
-    for name in ("generation_config.json", "config.json"):
-        try:
-            eos = json.loads((directory / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            continue
+def eos_ids(token_ids: dict[str, dict[str, Any]], where: str | Path) -> list[int]:
+    """The ids generation stops at, from `model_token_ids` (of a directory `where`, or as a
+    run recorded them), as transformers' `generate()` reads them: generation_config.json's
+    eos_token_id (one id or a list, e.g. a Llama-3's `<|eot_id|>` and `<|end_of_text|>`),
+    else config.json's; [] when neither sets one."""
+    for key, name in (("generation", "generation_config.json"), ("config", "config.json")):
+        eos = token_ids.get(key, {}).get("eos_token_id")
         if eos is None:
             continue
         ids = eos if isinstance(eos, list) else [eos]
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise SubLLMError(f"{directory / name}: eos_token_id must be a token id or a list "
-                              f"of them, got {eos!r}; fix the file")
+            raise SubLLMError(f"{Path(where) / name}: eos_token_id must be a token id or a "
+                              f"list of them, got {eos!r}; fix the file")
         return ids
     return []
 
@@ -146,12 +143,11 @@ def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: st
     else:
         tokenizer = load_tokenizer(tokenizer_path)
     if hf_dir:
-        stop = model_stop_ids(directory) or [eot_id_of(tokenizer, tokenizer_path)]
+        stop = eos_ids(model_token_ids(directory), directory) or [eot_id_of(tokenizer,
+                                                                            tokenizer_path)]
     else:
-        source = (token_ids or {}).get("generation") or (token_ids or {}).get("config") or {}
-        eos = source.get("eos_token_id")
         stop = [eot_id_of(tokenizer, tokenizer_path)]
-        stop += [i for i in (eos if isinstance(eos, list) else [eos]) if i not in (*stop, None)]
+        stop += [i for i in eos_ids(token_ids or {}, directory) if i not in stop]
     ids = tokenizer.encode(prompt, add_special_tokens=True).ids
     if not ids:  # an empty prompt starts a new document: after an end-of-text token
         try:
