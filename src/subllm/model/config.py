@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,14 @@ def check_value(name: str, v: Any, interval: str, integer: bool = False,
     raise ConfigError(f"{name} must be {valid}{' or null' if none_ok else ''}, got {v!r}{hint}")
 
 
+def check_values(values: Mapping[str, Any]) -> None:
+    """`check_value` for each field of `values` that VALUE_RANGES names (null where the
+    field is optional): a whole config, or the `model:` fields a settings file sets."""
+    for name, v in values.items():
+        if name in VALUE_RANGES and (v is not None or name not in OPTIONAL_VALUES):
+            check_value(name, v, *VALUE_RANGES[name], none_ok=name in OPTIONAL_VALUES)
+
+
 @dataclass
 class ModelConfig:
     """Every hyper-parameter of a SUBLLM / LLaMA model.
@@ -320,10 +329,7 @@ class ModelConfig:
         """Refuse any value the model cannot mean (ConfigError naming the field, the value
         and what is valid): every number is checked against VALUE_RANGES, then the
         relations between fields."""
-        for name, (interval, integer) in VALUE_RANGES.items():
-            optional = name in OPTIONAL_VALUES
-            if getattr(self, name) is not None or not optional:
-                check_value(name, getattr(self, name), interval, integer, none_ok=optional)
+        check_values({name: getattr(self, name) for name in VALUE_RANGES})
         if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigError(
                 f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "

@@ -19,11 +19,9 @@ import yaml
 from subllm.errors import SubLLMError
 from subllm.model.config import (
     HF_FAMILIES,
-    OPTIONAL_VALUES,
     PRESETS,
-    VALUE_RANGES,
     ModelConfig,
-    check_value,
+    check_values,
     parse_structure,
 )
 
@@ -114,7 +112,7 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> Any:
     if cfg.keep is not None:
         d["keep"] = parse_keep(cfg.keep)
     if "vocab_size" in cfg.model:
-        check_value("vocab_size", cfg.model["vocab_size"], *VALUE_RANGES["vocab_size"])
+        check_values({"vocab_size": cfg.model["vocab_size"]})
         if cfg.model["vocab_size"] < data.vocab_size:
             raise SubLLMError(
                 f"the tokenizer of {data.path} has {data.vocab_size} tokens but the model's "
@@ -169,9 +167,7 @@ def _check_init_settings(cfg: TrainConfig) -> None:
         raise SubLLMError(f"`model: {fixed[0]}` does not go with --init-from: the architecture "
                           f"is that of {cfg.init_from}; only training fields (keep, max_seq_len, "
                           "bypass_*, balancer_*) may be set")
-    for name, value in cfg.model.items():
-        if name in VALUE_RANGES and (value is not None or name not in OPTIONAL_VALUES):
-            check_value(name, value, *VALUE_RANGES[name], none_ok=name in OPTIONAL_VALUES)
+    check_values(cfg.model)
 
 
 def _check_seq_len(cfg: TrainConfig, config: Any) -> None:
