@@ -176,8 +176,8 @@ def rank_reference(s: list[list[float]], valid: list[list[bool]], keep: float
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.64, 0.9])
-def test_the_rank_rule_equals_its_plain_statement_with_padding_chunks_and_a_past(
-        keep: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_rank_rule_equals_its_plain_statement_with_padding_and_a_past(
+        keep: float) -> None:
     from subllm.model import subsample
 
     torch.manual_seed(int(keep * 100))
@@ -190,13 +190,35 @@ def test_the_rank_rule_equals_its_plain_statement_with_padding_chunks_and_a_past
     full = subsample.causal_rank_keep(s, valid, keep)
     assert torch.equal(full, expected)
     assert 0 < int(full.sum()) < int(valid.sum())
-    # in small query chunks, and continued from a cached past, the decisions are the same
-    monkeypatch.setattr(subsample, "RANK_CHUNK_ELEMENTS", 50)
-    assert torch.equal(subsample.causal_rank_keep(s, valid, keep), expected)
+    # continued from a cached past, the decisions are the same
     for cut in (1, 20, L - 1):
         tail = subsample.causal_rank_keep(s[:, cut:], valid[:, cut:], keep,
                                           s[:, :cut], valid[:, :cut])
         assert torch.equal(tail, expected[:, cut:])
+
+
+@pytest.mark.parametrize("L", [1, 2, 255, 256, 257, 1000])
+def test_the_rank_rules_merge_count_equals_comparing_every_pair(L: int) -> None:
+    """The rule's O(L log^2 L) count of higher earlier scores equals the all-pairs count, on
+    rows of any length (powers of two and not), with ties, padding and a cached past."""
+    from subllm.model.subsample import causal_rank_keep
+
+    g = torch.Generator().manual_seed(L)
+    B, P = 3, 17
+    s = torch.randint(-40, 40, (B, L), generator=g).float() / 8  # many ties
+    valid = torch.rand(B, L, generator=g) > 0.25
+    past = torch.randn(B, P, generator=g)
+    past_valid = torch.rand(B, P, generator=g) > 0.25
+    both = torch.cat([past, s], 1)
+    ok = torch.cat([past_valid, valid], 1)
+    earlier = torch.ones(P + L, P + L, dtype=torch.bool).tril(-1)  # [t, j]: j before t
+    above = ((both[:, None, :] > both[:, :, None]) & ok[:, None, :] & earlier).sum(-1)
+    n = ok.long().cumsum(1)
+    expected = ((above < torch.floor(n * 0.64 + 0.5)) & ok)[:, P:]
+    assert torch.equal(causal_rank_keep(s, valid, 0.64, past, past_valid), expected)
+    alone = ((above[:, P:] - ((past[:, None, :] > s[:, :, None]) & past_valid[:, None, :])
+              .sum(-1)) < torch.floor(valid.long().cumsum(1) * 0.64 + 0.5)) & valid
+    assert torch.equal(causal_rank_keep(s, valid, 0.64), alone)
 
 
 def test_the_rank_rule_keeps_the_share_wherever_the_scores_sit_and_a_threshold_does_not(

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, require_model_config
@@ -225,11 +226,6 @@ def keep_count(keep: float, n: int) -> int:
     return math.ceil(round(n * keep, 6))
 
 
-# Elements of the (B, chunk, L) comparison `causal_rank_keep` builds at once (16 M: 16 MB of
-# bools), so that ranking a long sequence never holds a (B, L, L) tensor.
-RANK_CHUNK_ELEMENTS = 1 << 24
-
-
 def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float | Tensor,
                      past: Tensor | None = None, past_valid: Tensor | None = None) -> Tensor:
     """The rank rule (design.md §3.8): keep token t of a row iff fewer than
@@ -244,27 +240,42 @@ def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float | Tensor,
     float64 tensor (the keep ratio plus a subsampler's quota shift: no host sync). Returns
     (B, L) bool.
     """
-    B, L = s.shape
     v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
     n = v.long().cumsum(1)  # (B, L) real tokens up to and including t
-    above = torch.zeros(B, L, dtype=torch.long, device=s.device)
+    above = _earlier_above(s.masked_fill(~v, float("-inf")), s)
     if past is not None and past.shape[1] > 0:
         pv = torch.ones_like(past, dtype=torch.bool) if past_valid is None else past_valid
         n = n + pv.sum(1, keepdim=True)
-        step = max(1, RANK_CHUNK_ELEMENTS // max(1, B * past.shape[1]))
-        for a in range(0, L, step):
-            higher = (past[:, None, :] > s[:, a:a + step, None]) & pv[:, None, :]
-            above[:, a:a + step] += higher.sum(-1)
-    step = max(1, RANK_CHUNK_ELEMENTS // max(1, B * L))
-    for a in range(0, L, step):
-        b = min(L, a + step)
-        # (B, b-a, b): does token j (< t) score higher than query t?
-        higher = (s[:, None, :b] > s[:, a:b, None]) & v[:, None, :b]
-        j, t_ = torch.arange(b, device=s.device), torch.arange(a, b, device=s.device)
-        earlier = j[None, :] < t_[:, None]  # (b-a, b)
-        above[:, a:b] += (higher & earlier).sum(-1)
+        ordered = past.to(s.dtype).masked_fill(~pv, float("-inf")).sort(dim=1).values
+        above += past.shape[1] - torch.searchsorted(ordered, s.contiguous(), right=True)
     quota = torch.floor(n.double() * keep + 0.5).long()  # round(keep * n_t), halves up
     return (above < quota) & v
+
+
+def _earlier_above(key: Tensor, s: Tensor) -> Tensor:
+    """(B, L): for each t, how many j < t have key[j] > s[t] (padding's key is -inf).
+
+    A bottom-up merge count in O(L log^2 L) vectorised work and O(L) memory instead of
+    comparing all L^2 pairs (which took 14 % of a `subllm-tiny` forward at 32k tokens): at
+    level b the row is cut into blocks of 2^b tokens, and each token of a right-hand block
+    counts, by binary search in its sorted left-hand sibling, the higher keys there. Every
+    earlier j lies in the left sibling of t's block at exactly one level, so the levels'
+    counts sum to the answer. (torch has no inversion count; sort and searchsorted are its
+    vectorised pieces.)
+    """
+    B, L = s.shape
+    size = 1 << max(0, (L - 1).bit_length())  # a power of two >= L
+    key = F.pad(key, (0, size - L), value=float("-inf"))
+    q = F.pad(s, (0, size - L), value=float("-inf"))
+    above = torch.zeros(B, size, dtype=torch.long, device=s.device)
+    half = 1
+    while half < size:  # sibling pairs of blocks of `half` tokens: (B, pairs, 2, half)
+        left = key.reshape(B, -1, 2, half)[:, :, 0].sort(dim=-1).values
+        right = q.reshape(B, -1, 2, half)[:, :, 1].contiguous()
+        counts = half - torch.searchsorted(left, right, right=True)  # (B, pairs, half)
+        above.view(B, -1, 2, half)[:, :, 1] += counts
+        half *= 2
+    return above[:, :L]
 
 
 # An unbounded end of a clamp (see `keep_within_band`): far beyond any count, far from
