@@ -4,7 +4,9 @@
                    config they make; no torch, so the CLI checks settings fast
     data.py        corpus preparation (`subllm prepare`) and the token batches
     loop.py        the recipe: setup -> state, train_step, evaluate, fit
-    checkpoint.py  atomic, exactly resumable checkpoints
+    parallel.py    DDP, FSDP2 / HSDP and their device meshes; the ranks' agreement
+    checkpoint.py  atomic, exactly resumable checkpoints: saving (gathered, or sharded and
+                   in the background) and loading
     evaluate.py    validation loss and kept fractions; text samples
     load.py        one loader for any model directory (HF SubLLM directory or run)
     runtime.py     devices, distributed processes, autocast, signals, metrics logging

@@ -26,12 +26,19 @@ evaluating, exporting or generating from it, and before older checkpoints are pr
 it; `--resume --skip-damaged` sets it aside as `checkpoints/damaged-step-XXXXXXXX` (never
 deleted) and resumes from the newest intact one. Checkpoints saved before manifest.json
 existed are checked as before: every file present, headers whole and covering their files.
+
+`save` is what the training loop calls (every rank) to checkpoint a run: the full state
+dict gathered to rank 0 (one process, DDP), or every rank's shards written by DCP,
+optionally in the background (--async-checkpoint); `run_config` is the settings it and
+the run's config.yaml record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -39,18 +46,28 @@ import shutil
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from subllm.errors import SubLLMError, os_error_in
+from subllm.errors import SubLLMError, os_error_in, os_error_line
+from subllm.interop.tokenizer import model_token_ids
 from subllm.model.config import SAVED_WITHOUT_RANK_BAND, SAVED_WITHOUT_THRESHOLD, ModelConfig
 from subllm.model.subllm import SubLLM
+from subllm.train.parallel import gate, say, sharded
+
+if TYPE_CHECKING:  # the loop imports this module: its names here are for annotations only
+    from subllm.train.config import TrainConfig
+    from subllm.train.data import TokenData
+    from subllm.train.loop import TrainState
+    from subllm.train.runtime import Dist
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})$")
@@ -547,3 +564,211 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> to
     model = SubLLM(config)
     model.load_state_dict(load_weights(checkpoint))
     return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoints of a training run: what `fit` saves (subllm.train.loop)
+
+
+def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
+    """The settings saved with a run; `--resume` starts from them (flags of this call win)."""
+    d = dataclasses.asdict(cfg)
+    for per_call in ("resume", "stop_at", "init_from", "skip_damaged"):
+        d.pop(per_call, None)
+    # stored resolved, so eval and --resume work from any working directory
+    d["data"] = str(Path(cfg.data).resolve())
+    d["out"] = str(Path(cfg.out).resolve())
+    if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
+        d["initialized_from"] = str(Path(cfg.init_from).resolve())
+        # a Hugging Face model's bos/eos/pad ids (Llama 3: an eos list), for export and
+        # generate: the run's tokenizer.json alone knows only its end-of-text token
+        if ids := model_token_ids(cfg.init_from):
+            d["token_ids"] = ids
+    d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
+    return d
+
+
+def save(state: TrainState, dd: Dist, background: bool = False) -> Path | None:
+    """Collective: every rank calls it; rank 0 writes (sharded: every rank writes its
+    shards, rank 0 the rest). Returns the path on rank 0: the newest complete checkpoint.
+
+    `background` (sharded runs, --async-checkpoint): the shards are copied to host memory
+    and written by a thread while training goes on; the checkpoint becomes visible (state.pt,
+    rename) at the next save, which waits for it first. The last save of a run is never in
+    the background."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    if sharded(state.cfg, dd):
+        if state.saving is not None:  # the previous background save, completed first
+            pending, state.saving = state.saving, None
+            state.last_saved = _complete_sharded(state, dd, pending) or state.last_saved
+        pending = _write_shards(state, dd, background)
+        if pending is None:  # already saved at this step
+            return state.last_saved if dd.main else None
+        if pending.future is not None:
+            state.saving = pending
+            return state.last_saved
+        return _complete_sharded(state, dd, pending)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(state.model, options=options)
+    optim_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
+    rng = [rng_state()]
+    if dd.enabled:
+        rng = [None] * dd.world_size
+        dist.all_gather_object(rng, rng_state())
+
+    def write() -> Path:
+        train_state = {"format": 1, "optimizer": optim_state, "data": state.batches.state_dict(),
+                       "rng": rng, "world_size": dd.world_size}
+        try:
+            return save_checkpoint(
+                state.run_dir, state.step, model_state, train_state, state.config.to_dict(),
+                run_config(state.cfg, state.data), state.data.tokenizer_path,
+                keep=_keep(state, dd))
+        except OSError as e:  # nothing half-written is left (save_checkpoint cleans up)
+            kept = (f"{state.last_saved.name} is intact (continue with --resume)"
+                    if state.last_saved else "no checkpoint of this run was saved yet")
+            raise SubLLMError(f"{os_error_line(e)} while writing checkpoint "
+                              f"{checkpoint_name(state.step)}; {kept}") from None
+
+    return gate(dd, f"saving the checkpoint of step {state.step}", write if dd.main else None)
+
+
+def _keep(state: TrainState, dd: Dist) -> int | None:
+    """--keep-checkpoints, or None (prune nothing) while the last validation loss is not
+    finite or worse than guessing every token uniformly (ln vocab_size), as no trained model
+    is: a run that has blown up (a damaged resume, a divergence) never costs its intact
+    older checkpoints. Rank 0."""
+    keep, last = state.cfg.keep_checkpoints, state.last_eval
+    bound = math.log(state.config.vocab_size)
+    if (keep is None or last is None or last["loss"] <= bound
+            or len(list_checkpoints(state.run_dir)) < keep):  # nothing to prune anyway
+        return keep
+    say(dd, f"warning: the validation loss at step {last['step']} is {last['loss']:.4g}, worse "
+        f"than a uniform guess over the vocabulary ({bound:.4g}); no older checkpoint is "
+        "pruned until it recovers")
+    return None
+
+
+@dataclass
+class _ShardedSave:
+    """A sharded checkpoint whose shards are written (or being written: `future`), not yet
+    complete: what rank 0 adds to it, taken when it was started."""
+
+    step: int
+    staged: Path
+    train_state: dict[str, Any]
+    last_saved: Path | None  # the newest complete checkpoint when it was started
+    future: Any = None  # dcp.async_save's Future; None: written
+
+
+def _write_shards(state: TrainState, dd: Dist, background: bool) -> _ShardedSave | None:
+    """Every rank writes the shards it holds of the weights and the optimizer state into
+    rank 0's staging directory (`torch.distributed.checkpoint`, whose coordinator writes
+    `.metadata` once every rank's are written); nothing is gathered. None: the run already
+    holds a checkpoint of this step (a signal right after a save)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    rng: list[Any] = [None] * dd.world_size
+    dist.all_gather_object(rng, rng_state())
+    box: list[Any] = [is_saved(state.run_dir, state.step), os.getpid()]
+    dist.broadcast_object_list(box, src=0)  # rank 0's decision and staging directory
+    if box[0]:
+        return None
+    pending = _ShardedSave(
+        state.step, staging_dir(state.run_dir, state.step, box[1]),
+        {"format": 2, "data": state.batches.state_dict(), "rng": rng,
+         "world_size": dd.world_size}, state.last_saved)
+
+    def fresh() -> None:
+        shutil.rmtree(pending.staged, ignore_errors=True)
+        try:
+            pending.staged.mkdir(parents=True)
+        except OSError as e:
+            raise _save_failed(e, pending) from None
+
+    gate(dd, f"creating the checkpoint of step {state.step}", fresh if dd.main else None)
+    sd = {"model": get_model_state_dict(state.model),
+          "optim": get_optimizer_state_dict(state.model, state.optimizer)}
+    where = pending.staged / SHARDED
+    try:  # collective: DCP gathers every rank's outcome and raises the same on all of them
+        if background:
+            # its own gloo group: the writer thread's collectives never interleave with
+            # training's on the default group (torchtitan does the same)
+            pending.future = dcp.async_save(sd, checkpoint_id=where,
+                                            process_group=_async_group(state))
+        else:
+            dcp.save(sd, checkpoint_id=where)
+    except dcp.CheckpointException as e:
+        raise _shards_failed(e, pending, dd) from None
+    return pending
+
+
+def _async_group(state: TrainState) -> Any:
+    if state.async_group is None:
+        state.async_group = dist.new_group(backend="gloo")
+    return state.async_group
+
+
+def _complete_sharded(state: TrainState, dd: Dist, pending: _ShardedSave) -> Path | None:
+    """Wait for the shards (a background save); every rank checksums the shard files it
+    wrote (all ranks at once, each reading its own); then rank 0 adds state.pt (data
+    position, step, every rank's RNG states), the configs and manifest.json and renames the
+    staging directory into place: the checkpoint is complete or invisible. The path on
+    rank 0."""
+    import torch.distributed.checkpoint as dcp
+
+    def written() -> dict[str, Any]:
+        if pending.future is not None:
+            pending.future.result()
+        return checksums(pending.staged, shard_files(pending.staged, dd.rank))
+
+    try:
+        mine = gate(dd, f"writing the shards of step {pending.step}", written)
+    except dcp.CheckpointException as e:  # raised on every rank alike
+        raise _shards_failed(e, pending, dd) from None
+    except (OSError, SubLLMError) as e:  # this rank's checksums, or another rank's
+        if dd.main:
+            shutil.rmtree(pending.staged, ignore_errors=True)
+        raise (_save_failed(e, pending) if isinstance(e, OSError) else e) from None
+    sums = [mine]
+    if dd.enabled:
+        sums = [None] * dd.world_size
+        dist.all_gather_object(sums, mine)
+
+    def finish() -> Path:
+        try:
+            return save_checkpoint(
+                state.run_dir, pending.step, None, pending.train_state, state.config.to_dict(),
+                run_config(state.cfg, state.data), state.data.tokenizer_path,
+                keep=_keep(state, dd), staged=pending.staged,
+                sums={k: v for rank in sums for k, v in rank.items()})
+        except OSError as e:  # save_checkpoint removed the staging directory
+            raise _save_failed(e, pending) from None
+
+    return gate(dd, f"saving the checkpoint of step {pending.step}",
+                finish if dd.main else None)
+
+
+def _shards_failed(e: Any, pending: _ShardedSave, dd: Dist) -> SubLLMError:
+    if dd.main:
+        shutil.rmtree(pending.staged, ignore_errors=True)
+    errors = [err for err, _ in e.failures.values()]
+    return _save_failed(errors[0] if errors else e, pending)
+
+
+def _save_failed(e: BaseException, pending: _ShardedSave) -> SubLLMError:
+    kept = (f"{pending.last_saved.name} is intact (continue with --resume)"
+            if pending.last_saved else "no checkpoint of this run was saved yet")
+    cause = os_error_in(e)  # a write torch's C++ writer wrapped in a RuntimeError
+    first = os_error_line(cause) if cause is not None else str(e).strip()[:200]
+    return SubLLMError(f"{first} while writing checkpoint {checkpoint_name(pending.step)}; "
+                       f"{kept}")

@@ -1,24 +1,16 @@
 """`subllm train`: the pre-training recipe, read top to bottom.
 
-    train(cfg)
-      setup(cfg) -> TrainState
-        run directory -> the checkpoint to resume -> data -> model config (checked
-        against the checkpoint's) -> model (+ MsT / checkpointing) -> DDP or FSDP2
-        -> AdamW -> resume -> config.yaml
-      fit(state)
-        loop { lr -> micro-batches -> train_step (forward, backward with grad
-               accumulation, clip, optimizer step; results stay on the device)
-               -> at log steps one read (non-finite check, metrics.jsonl, TensorBoard)
-               -> eval, checkpoint, signals, --stop-at }
-        -> final checkpoint, eval, loss.png, summary (and the demo's sample)
-
-Launched with torchrun it trains data-parallel: DDP by default, FSDP2 (`fully_shard`) with
-`--distributed fsdp` (HSDP with `--replicate R`); gloo on CPU, NCCL on GPU. Every rank
-builds the model on the meta device, shards it (FSDP2) and then allocates and fills only
-its own shards: each parameter drawn from its own seed (the same values for any number of
-processes) or read from a checkpoint one tensor at a time. Rank r reads its own slice of
-each global batch (data.TrainBatches); only rank 0 writes logs; sharded runs write their
-checkpoints with torch.distributed.checkpoint, every rank its own shards.
+`train(cfg)` runs three phases. Setup (`setup` -> `TrainState`): the run directory, the
+checkpoint to resume, the data, the model config (checked against the checkpoint's), the
+model (built on the meta device, given MsT / checkpointing, then in DDP or sharded by FSDP2
+/ HSDP: parallel.py), AdamW, the resumed state, config.yaml. Training (`fit`, one
+`train_step` per optimizer step): lr, micro-batches, forward and backward with gradient
+accumulation, clipping, the optimizer step, its results left on the device until a log step
+reads them all at once (non-finite check, metrics.jsonl, TensorBoard); then validation,
+signals, --stop-at, and checkpoints (`save`, from checkpoint.py: gathered to rank 0, or
+every rank's shards, in the background with --async-checkpoint). Finishing: the last
+checkpoint and validation, loss.png, the summary line (and the demo's sample), or, after a
+signal, the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -49,19 +41,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from subllm.atomic import dir_lock, write_atomic
-from subllm.errors import SubLLMError, os_error_in, os_error_line
-from subllm.interop.tokenizer import model_token_ids, same_vocab
+from subllm.errors import SubLLMError
+from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
 from subllm.model.mst import apply_mst, compile_blocks
 from subllm.model.subllm import SubLLM, assign_full
 from subllm.model.subsample import CUTOFF_BUFFERS
 from subllm.train import checkpoint as ckpt
+from subllm.train import parallel
+
+# `fit` calls `save` by this module's name: wrapping subllm.train.loop.save wraps every save
+from subllm.train.checkpoint import save
 from subllm.train.config import (
     DEFAULT_DATA_DIR,
     DEMO_PROMPT,
@@ -80,6 +73,7 @@ from subllm.train.data import (
 )
 from subllm.train.evaluate import evaluate, fmt_perplexity, sample_text
 from subllm.train.load import load_pretrained
+from subllm.train.parallel import gate, say
 from subllm.train.runtime import (
     Dist,
     RunLog,
@@ -88,7 +82,6 @@ from subllm.train.runtime import (
     all_reduce_sum,
     autocast,
     autocast_dtype,
-    collective_device,
     collective_failure,
     fmt_kept,
     init_distributed,
@@ -120,14 +113,14 @@ def train(cfg: TrainConfig, demo: bool = False, notes: Sequence[str] = ()) -> di
             notes = [*notes, thread_tip(*load, os.environ, torch.get_num_threads())]
         for line in notes:
             if line:
-                _say(dd, line)
+                say(dd, line)
         result = fit(state, state.cfg, dd)
         if dd.enabled:
             state.phase = "the final barrier"
             dist.barrier()  # no rank tears gloo down while another still talks to it
         return result
     except NothingToTrain as e:  # a finished run resumed: said, nothing changed
-        _say(dd, str(e))
+        say(dd, str(e))
         return {"nothing_to_train": True}
     except RuntimeError as e:
         where = ("setup", 0) if state is None else (state.phase, state.step)
@@ -165,7 +158,7 @@ class TrainState:
     start_step: int = 0
     step: int = 0
     last_saved: Path | None = None
-    saving: Any = None  # a sharded checkpoint written in the background (_ShardedSave)
+    saving: Any = None  # a sharded checkpoint written in the background (ckpt._ShardedSave)
     async_group: Any = None  # the process group of background saves
     last_eval: dict[str, Any] | None = None
     # the quota controller's last measurement (n_subsamplers, 2): inference's kept and
@@ -182,43 +175,18 @@ def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
     Rank 0 first locks the run directory (creating it) for as long as `held` stays open;
     a setup that fails removes the directories it created (the run directory and any new
     parent of it) and writes no config.yaml.
-    Under torchrun every step that can fail on one rank is a `_gate`: a failure anywhere
+    Under torchrun every step that can fail on one rank is a `gate`: a failure anywhere
     stops every rank there, at once, instead of the others waiting out the dist-timeout."""
     run_dir = Path(cfg.out)
     held = held if held is not None else contextlib.ExitStack()
-    created = _gate(dd, "opening the run directory",
-                    (lambda: _open_run_dir(run_dir, held)) if dd.main else None)
+    created = gate(dd, "opening the run directory",
+                   (lambda: _open_run_dir(run_dir, held)) if dd.main else None)
     try:
         return _setup(cfg, dd, demo)
     except BaseException:
         if created is not None:  # we hold its lock: nobody else is using it
             shutil.rmtree(created, ignore_errors=True)
         raise
-
-
-def _gate(dd: Dist, what: str, fn: Callable[[], Any] | None) -> Any:
-    """Run `fn` on this rank (None: nothing to do here), then, under torchrun, learn whether
-    every rank succeeded (a collective). This rank's own error is raised as it is; another
-    rank's failure becomes one line naming that rank. Returns what `fn` returned."""
-    error: Exception | None = None
-    result = None
-    try:
-        if fn is not None:
-            result = fn()
-    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-        error = e
-    failed: list[int] = []
-    if dd.enabled:
-        flags = [0.0] * dd.world_size
-        flags[dd.rank] = float(error is not None)
-        summed = all_reduce_sum(flags, dd, collective_device())
-        failed = [r for r, f in enumerate(summed) if f]
-    if error is not None:
-        raise error
-    if failed:
-        raise SubLLMError(f"rank {failed[0]} of {dd.world_size} failed while {what} (its "
-                          f"message is above); rank {dd.rank} stops too")
-    return result
 
 
 def _open_run_dir(run_dir: Path, held: contextlib.ExitStack) -> Path | None:
@@ -243,17 +211,17 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
     # first the checkpoint (or the refusal that there is none): it needs no data, so a bad
     # --resume prepares no default corpus. Rank 0 first: with --skip-damaged it sets damaged
     # checkpoints aside before the others look.
-    resume_from, saved = _gate(dd, "choosing the checkpoint to resume from",
-                               find if dd.main else None) or (None, None)
+    resume_from, saved = gate(dd, "choosing the checkpoint to resume from",
+                              find if dd.main else None) or (None, None)
     if dd.enabled:
-        found = _gate(dd, "reading the checkpoint to resume from",
-                      None if dd.main else find)
+        found = gate(dd, "reading the checkpoint to resume from",
+                     None if dd.main else find)
         if not dd.main:
             resume_from, saved = found
     if saved is not None:  # before anything is prepared, built or written
         _check_steps_left(cfg, resume_from, int(saved["step"]))
-    _gate(dd, "preparing the default corpus", (lambda: _prepare_default(cfg, dd))
-          if dd.main else None)
+    gate(dd, "preparing the default corpus", (lambda: _prepare_default(cfg, dd))
+         if dd.main else None)
 
     def checks() -> tuple[TokenData, TrainConfig, ModelConfig, Mapping | None, torch.device]:
         data = load_data(Path(cfg.data))
@@ -262,8 +230,8 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
             new_cfg, config = _resumed_model(new_cfg, config, data, resume_from, dd)
         return data, new_cfg, config, init_weights, pick_device(new_cfg.device, dd)
 
-    data, cfg, config, init_weights, device = _gate(dd, "checking the data and settings",
-                                                    checks)
+    data, cfg, config, init_weights, device = gate(dd, "checking the data and settings",
+                                                   checks)
     amp = autocast_dtype(cfg.dtype, device)
     if resume_from is not None and ckpt.is_sharded(resume_from):
         weights, fill = None, False  # _restore reads this rank's shards (with the optimizer)
@@ -294,27 +262,8 @@ def _setup(cfg: TrainConfig, dd: Dist, demo: bool) -> TrainState:
     return state
 
 
-def _prepare_default(cfg: TrainConfig, dd: Dist) -> None:
-    """The default corpus is prepared on first use (rank 0)."""
-    data_dir = Path(cfg.data)
-    if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
-        _say(dd, f"preparing the default corpus (Python standard library) into {data_dir}")
-        print_summary(prepare(data_dir), data_dir)
-
-
-def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
-                  ) -> tuple[TrainConfig, ModelConfig, Mapping[str, Tensor] | None]:
-    """(the settings, the model config, --init-from's weights or None)."""
-    if cfg.init_from is None:
-        return cfg, build_model_config(cfg, data), None
-    # a new run from a model's weights (fresh optimizer, step 0)
-    init_config, init_weights, init_tokenizer = load_pretrained(cfg.init_from)
-    config = init_model_config(cfg, data, init_config)
-    cfg = dataclasses.replace(cfg, model=config.to_dict(), keep=None)
-    if init_tokenizer is not None and not same_vocab(init_tokenizer, data.tokenizer_path):
-        _say(dd, f"warning: {data.path} was tokenized with another tokenizer than the "
-             f"model in {cfg.init_from}; its token ids mean different things there")
-    return cfg, config, init_weights
+# ---------------------------------------------------------------------------------------------
+# Setup: the checkpoint to resume from, the data, the model config
 
 
 def _resume_point(cfg: TrainConfig, demo: bool, dd: Dist
@@ -334,81 +283,6 @@ def _resume_point(cfg: TrainConfig, demo: bool, dd: Dist
         raise SubLLMError(f"--resume: {run_dir} has no complete checkpoint to resume from; "
                           "drop --resume to start a new run")
     return resume_from, saved
-
-
-def _resumed_model(cfg: TrainConfig, config: ModelConfig, data: TokenData, resume_from: Path,
-                   dd: Dist) -> tuple[TrainConfig, ModelConfig]:
-    """(the settings, the model config) a resumed run continues with: the checkpoint's model.
-
-    A model setting this call changes (a flag, --config) is refused. One that only today's
-    code builds differently from the run's own settings (a run saved by an older subllm: a
-    field added since, whose default is not what the run was trained with, or a changed
-    default) keeps the run's value, said in one line, and goes into `model` so that the
-    run's config.yaml builds it from now on."""
-    run_dir = Path(cfg.out)
-    # the data first: re-prepared data changes vocab_size too, but the data is the cause
-    old_train = ckpt.load_train_config(resume_from)
-    old_sha = old_train.get("data_tokenizer_sha256")
-    if old_sha not in (None, data.meta["tokenizer_sha256"]):
-        was = old_train.get("data")
-        raise SubLLMError(
-            f"{data.path} was tokenized with a different tokenizer than the run in {run_dir} "
-            f"(it was re-prepared, or is another data directory); resume with the data the "
-            f"run was trained on{f' ({was})' if was else ''}, or start a new run with a new "
-            "--out")
-    old = ModelConfig.from_dict(ckpt.load_model_config(resume_from)).to_dict()
-    new = config.to_dict()
-    if new == old:
-        return cfg, config
-    diff = [k for k, v in new.items() if old.get(k) != v]
-    if new == _rebuilt(old_train, data):  # this call asks for no change: the code changed
-        kept = {k: old[k] for k in diff}
-        cfg = dataclasses.replace(cfg, model={**cfg.model, **kept})
-        config = build_model_config(cfg, data)
-        if config.to_dict() == old:
-            _say(dd, f"warning: {run_dir} was saved by an older subllm; it continues with the "
-                 "model settings it was trained with: " + ", ".join(
-                     f"{k} {old[k]!r} (new runs: {new[k]!r})" for k in diff))
-            return cfg, config
-    raise SubLLMError(
-        f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
-        "with the settings of the run (or start a new run with a new --out)")
-
-
-def _rebuilt(saved: dict[str, Any], data: TokenData) -> dict[str, Any] | None:
-    """The model config a run's saved settings (a checkpoint's train_config.yaml) build
-    with today's code, as a dict; None where they no longer build one."""
-    keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    try:
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in keys})
-        return build_model_config(cfg, data).to_dict()
-    except (SubLLMError, TypeError, ValueError):
-        return None
-
-
-def _check_steps_left(cfg: TrainConfig, resume_from: Path, step: int) -> None:
-    """A resumed run that would train no step is refused (--max-steps or --stop-at before
-    the checkpoint's step) or said to be done (at it), before the run directory changes:
-    neither writes anything, so the run's saved settings stay as they were."""
-    end = cfg.max_steps if cfg.stop_at is None else min(cfg.max_steps, cfg.stop_at)
-    if end > step:
-        return
-    flag = "--max-steps" if end == cfg.max_steps else "--stop-at"
-    more = (f"pass --max-steps above {step} to train on" if flag == "--max-steps" else
-            "pass a later --stop-at, or none, to train on")
-    if end == step:
-        raise NothingToTrain(f"{cfg.out} is already at step {step} ({flag} {end}): nothing to "
-                             f"train; {more}")
-    if flag == "--max-steps":  # the schedule's length: say what the run had
-        more += (f" (it sets the schedule's length; the run's is "
-                 f"{ckpt.load_train_config(resume_from).get('max_steps', 'unknown')})")
-    raise SubLLMError(f"{flag} {end} is below step {step} of the checkpoint to resume "
-                      f"({resume_from}): the run is past it; {more}")
-
-
-class NothingToTrain(Exception):
-    """A resumed run already at its last step: `train` says so and returns, changing
-    nothing."""
 
 
 def _intact_checkpoint(cfg: TrainConfig, run_dir: Path, dd: Dist
@@ -442,41 +316,112 @@ def _intact_checkpoint(cfg: TrainConfig, run_dir: Path, dd: Dist
             raise SubLLMError(f"checkpoint {path} is damaged ({why}); {offer}")
         if dd.main:
             aside = ckpt.set_aside(path)
-            _say(dd, f"warning: checkpoint {path.name} is damaged ({why}); moved to {aside}, "
-                 + (f"resuming from {older.name}" if older is not None else
-                    "and no older one is intact"))
+            say(dd, f"warning: checkpoint {path.name} is damaged ({why}); moved to {aside}, "
+                + (f"resuming from {older.name}" if older is not None else
+                   "and no older one is intact"))
     return None, None
 
 
-def _write_run_config(cfg: TrainConfig, data: TokenData, config: ModelConfig) -> None:
-    """The run directory and its config.yaml (rank 0)."""
+def _check_steps_left(cfg: TrainConfig, resume_from: Path, step: int) -> None:
+    """A resumed run that would train no step is refused (--max-steps or --stop-at before
+    the checkpoint's step) or said to be done (at it), before the run directory changes:
+    neither writes anything, so the run's saved settings stay as they were."""
+    end = cfg.max_steps if cfg.stop_at is None else min(cfg.max_steps, cfg.stop_at)
+    if end > step:
+        return
+    flag = "--max-steps" if end == cfg.max_steps else "--stop-at"
+    more = (f"pass --max-steps above {step} to train on" if flag == "--max-steps" else
+            "pass a later --stop-at, or none, to train on")
+    if end == step:
+        raise NothingToTrain(f"{cfg.out} is already at step {step} ({flag} {end}): nothing to "
+                             f"train; {more}")
+    if flag == "--max-steps":  # the schedule's length: say what the run had
+        more += (f" (it sets the schedule's length; the run's is "
+                 f"{ckpt.load_train_config(resume_from).get('max_steps', 'unknown')})")
+    raise SubLLMError(f"{flag} {end} is below step {step} of the checkpoint to resume "
+                      f"({resume_from}): the run is past it; {more}")
+
+
+class NothingToTrain(Exception):
+    """A resumed run already at its last step: `train` says so and returns, changing
+    nothing."""
+
+
+def _prepare_default(cfg: TrainConfig, dd: Dist) -> None:
+    """The default corpus is prepared on first use (rank 0)."""
+    data_dir = Path(cfg.data)
+    if not (data_dir / "meta.json").exists() and data_dir == DEFAULT_DATA_DIR:
+        say(dd, f"preparing the default corpus (Python standard library) into {data_dir}")
+        print_summary(prepare(data_dir), data_dir)
+
+
+def _model_config(cfg: TrainConfig, data: TokenData, dd: Dist
+                  ) -> tuple[TrainConfig, ModelConfig, Mapping[str, Tensor] | None]:
+    """(the settings, the model config, --init-from's weights or None)."""
+    if cfg.init_from is None:
+        return cfg, build_model_config(cfg, data), None
+    # a new run from a model's weights (fresh optimizer, step 0)
+    init_config, init_weights, init_tokenizer = load_pretrained(cfg.init_from)
+    config = init_model_config(cfg, data, init_config)
+    cfg = dataclasses.replace(cfg, model=config.to_dict(), keep=None)
+    if init_tokenizer is not None and not same_vocab(init_tokenizer, data.tokenizer_path):
+        say(dd, f"warning: {data.path} was tokenized with another tokenizer than the "
+            f"model in {cfg.init_from}; its token ids mean different things there")
+    return cfg, config, init_weights
+
+
+def _resumed_model(cfg: TrainConfig, config: ModelConfig, data: TokenData, resume_from: Path,
+                   dd: Dist) -> tuple[TrainConfig, ModelConfig]:
+    """(the settings, the model config) a resumed run continues with: the checkpoint's model.
+
+    A model setting this call changes (a flag, --config) is refused. One that only today's
+    code builds differently from the run's own settings (a run saved by an older subllm: a
+    field added since, whose default is not what the run was trained with, or a changed
+    default) keeps the run's value, said in one line, and goes into `model` so that the
+    run's config.yaml builds it from now on."""
     run_dir = Path(cfg.out)
+    # the data first: re-prepared data changes vocab_size too, but the data is the cause
+    old_train = ckpt.load_train_config(resume_from)
+    old_sha = old_train.get("data_tokenizer_sha256")
+    if old_sha not in (None, data.meta["tokenizer_sha256"]):
+        was = old_train.get("data")
+        raise SubLLMError(
+            f"{data.path} was tokenized with a different tokenizer than the run in {run_dir} "
+            f"(it was re-prepared, or is another data directory); resume with the data the "
+            f"run was trained on{f' ({was})' if was else ''}, or start a new run with a new "
+            "--out")
+    old = ModelConfig.from_dict(ckpt.load_model_config(resume_from)).to_dict()
+    new = config.to_dict()
+    if new == old:
+        return cfg, config
+    diff = [k for k, v in new.items() if old.get(k) != v]
+    if new == _rebuilt(old_train, data):  # this call asks for no change: the code changed
+        kept = {k: old[k] for k in diff}
+        cfg = dataclasses.replace(cfg, model={**cfg.model, **kept})
+        config = build_model_config(cfg, data)
+        if config.to_dict() == old:
+            say(dd, f"warning: {run_dir} was saved by an older subllm; it continues with the "
+                "model settings it was trained with: " + ", ".join(
+                    f"{k} {old[k]!r} (new runs: {new[k]!r})" for k in diff))
+            return cfg, config
+    raise SubLLMError(
+        f"the model settings differ from the checkpoint's ({', '.join(diff)}); resume "
+        "with the settings of the run (or start a new run with a new --out)")
+
+
+def _rebuilt(saved: dict[str, Any], data: TokenData) -> dict[str, Any] | None:
+    """The model config a run's saved settings (a checkpoint's train_config.yaml) build
+    with today's code, as a dict; None where they no longer build one."""
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_tmp(run_dir)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump(
-            {**run_config(cfg, data), "model_config": config.to_dict()}, sort_keys=False))
-    except OSError as e:
-        raise SubLLMError(f"cannot write to run directory {run_dir} ({e.strerror}); choose a "
-                          "writable --out") from None
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in keys})
+        return build_model_config(cfg, data).to_dict()
+    except (SubLLMError, TypeError, ValueError):
+        return None
 
 
-def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
-    """The settings saved with a run; `--resume` starts from them (flags of this call win)."""
-    d = dataclasses.asdict(cfg)
-    for per_call in ("resume", "stop_at", "init_from", "skip_damaged"):
-        d.pop(per_call, None)
-    # stored resolved, so eval and --resume work from any working directory
-    d["data"] = str(Path(cfg.data).resolve())
-    d["out"] = str(Path(cfg.out).resolve())
-    if cfg.init_from is not None:  # its model config is saved as `model`, so --resume works
-        d["initialized_from"] = str(Path(cfg.init_from).resolve())
-        # a Hugging Face model's bos/eos/pad ids (Llama 3: an eos list), for export and
-        # generate: the run's tokenizer.json alone knows only its end-of-text token
-        if ids := model_token_ids(cfg.init_from):
-            d["token_ids"] = ids
-    d["data_tokenizer_sha256"] = data.meta["tokenizer_sha256"]
-    return d
+# ---------------------------------------------------------------------------------------------
+# Setup: the model, its optimizer, the resumed state, config.yaml
 
 
 def _build_model(cfg: TrainConfig, config: ModelConfig, dd: Dist, device: torch.device,
@@ -496,56 +441,17 @@ def _build_model(cfg: TrainConfig, config: ModelConfig, dd: Dist, device: torch.
         apply_mst(model, checkpointing=cfg.checkpointing)
     if cfg.checkpointing:
         model.gradient_checkpointing = True
-    if _sharded(cfg, dd):
-        _shard(model, cfg, dd, device, amp)
+    if parallel.sharded(cfg, dd):
+        parallel.shard(model, cfg, dd, device, amp)
     model.to_empty(device=device)
     model.tie_weights()  # to_empty made two tensors of the tied one
     if weights is not None:
         _load_weights(model, weights, cfg)
     elif fill:
         model.init_weights(seed=cfg.seed)
-    if dd.enabled and not _sharded(cfg, dd):
-        return model, DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dd.enabled and not parallel.sharded(cfg, dd):
+        return model, parallel.ddp(model, device)
     return model, model
-
-
-def _sharded(cfg: TrainConfig, dd: Dist) -> bool:
-    """FSDP2 (or HSDP) under torchrun: parameters, gradients, optimizer state and
-    checkpoints are sharded."""
-    return dd.enabled and cfg.distributed == "fsdp"
-
-
-def _shard(model: SubLLM, cfg: TrainConfig, dd: Dist, device: torch.device,
-           amp: torch.dtype | None) -> None:
-    """FSDP2 shards every block, then the rest (embedding, norm, head, routers), in place.
-
-    Mixed precision (--dtype bf16): FSDP2 all-gathers the parameters in bf16 for forward
-    and backward and reduce-scatters the gradients in fp32 into fp32 sharded parameters,
-    which the optimizer (its state sharded the same way) updates; autocast stays on as
-    under DDP, so the ops autocast keeps in fp32 stay there. DDP instead keeps fp32
-    parameters, autocasts each op, and all-reduces fp32 gradients (docs/training.md)."""
-    model.skip_empty_segments = False  # every rank runs every block (FSDP gathers)
-    mesh = _mesh(cfg, dd, device)
-    policy = (MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
-              if amp is not None else MixedPrecisionPolicy())
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def _mesh(cfg: TrainConfig, dd: Dist, device: torch.device) -> DeviceMesh:
-    """1-D: every rank holds 1/world of each parameter (FSDP). --replicate R: 2-D, R
-    replicas x world/R shards (HSDP, as torchtitan's data_parallel_replicate): parameters
-    are sharded within a group of world/R ranks (one node, say) and replicated across the
-    R groups; gradients are reduce-scattered in the group, then all-reduced across."""
-    if cfg.replicate == 1:
-        return init_device_mesh(device.type, (dd.world_size,), mesh_dim_names=("shard",))
-    if dd.world_size % cfg.replicate:
-        raise SubLLMError(f"--replicate {cfg.replicate} does not divide the {dd.world_size} "
-                          "processes; choose a divisor of the number of processes")
-    return init_device_mesh(device.type, (cfg.replicate, dd.world_size // cfg.replicate),
-                            mesh_dim_names=("replicate", "shard"))
 
 
 @torch.no_grad()
@@ -610,7 +516,7 @@ def _restore(state: TrainState, saved: dict[str, Any], dd: Dist) -> None:
         set_optimizer_state_dict(state.model, state.optimizer, sd["optim"],
                                  options=StateDictOptions(strict=False))
     else:
-        options = StateDictOptions(full_state_dict=_sharded(state.cfg, dd), strict=False)
+        options = StateDictOptions(full_state_dict=parallel.sharded(state.cfg, dd), strict=False)
         set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
                                  options=options)
     state.batches.load_state_dict(saved["data"])
@@ -634,19 +540,32 @@ def _init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
+def _write_run_config(cfg: TrainConfig, data: TokenData, config: ModelConfig) -> None:
+    """The run directory and its config.yaml (rank 0)."""
+    run_dir = Path(cfg.out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_tmp(run_dir)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(
+            {**ckpt.run_config(cfg, data), "model_config": config.to_dict()}, sort_keys=False))
+    except OSError as e:
+        raise SubLLMError(f"cannot write to run directory {run_dir} ({e.strerror}); choose a "
+                          "writable --out") from None
+
+
 def _announce(state: TrainState, dd: Dist) -> None:
     cfg, config = state.cfg, state.config
     what = "SUBLLM" if config.is_subllm else "LLaMA"
     mode = f", {dd.world_size} x {cfg.distributed.upper()}" if dd.enabled else ""
-    if _sharded(cfg, dd) and cfg.replicate > 1:
+    if parallel.sharded(cfg, dd) and cfg.replicate > 1:
         mode = f", {dd.world_size} x HSDP ({cfg.replicate} replicas x " \
                f"{dd.world_size // cfg.replicate} shards)"
     name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
-    _say(dd, f"{what} {name} {config.structure} ({state.raw_model.num_params() / 1e6:.2f}M "
-         f"params) on {state.device}{mode}, {'bf16' if state.amp else 'fp32'}; global batch "
-         f"{_global_batch(cfg, dd)} x {cfg.seq_len} tokens; "
-         + (f"resuming from {state.resume_from} (step {state.start_step})" if state.resume_from
-            else f"run directory {state.run_dir}"))
+    say(dd, f"{what} {name} {config.structure} ({state.raw_model.num_params() / 1e6:.2f}M "
+        f"params) on {state.device}{mode}, {'bf16' if state.amp else 'fp32'}; global batch "
+        f"{_global_batch(cfg, dd)} x {cfg.seq_len} tokens; "
+        + (f"resuming from {state.resume_from} (step {state.start_step})" if state.resume_from
+           else f"run directory {state.run_dir}"))
 
 
 def _global_batch(cfg: TrainConfig, dd: Dist) -> int:
@@ -733,19 +652,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def _no_sync(model: torch.nn.Module, cfg: TrainConfig, dd: Dist
-             ) -> Callable[[bool], contextlib.AbstractContextManager] | None:
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if not dd.enabled or cfg.grad_accum == 1:
-        return None
-    if cfg.distributed == "fsdp":
-        def fsdp_sync(last_micro: bool) -> contextlib.AbstractContextManager:
-            model.set_requires_gradient_sync(last_micro)
-            return contextlib.nullcontext()
-        return fsdp_sync
-    return lambda last_micro: contextlib.nullcontext() if last_micro else model.no_sync()
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -757,7 +663,7 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
     end = cfg.max_steps if cfg.stop_at is None else min(cfg.max_steps, cfg.stop_at)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                disable=not dd.main, dynamic_ncols=True, file=sys.stderr)
-    no_sync = _no_sync(state.model, cfg, dd)
+    no_sync = parallel.no_sync(state.model, cfg, dd)
     pending = _Pending()
     state.model.train()
     try:
@@ -788,7 +694,7 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                     state.phase = "validation"
                     # the last one is said by the summary line (_finish), once
                     state.last_eval = _eval_and_log(state, dd, state.log,
-                                                    say=state.step != end)
+                                                    aloud=state.step != end)
                 state.phase = "the stop-signal check"
                 stopping = _agree(stop.signum is not None, dd, state.device)
                 save_now = bool(cfg.save_every) and state.step % cfg.save_every == 0
@@ -804,7 +710,7 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
         if state.last_eval is None or state.last_eval["step"] != state.step:
             # nothing to log when this call trained no step (resuming a finished run)
             state.last_eval = _eval_and_log(
-                state, dd, state.log if state.step > state.start_step else None, say=False)
+                state, dd, state.log if state.step > state.start_step else None, aloud=False)
     finally:
         bar.close()
         if state.log is not None:
@@ -932,9 +838,9 @@ def _agree(flag: bool, dd: Dist, device: torch.device) -> bool:
     return all_reduce_sum([float(flag)], dd, device)[0] > 0 if dd.enabled else flag
 
 
-def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None, say: bool = True
+def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None, aloud: bool = True
                   ) -> dict[str, Any]:
-    """Validate at this step; with a `log`, write its record and (`say`) its line."""
+    """Validate at this step; with a `log`, write its record and (`aloud`) its line."""
     result = evaluate(state.model, state.eval_set, state.device, state.amp, dd)
     result["step"] = state.step
     if log is not None:
@@ -946,191 +852,22 @@ def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None, say: bool = T
             record.update(val_top_k_loss=result["top_k_loss"], val_gap=result["gap"],
                           val_top_k_kept_fractions=result["top_k_kept_fractions"])
         log.write(record)
-        if say:
+        if aloud:
             kept = (f", kept {fmt_kept(result['kept_fractions'])}, train/inference gap "
                     f"{100 * result['gap']:+.2f} %" if "gap" in result else "")
-            _say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
-                 f"{fmt_perplexity(result['loss'])}{kept}")
+            say(dd, f"step {state.step}: val loss {result['loss']:.4f}, perplexity "
+                f"{fmt_perplexity(result['loss'])}{kept}")
     return result
 
 
-def save(state: TrainState, dd: Dist, background: bool = False) -> Path | None:
-    """Collective: every rank calls it; rank 0 writes (sharded: every rank writes its
-    shards, rank 0 the rest). Returns the path on rank 0: the newest complete checkpoint.
-
-    `background` (sharded runs, --async-checkpoint): the shards are copied to host memory
-    and written by a thread while training goes on; the checkpoint becomes visible (state.pt,
-    rename) at the next save, which waits for it first. The last save of a run is never in
-    the background."""
-    if _sharded(state.cfg, dd):
-        if state.saving is not None:  # the previous background save, completed first
-            pending, state.saving = state.saving, None
-            state.last_saved = _complete_sharded(state, dd, pending) or state.last_saved
-        pending = _write_shards(state, dd, background)
-        if pending is None:  # already saved at this step
-            return state.last_saved if dd.main else None
-        if pending.future is not None:
-            state.saving = pending
-            return state.last_saved
-        return _complete_sharded(state, dd, pending)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(state.model, options=options)
-    optim_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
-    rng = [ckpt.rng_state()]
-    if dd.enabled:
-        rng = [None] * dd.world_size
-        dist.all_gather_object(rng, ckpt.rng_state())
-
-    def write() -> Path:
-        train_state = {"format": 1, "optimizer": optim_state, "data": state.batches.state_dict(),
-                       "rng": rng, "world_size": dd.world_size}
-        try:
-            return ckpt.save_checkpoint(
-                state.run_dir, state.step, model_state, train_state, state.config.to_dict(),
-                run_config(state.cfg, state.data), state.data.tokenizer_path,
-                keep=_keep(state, dd))
-        except OSError as e:  # nothing half-written is left (save_checkpoint cleans up)
-            kept = (f"{state.last_saved.name} is intact (continue with --resume)"
-                    if state.last_saved else "no checkpoint of this run was saved yet")
-            raise SubLLMError(f"{os_error_line(e)} while writing checkpoint "
-                              f"{ckpt.checkpoint_name(state.step)}; {kept}") from None
-
-    return _gate(dd, f"saving the checkpoint of step {state.step}", write if dd.main else None)
-
-
-def _keep(state: TrainState, dd: Dist) -> int | None:
-    """--keep-checkpoints, or None (prune nothing) while the last validation loss is not
-    finite or worse than guessing every token uniformly (ln vocab_size), as no trained model
-    is: a run that has blown up (a damaged resume, a divergence) never costs its intact
-    older checkpoints. Rank 0."""
-    keep, last = state.cfg.keep_checkpoints, state.last_eval
-    bound = math.log(state.config.vocab_size)
-    if (keep is None or last is None or last["loss"] <= bound
-            or len(ckpt.list_checkpoints(state.run_dir)) < keep):  # nothing to prune anyway
-        return keep
-    _say(dd, f"warning: the validation loss at step {last['step']} is {last['loss']:.4g}, worse "
-         f"than a uniform guess over the vocabulary ({bound:.4g}); no older checkpoint is "
-         "pruned until it recovers")
-    return None
-
-
-@dataclass
-class _ShardedSave:
-    """A sharded checkpoint whose shards are written (or being written: `future`), not yet
-    complete: what rank 0 adds to it, taken when it was started."""
-
-    step: int
-    staged: Path
-    train_state: dict[str, Any]
-    last_saved: Path | None  # the newest complete checkpoint when it was started
-    future: Any = None  # dcp.async_save's Future; None: written
-
-
-def _write_shards(state: TrainState, dd: Dist, background: bool) -> _ShardedSave | None:
-    """Every rank writes the shards it holds of the weights and the optimizer state into
-    rank 0's staging directory (`torch.distributed.checkpoint`, whose coordinator writes
-    `.metadata` once every rank's are written); nothing is gathered. None: the run already
-    holds a checkpoint of this step (a signal right after a save)."""
-    rng: list[Any] = [None] * dd.world_size
-    dist.all_gather_object(rng, ckpt.rng_state())
-    box: list[Any] = [ckpt.is_saved(state.run_dir, state.step), os.getpid()]
-    dist.broadcast_object_list(box, src=0)  # rank 0's decision and staging directory
-    if box[0]:
-        return None
-    pending = _ShardedSave(
-        state.step, ckpt.staging_dir(state.run_dir, state.step, box[1]),
-        {"format": 2, "data": state.batches.state_dict(), "rng": rng,
-         "world_size": dd.world_size}, state.last_saved)
-
-    def fresh() -> None:
-        shutil.rmtree(pending.staged, ignore_errors=True)
-        try:
-            pending.staged.mkdir(parents=True)
-        except OSError as e:
-            raise _save_failed(e, pending) from None
-
-    _gate(dd, f"creating the checkpoint of step {state.step}", fresh if dd.main else None)
-    sd = {"model": get_model_state_dict(state.model),
-          "optim": get_optimizer_state_dict(state.model, state.optimizer)}
-    where = pending.staged / ckpt.SHARDED
-    try:  # collective: DCP gathers every rank's outcome and raises the same on all of them
-        if background:
-            # its own gloo group: the writer thread's collectives never interleave with
-            # training's on the default group (torchtitan does the same)
-            pending.future = dcp.async_save(sd, checkpoint_id=where,
-                                            process_group=_async_group(state))
-        else:
-            dcp.save(sd, checkpoint_id=where)
-    except dcp.CheckpointException as e:
-        raise _shards_failed(e, pending, dd) from None
-    return pending
-
-
-def _async_group(state: TrainState) -> Any:
-    if state.async_group is None:
-        state.async_group = dist.new_group(backend="gloo")
-    return state.async_group
-
-
-def _complete_sharded(state: TrainState, dd: Dist, pending: _ShardedSave) -> Path | None:
-    """Wait for the shards (a background save); every rank checksums the shard files it
-    wrote (all ranks at once, each reading its own); then rank 0 adds state.pt (data
-    position, step, every rank's RNG states), the configs and manifest.json and renames the
-    staging directory into place: the checkpoint is complete or invisible. The path on
-    rank 0."""
-
-    def written() -> dict[str, Any]:
-        if pending.future is not None:
-            pending.future.result()
-        return ckpt.checksums(pending.staged, ckpt.shard_files(pending.staged, dd.rank))
-
-    try:
-        mine = _gate(dd, f"writing the shards of step {pending.step}", written)
-    except dcp.CheckpointException as e:  # raised on every rank alike
-        raise _shards_failed(e, pending, dd) from None
-    except (OSError, SubLLMError) as e:  # this rank's checksums, or another rank's
-        if dd.main:
-            shutil.rmtree(pending.staged, ignore_errors=True)
-        raise (_save_failed(e, pending) if isinstance(e, OSError) else e) from None
-    sums = [mine]
-    if dd.enabled:
-        sums = [None] * dd.world_size
-        dist.all_gather_object(sums, mine)
-
-    def finish() -> Path:
-        try:
-            return ckpt.save_checkpoint(
-                state.run_dir, pending.step, None, pending.train_state, state.config.to_dict(),
-                run_config(state.cfg, state.data), state.data.tokenizer_path,
-                keep=_keep(state, dd), staged=pending.staged,
-                sums={k: v for rank in sums for k, v in rank.items()})
-        except OSError as e:  # save_checkpoint removed the staging directory
-            raise _save_failed(e, pending) from None
-
-    return _gate(dd, f"saving the checkpoint of step {pending.step}",
-                 finish if dd.main else None)
-
-
-def _shards_failed(e: Any, pending: _ShardedSave, dd: Dist) -> SubLLMError:
-    if dd.main:
-        shutil.rmtree(pending.staged, ignore_errors=True)
-    errors = [err for err, _ in e.failures.values()]
-    return _save_failed(errors[0] if errors else e, pending)
-
-
-def _save_failed(e: BaseException, pending: _ShardedSave) -> SubLLMError:
-    kept = (f"{pending.last_saved.name} is intact (continue with --resume)"
-            if pending.last_saved else "no checkpoint of this run was saved yet")
-    cause = os_error_in(e)  # a write torch's C++ writer wrapped in a RuntimeError
-    first = os_error_line(cause) if cause is not None else str(e).strip()[:200]
-    return SubLLMError(f"{first} while writing checkpoint {ckpt.checkpoint_name(pending.step)}; "
-                       f"{kept}")
+# ---------------------------------------------------------------------------------------------
+# Finishing
 
 
 def _interrupted(state: TrainState, signum: int | None, dd: Dist) -> dict[str, Any]:
     name = signal.Signals(signum or signal.SIGTERM).name
-    _say(dd, f"\n{name}: saved {state.last_saved} at step {state.step}; continue with: "
-         f"{_continue_command(state)}")
+    say(dd, f"\n{name}: saved {state.last_saved} at step {state.step}; continue with: "
+        f"{_continue_command(state)}")
     return {"interrupted": True, "step": state.step, "signal": signum}
 
 
@@ -1154,16 +891,11 @@ def _finish(state: TrainState, dd: Dist) -> dict[str, Any]:
               f"{fmt_perplexity(last_eval['loss'])}{kept_txt}; checkpoint {last_saved}",
               flush=True)
         if state.cfg.stop_at is not None and state.step < state.cfg.max_steps:
-            _say(dd, f"stopped at step {state.step} (--stop-at); continue with: "
-                 f"{_continue_command(state)}")
+            say(dd, f"stopped at step {state.step} (--stop-at); continue with: "
+                f"{_continue_command(state)}")
         if state.demo:
             print("sample:", flush=True)
             print(DEMO_PROMPT + sample_text(state.raw_model, state.data.tokenizer_path,
                                             DEMO_PROMPT, max_new_tokens=120,
                                             device=state.device), flush=True)
     return {**last_eval, "checkpoint": str(last_saved) if last_saved else None}
-
-
-def _say(dd: Dist, *parts: Any) -> None:
-    if dd.main:
-        tqdm.write(" ".join(str(p) for p in parts), file=sys.stderr)
