@@ -1,11 +1,12 @@
 """`subllm bench <name>`: benchmarks that write JSON, a Markdown table and plots.
 
-Each benchmark is a module in this package with `HELP` (one line), `add_arguments(parser)`
-and `run(args) -> int`; add a new one by listing it in `BENCHMARKS`. A module that holds
-several benchmarks names each as `module:OBJECT`, an object with the same attributes and
-its description in `DOC`. Each writes to `--out`, by default ./bench-out/<name> under the
-current directory (`common.add_out_argument`); nothing in the checkout is written unless
-`--out` points there.
+Each benchmark is a module in this package with `add_arguments(parser)` and
+`run(args) -> int` (its description: the module docstring); add a new one by listing it,
+with its one-line help, in `BENCHMARKS`. A module that holds several benchmarks names each
+as `module:OBJECT`, an object with the same attributes and its description in `DOC`. Each
+writes to `--out`, by default ./bench-out/<name> under the current directory
+(`common.add_out_argument`); nothing in the checkout is written unless `--out` points
+there. What they share (flags, models, the paired runner, outputs) is in common.py.
 """
 
 from __future__ import annotations

@@ -1,17 +1,21 @@
-"""What the benchmarks share: flags, models, the case worker, the budget search, outputs.
+"""What the benchmarks share: flags, models, memory, the paired runner, the budget search,
+outputs.
 
 Every benchmark module imports from here and from no other benchmark module.
 `subllm bench --help` imports every benchmark module for its flags, so neither this file
 nor they import torch, transformers or matplotlib at the top: those load inside the
 functions that run a benchmark (the subllm modules imported here are torch-free).
 
-The case worker: one benchmark case in a fresh interpreter, so that its peak memory is
-its own. A bench module runs `run_worker("subllm.bench.NAME", case, timeout)` and ends with
-`if __name__ == "__main__": worker_entry(run_case, "NAME")`, which runs the case and writes
-its result (a JSON object) to the file the parent named. On a CPU a case calls
-`watch_memory()` first, which ends the worker with OVER_LIMIT_EXIT as soon as its resident
-set passes the budget (or 90 % of the memory available), instead of waiting for the OOM
-killer.
+The paired runner: the things compared (models A and B, modes, peers) are measured in
+alternating order, round by round (`alternate`), so that whatever else the machine does
+hits them alike, and a measurement whose peak memory must be its own runs in a fresh
+interpreter (`run_worker`). A bench module runs `run_worker("subllm.bench.NAME", case,
+timeout)` and ends with `if __name__ == "__main__": worker_entry(run_case, "NAME")`, which
+runs the case and writes its result (a JSON object) to the file the parent named. On a
+CPU a case calls `watch_memory()` first, which ends the worker with OVER_LIMIT_EXIT as
+soon as its resident set passes the budget (or 90 % of the memory available), instead of
+waiting for the OOM killer. `write_outputs` writes the report as JSON, a Markdown table
+and a PNG plot.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from statistics import median
+from typing import Any, NoReturn, TypeVar
 
 from subllm.atomic import write_atomic
 from subllm.errors import SubLLMError
@@ -40,10 +45,10 @@ from subllm.train.config import TrainConfig
 MODES = ("standard", "checkpointing", "mst")  # mst and estimate: see apply_mode
 OVER_LIMIT_EXIT = 3  # a worker's exit code when its resident set crossed its limit
 KEPT_TOLERANCE = 0.05  # kept fraction this far off its keep ratio: the ratios are not fair
+K = TypeVar("K")
+R = TypeVar("R")
 
-# --------------------------------------------------------------------------------------
-# flags
-# --------------------------------------------------------------------------------------
+# ---- flags ---------------------------------------------------------------------------
 
 
 # every benchmark writes to ./bench-out/<its name> (relative to the current directory) unless
@@ -61,6 +66,14 @@ def add_out_argument(p: Any, name: str, more: str = "") -> None:
     p.add_argument("--out", default=default_out(name),
                    help=f"output folder (default ./{default_out(name)}, under the current "
                         f"directory){more}")
+
+
+def add_device_arguments(p: Any) -> None:
+    """`--device cpu|cuda` and `--dtype fp32|bf16` (autocast), as bench mst/train/infer take
+    them."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 = autocast over fp32 weights (mixed precision)")
 
 
 def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
@@ -92,12 +105,15 @@ def parse_pair(text: str, example: str = "llama-small,subllm-small") -> tuple[st
     return parts[0], parts[1]
 
 
-def require_positive(args: Any, *names: str) -> None:
-    """Raise naming the flag of the first of `names` (attributes of args) that is <= 0."""
+def require_positive(args: Any, *names: str, minimum: float | None = None) -> None:
+    """Raise naming the flag of the first of `names` (attributes of args, None skipped) that
+    is <= 0, or < `minimum` when that is given."""
     for name in names:
         value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise SubLLMError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        bad = value is not None and (value < minimum if minimum is not None else not value > 0)
+        if bad:
+            need = "positive" if minimum is None else f">= {minimum}"
+            raise SubLLMError(f"--{name.replace('_', '-')} must be {need}, got {value}")
 
 
 def check_cuda(device: str) -> None:
@@ -109,9 +125,7 @@ def check_cuda(device: str) -> None:
             raise SubLLMError("--device cuda: no CUDA GPU is visible; use --device cpu")
 
 
-# --------------------------------------------------------------------------------------
-# models
-# --------------------------------------------------------------------------------------
+# ---- models --------------------------------------------------------------------------
 
 _SPEC_KEYS = {"dim": "hidden_size", "layers": "num_hidden_layers", "vocab": "vocab_size",
               "ffn": "intermediate_size", "heads": "num_attention_heads",
@@ -165,8 +179,6 @@ def on_device(device: str) -> Any:
     """The context to build a model in: on a GPU its parameters are made and initialised
     there (a 1.3B model's CPU initialisation costs seconds per build and process);
     elsewhere a no-op."""
-    import contextlib
-
     import torch
 
     return torch.device(device) if str(device).startswith("cuda") else contextlib.nullcontext()
@@ -175,19 +187,14 @@ def on_device(device: str) -> Any:
 def build_model(spec: str, seq_len: int, device: str = "cpu") -> Any:
     """A randomly initialised model of a `check_model` spec (no downloads), built on
     `device` (see on_device)."""
-    with on_device(device):
-        return _build_model(spec, seq_len)
-
-
-def _build_model(spec: str, seq_len: int) -> Any:
     import torch  # noqa: F401  (imported for its side effects on transformers)
 
     kind = check_model(spec)
     if kind == "preset":
         from subllm.model import SubLLM
 
-        cfg = ModelConfig.preset(spec)
-        return SubLLM(dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len)))
+        with on_device(device):
+            return SubLLM(load_config(spec, seq_len))
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     if kind == "hf-spec":
@@ -198,7 +205,8 @@ def _build_model(spec: str, seq_len: int) -> Any:
         config = AutoConfig.from_pretrained(path if path.is_dir() else str(path))
     if getattr(config, "max_position_embeddings", seq_len) < seq_len:
         config.max_position_embeddings = seq_len
-    return AutoModelForCausalLM.from_config(config)
+    with on_device(device):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_config(spec: str, max_len: int) -> ModelConfig:
@@ -246,9 +254,24 @@ def model_summary(spec: str, config: ModelConfig, parameters: int) -> dict[str, 
             "config": config.to_dict()}
 
 
-# --------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------
+def timed_train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str,
+                     amp: Any) -> tuple[float, float]:
+    """One optimizer step of the training loop (subllm.train.loop.train_step: forward with
+    labels, backward, AdamW, no clipping; autocast to `amp` unless None), after
+    set_step(step) on a model that has it: (its wall time in seconds, its loss)."""
+    import torch
+
+    from subllm.train.loop import train_step
+
+    if hasattr(model, "set_step"):
+        model.set_step(step)
+    seconds, result = timed(device, lambda: train_step(model, optimizer, [ids],
+                                                       device=torch.device(device), amp=amp,
+                                                       grad_clip=None))
+    return seconds, float(result.loss)
+
+
+# ---- timing and memory ---------------------------------------------------------------
 
 
 def amp_dtype(dtype: str) -> Any:
@@ -270,21 +293,25 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device, dtype=amp_dtype(dtype))
 
 
-def sync(device: str) -> None:
-    """Wait for the GPU (timing needs it); nothing on a CPU."""
-    if device == "cuda":
+def sync(device: Any) -> None:
+    """Wait for the GPU (timing and its memory counters need it); nothing on a CPU."""
+    if str(device).startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
 
 
+def timed(device: str, fn: Callable[[], R]) -> tuple[float, R]:
+    """(seconds fn() took, synchronised with the GPU on both ends, its result)."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - t0, result
+
+
 def ratio(b: float | None, a: float | None) -> float | None:
     return None if a in (None, 0) or b is None else b / a
-
-
-# --------------------------------------------------------------------------------------
-# the case worker and its memory
-# --------------------------------------------------------------------------------------
 
 
 def rss_bytes() -> int:
@@ -293,28 +320,29 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _proc_bytes(path: str, key: str) -> int:
+    """The `KEY: N kB` line of a /proc file, in bytes; OSError when it has none."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in {path}")
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set since its exec: VmHWM of /proc/self/status.
 
     Not getrusage's ru_maxrss: Linux carries that over fork + exec, so a worker started by a
     big parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    raise OSError("no VmHWM in /proc/self/status")
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def mem_available() -> int | None:
     """90 % of the machine's available memory (the rest is for everyone else), or None."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 * 9 // 10
+        return _proc_bytes("/proc/meminfo", "MemAvailable") * 9 // 10
     except OSError:
         return None
-    return None
 
 
 def watch_memory(budget: int | None = None) -> None:
@@ -340,7 +368,7 @@ def memory_now(device: Any) -> int:
     if str(device).startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        sync(device)
         return torch.cuda.memory_allocated(device)
     return rss_bytes()
 
@@ -349,7 +377,7 @@ def reset_peak(device: Any) -> None:
     if str(device).startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -359,9 +387,43 @@ def memory_peak(device: Any) -> int:
     if str(device).startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        sync(device)
         return torch.cuda.max_memory_allocated(device)
     return peak_rss_bytes()
+
+
+# ---- the paired runner: alternation, results, the case worker ------------------------
+
+
+def alternating(keys: Sequence[K], round_: int) -> Sequence[K]:
+    """The order of round `round_`: `keys` in even rounds, reversed in odd ones (A B, B A,
+    A B, ...), so that a drift in the machine's load hits every key alike."""
+    return keys if round_ % 2 == 0 else keys[::-1]
+
+
+def alternate(keys: Sequence[K], rounds: int, measure: Callable[[K, int], R],
+              warmup: int = 0) -> dict[K, list[R]]:
+    """measure(key, round) for every key in each of `warmup + rounds` rounds, in
+    `alternating` order; the results of the rounds after the warm-up, per key."""
+    results: dict[K, list[R]] = {k: [] for k in keys}
+    for i in range(warmup + rounds):
+        for key in alternating(keys, i):
+            result = measure(key, i)
+            if i >= warmup:
+                results[key].append(result)
+    return results
+
+
+def paired_ratio(b: list[float], a: list[float]) -> float:
+    """Median over the alternation rounds of B's time / A's time in the same round."""
+    return median([tb / ta for tb, ta in zip(b, a, strict=True)])
+
+
+def ratios(b: dict[str, Any], a: dict[str, Any], fields: dict[str, str]
+           ) -> dict[str, float | None]:
+    """{name: b[field] / a[field]} for each name: field of `fields` (None where either is
+    missing or A's is 0)."""
+    return {name: ratio(b.get(field), a.get(field)) for name, field in fields.items()}
 
 
 # glibc's malloc keeps freed tensors below its dynamic mmap threshold (up to 32 MiB) in the
@@ -370,25 +432,21 @@ def memory_peak(device: Any) -> int:
 RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def worker_env(threads: int | None = None, set_env: dict[str, str] | None = None,
-               drop: tuple[str, ...] = ()) -> dict[str, str]:
-    """This process's environment for a worker: without `drop`, with `set_env`, and
-    OMP_NUM_THREADS = threads when given."""
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(set_env or {})
+def worker_env(threads: int | None = None, release: bool | None = None) -> dict[str, str]:
+    """This process's environment for a worker, with OMP_NUM_THREADS = threads when given;
+    release True sets RELEASE_ENV, False removes it, None leaves it as it is."""
+    env = dict(os.environ)
+    if release is not None:
+        env = {k: v for k, v in env.items() if k not in RELEASE_ENV}
+        env.update(RELEASE_ENV if release else {})
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
 def run_worker(module: str, case: dict[str, Any], timeout: float,
-               env: dict[str, str] | None = None,
-               exit_reasons: dict[int, str] | None = None) -> dict[str, Any]:
-    """The case's result plus `wall_s`, or {"ok": False, "error": ...}; never raises.
-
-    exit_reasons: messages for a module's own exit codes (OVER_LIMIT_EXIT has one)."""
-    reasons = {OVER_LIMIT_EXIT: "over the memory limit (stopped by the resident-set watchdog)",
-               **(exit_reasons or {})}
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The case's result plus `wall_s`, or {"ok": False, "error": ...}; never raises."""
     with tempfile.TemporaryDirectory(prefix="subllm-bench-") as tmp:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, "--worker", json.dumps(case), str(result_file)]
@@ -400,8 +458,8 @@ def run_worker(module: str, case: dict[str, Any], timeout: float,
         wall = time.perf_counter() - t0
         if proc.returncode == 0 and result_file.is_file():
             return {**json.loads(result_file.read_text()), "wall_s": wall}
-        if proc.returncode in reasons:
-            error = reasons[proc.returncode]
+        if proc.returncode == OVER_LIMIT_EXIT:
+            error = "over the memory limit (stopped by the resident-set watchdog)"
         elif proc.returncode < 0:
             error = f"killed by signal {-proc.returncode} (out of memory?)"
         else:
@@ -420,9 +478,7 @@ def worker_entry(run_case: Callable[[dict[str, Any]], dict[str, Any]], name: str
     sys.exit(2)
 
 
-# --------------------------------------------------------------------------------------
-# the budget search
-# --------------------------------------------------------------------------------------
+# ---- the budget search ---------------------------------------------------------------
 
 
 def longest_under_budget(fits: Callable[[int], bool], max_len: int, start: int = GRANULE,
@@ -456,9 +512,7 @@ def longest_under_budget(fits: Callable[[int], bool], max_len: int, start: int =
     return lo, probes
 
 
-# --------------------------------------------------------------------------------------
-# outputs
-# --------------------------------------------------------------------------------------
+# ---- outputs -------------------------------------------------------------------------
 
 
 def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
@@ -487,10 +541,32 @@ def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
     return info
 
 
-def command_line(fallback: str = "subllm bench (called from Python)") -> str:
-    """The command line of this run, for a report (`fallback` under pytest)."""
+def command_line(bench: str) -> str:
+    """The command line of this run, for a report (under pytest, where there is none:
+    `subllm bench BENCH (called from Python)`)."""
     return " ".join(["subllm", *sys.argv[1:]]) if sys.argv and "pytest" not in sys.argv[0] \
-        else fallback
+        else f"subllm bench {bench} (called from Python)"
+
+
+def report_head(bench: str, device: str, threads: int | None = None) -> dict[str, Any]:
+    """The fields every report begins with: bench, command, machine, device."""
+    return {"bench": bench, "command": command_line(bench),
+            "machine": machine_info(device, threads), "device": device}
+
+
+def machine_line(report: dict[str, Any], threads: str = "torch threads") -> str:
+    """The Markdown line saying where a report was measured (its machine, device, dtype)."""
+    m = report["machine"]
+    counts = f"{m['cpu_count']} CPUs" + (f", {m['threads']} {threads}" if "threads" in m else "")
+    dtype = f", dtype {report['dtype']}" if "dtype" in report else ""
+    return (f"Machine: {m.get('gpu') or m['cpu']} ({counts}), torch {m['torch']}, transformers "
+            f"{m['transformers']}; device {report['device']}{dtype}.")
+
+
+def table(head: str, align: str, rows: list[list[Any]]) -> list[str]:
+    """A Markdown table: `head` 'a | b | c', `align` one letter per column (l or r)."""
+    rule = "|" + "".join("---|" if a == "l" else "---:|" for a in align)
+    return [f"| {head} |", rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
 def pyplot() -> Any:
@@ -513,15 +589,30 @@ def save_figure(fig: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def save_axes(ax: Any, path: Path, xlabel: str, ylabel: str | None = None,
+              title: str | None = None, legend: dict[str, Any] | None = None) -> None:
+    """Label, grid and legend one plot's axes, then save its figure (save_figure)."""
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**(legend or {}))
+    ax.figure.tight_layout()
+    save_figure(ax.figure, path)
+
+
 def write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: str,
                   plot: Callable[[dict[str, Any], Path], None],
                   png: str | None = None) -> list[Path]:
     """OUT/STEM.json, OUT/STEM.md and the plot OUT/PNG (default STEM.png), each written
-    atomically; returns their paths."""
+    atomically; says so and returns their paths."""
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / (png or f"{stem}.png")]
     write_atomic(paths[0], json.dumps(report, indent=2))
     write_atomic(paths[1], markdown)
     plot(report, paths[2])
+    print("wrote " + ", ".join(map(str, paths)))
     return paths
 
 
@@ -531,3 +622,8 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 
 def fmt_gib(n: float | None, digits: int = 2) -> str:
     return "-" if n is None else f"{n / 2**30:.{digits}f}"
+
+
+def slashed(values: Sequence[float] | None, spec: str = ".3f") -> str:
+    """[0.64, 0.5] -> '0.640/0.500' (kept fractions, keep ratios); '' when empty."""
+    return "/".join(format(v, spec) for v in values or [])

@@ -27,41 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.common import (
-    MODES,
-    RELEASE_ENV,
-    adamw,
-    add_out_argument,
-    amp_dtype,
-    apply_mode,
-    build_model,
-    check_cuda,
-    check_model,
-    command_line,
-    fmt_gib,
-    machine_info,
-    memory_now,
-    memory_peak,
-    parse_ints,
-    parse_modes,
-    parse_spec,
-    pyplot,
-    reset_peak,
-    run_worker,
-    save_figure,
-    watch_memory,
-    worker_entry,
-    worker_env,
-    write_outputs,
-)
-from subllm.errors import SubLLMError
+from subllm.bench import common
+from subllm.bench.common import MODES
 from subllm.planner import estimate_memory, resolve_shape, shape_from_hf_config
 
-HELP = "the memory planner (subllm estimate) against peaks measured in training steps"
 TARGET = 0.15  # issue 6: within 15 % of the measured peak on every case
 HF_SPEC = "hf-llama:dim=256,layers=4,vocab=128256"
 HF_SMALL_VOCAB = "hf-llama:dim=256,layers=4,vocab=512"
@@ -79,11 +51,6 @@ DEFAULT_SUITE: list[tuple[str, list[int], tuple[str, ...], int, str, str]] = [
     (HF_SPEC, [2048], ("standard", "mst"), 1, "bf16", "mixed"),
     ("llama-tiny", [2048], ("standard", "checkpointing"), 1, "bf16", "pure"),
 ]
-
-
-# --------------------------------------------------------------------------------------
-# flags
-# --------------------------------------------------------------------------------------
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -110,39 +77,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "it, and one thread keeps a shared machine's cases quick)")
     p.add_argument("--case-timeout", type=float, default=1800.0,
                    help="seconds before a case is abandoned (default 1800)")
-    add_out_argument(p, "estimate")
+    common.add_out_argument(p, "estimate")
 
 
 def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    suite = DEFAULT_SUITE
     if args.model:
-        lens = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
-        modes = parse_modes(args.modes)
-        suite = [(m, lens, tuple(modes), args.batch_size, args.dtype, args.precision)
+        lens = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
+        modes = tuple(common.parse_modes(args.modes))
+        suite = [(m, lens, modes, args.batch_size, args.dtype, args.precision)
                  for m in args.model]
-    else:
-        suite = DEFAULT_SUITE
     cases = []
     for model, lens, modes, batch, dtype, precision in suite:
-        check_model(model)
-        for n in lens:
-            for mode in modes:
-                cases.append({"model": model, "seq_len": n, "mode": mode, "batch_size": batch,
-                              "dtype": dtype,
-                              "precision": "fp32" if dtype == "fp32" else precision,
-                              "device": args.device})
+        common.check_model(model)
+        cases += [{"model": model, "seq_len": n, "mode": mode, "batch_size": batch,
+                   "dtype": dtype, "precision": "fp32" if dtype == "fp32" else precision,
+                   "device": args.device} for n in lens for mode in modes]
     return cases
-
-
-# --------------------------------------------------------------------------------------
-# the estimate for a case
-# --------------------------------------------------------------------------------------
 
 
 def case_shape(spec: str) -> Any:
     """The planner's ModelShape for a `--model` spec of this benchmark."""
-    kind = check_model(spec)
+    kind = common.check_model(spec)
     if kind == "hf-spec":
-        return shape_from_hf_config({"model_type": "llama", **parse_spec(spec)}, spec)
+        return shape_from_hf_config({"model_type": "llama", **common.parse_spec(spec)}, spec)
     if kind == "hf-config":  # read as `subllm estimate --hf-config` and `convert` read it
         from subllm.interop.llama import hf_config_shape
 
@@ -151,80 +109,54 @@ def case_shape(spec: str) -> Any:
 
 
 def predict(case: dict[str, Any]) -> dict[str, Any]:
-    dtype = case["dtype"]
     return estimate_memory(
-        case_shape(case["model"]), case["seq_len"], case["batch_size"], dtype=dtype,
+        case_shape(case["model"]), case["seq_len"], case["batch_size"], dtype=case["dtype"],
         precision="mixed" if case["precision"] == "fp32" else case["precision"],
         checkpointing=case["mode"] == "checkpointing", mst=case["mode"] == "mst",
         optimizer="adamw", device=case["device"])
 
 
-# --------------------------------------------------------------------------------------
-# one case, in its own process
-# --------------------------------------------------------------------------------------
-
-
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Two AdamW training steps; returns the peak memory above the pre-model baseline."""
+    """Two AdamW training steps in the worker; returns the peak memory above the pre-model
+    baseline."""
     import torch
     import transformers  # noqa: F401  (imported before the baseline, like everything else)
 
-    from subllm.train.loop import train_step
+    import subllm.train.loop  # noqa: F401  (timed_train_step's train_step, likewise)
 
     device = case["device"]
     if device == "cpu":
-        watch_memory()
+        common.watch_memory()
     else:
         torch.cuda.init()
-    reset_peak(device)
-    baseline = memory_now(device)
+    common.reset_peak(device)
+    baseline = common.memory_now(device)
     torch.manual_seed(0)
     seq_len, batch = case["seq_len"], case["batch_size"]
-    model = build_model(case["model"], seq_len)
+    model = common.build_model(case["model"], seq_len)
     if case["precision"] == "pure":
-        model = model.to(amp_dtype(case["dtype"]))
+        model = model.to(common.amp_dtype(case["dtype"]))
     model = model.to(device).train()
-    apply_mode(model, mst=case["mode"] == "mst", checkpointing=case["mode"] != "standard")
-    optimizer = adamw(model, device)
+    common.apply_mode(model, mst=case["mode"] == "mst", checkpointing=case["mode"] != "standard")
+    optimizer = common.adamw(model, device)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
-    amp = amp_dtype(case["dtype"]) if case["precision"] == "mixed" else None
-    losses, times = [], []
-    for step in range(2):  # the second step holds AdamW's state as well
-        if hasattr(model, "set_step"):
-            model.set_step(step)
-        t0 = time.perf_counter()
-        result = train_step(model, optimizer, [ids], device=torch.device(device), amp=amp,
-                            grad_clip=None)
-        losses.append(float(result.loss))
-        del result
-        times.append(time.perf_counter() - t0)
-    return {"ok": True, "measured_bytes": memory_peak(device) - baseline,
-            "baseline_bytes": baseline, "loss": losses[-1], "step_times_s": times}
+    amp = common.amp_dtype(case["dtype"]) if case["precision"] == "mixed" else None
+    steps = [common.timed_train_step(model, optimizer, ids, step, device, amp)
+             for step in range(2)]  # the second step holds AdamW's state as well
+    return {"ok": True, "measured_bytes": common.memory_peak(device) - baseline,
+            "baseline_bytes": baseline, "loss": steps[-1][1],
+            "step_times_s": [seconds for seconds, _ in steps]}
 
 
-def measure(case: dict[str, Any], allocator: str, threads: int | None,
-            timeout: float) -> dict[str, Any]:
-    """Run one case in a fresh interpreter (never raises)."""
-    env = worker_env(threads, RELEASE_ENV if allocator == "release" else None,
-                     drop=tuple(RELEASE_ENV))
-    return run_worker("subllm.bench.estimate", case, timeout, env=env)
-
-
-# --------------------------------------------------------------------------------------
-# outputs
-# --------------------------------------------------------------------------------------
+# ---- outputs ------------------------------------------------------------------------
 
 
 def _gib(n: float | None) -> str:
-    return fmt_gib(n, 3)
+    return common.fmt_gib(n, 3)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:+.1f} %"
-
-
-def _abs_pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f} %"
+def _pct(x: float | None, sign: str = "+") -> str:
+    return "-" if x is None else f"{100 * x:{sign}.1f} %"
 
 
 def _case_label(c: dict[str, Any]) -> str:
@@ -233,67 +165,51 @@ def _case_label(c: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    s = report["summary"]
+    s, both = report["summary"], report["allocators"] == ["release", "glibc"]
     measured = ("torch.cuda.max_memory_allocated" if report["device"] == "cuda" else
                 "peak resident set (VmHWM) of the case's fresh process minus its resident set "
                 "before the model was built")
     alloc = ""
     if report["device"] == "cpu":
         alloc = (" Allocator: `MALLOC_MMAP_THRESHOLD_=131072` (freed tensors go back to the "
-                 "system)" if "release" in report["allocators"] else
-                 " Allocator: glibc defaults")
-        if report["allocators"] == ["release", "glibc"]:
-            alloc += "; `glibc` columns: the same case with glibc's defaults."
-        else:
-            alloc += "."
+                 "system)" if "release" in report["allocators"] else " Allocator: glibc defaults")
+        alloc += "; `glibc` columns: the same case with glibc's defaults." if both else "."
+    rows = []
+    for c in report["cases"]:
+        g = c.get("glibc", {})
+        rows.append([c["model"], _case_label(c), c["seq_len"], c["mode"],
+                     _gib(c["estimate_bytes"]),
+                     _gib(c["measured_bytes"]) if c["ok"] else f"failed: {c.get('error')}",
+                     _pct(c["error"] if c["ok"] else None), c["estimate_phase"]]
+                    + ([_gib(g.get("measured_bytes")), _pct(g["error"] if g.get("ok") else None)]
+                       if both else []))
     lines = [
         "# subllm bench estimate — the memory planner against measured peaks",
         "",
-        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} torch "
-        f"threads per case), torch {m['torch']}, transformers {m['transformers']}; device "
-        f"{report['device']}.",
+        common.machine_line(report, "torch threads per case"),
         f"Command: `{report['command']}`",
         "",
         f"Each case: 2 training steps (forward with labels, backward, AdamW, zero_grad) in a "
         f"fresh process; measured = {measured}.{alloc} Error = (estimate - measured) / "
         f"measured; target |error| <= {100 * TARGET:.0f} %.",
         "",
-    ]
-    both = report["allocators"] == ["release", "glibc"]
-    head = ("| model | precision | seq len | mode | estimate (GiB) | measured (GiB) | error "
-            "| peak phase |")
-    rule = "|---|---|---:|---|---:|---:|---:|---|"
-    if both:
-        head += " glibc (GiB) | glibc error |"
-        rule += "---:|---:|"
-    lines += [head, rule]
-    for c in report["cases"]:
-        row = (f"| {c['model']} | {_case_label(c)} | {c['seq_len']} | {c['mode']} | "
-               f"{_gib(c['estimate_bytes'])} | "
-               + (_gib(c["measured_bytes"]) if c["ok"] else f"failed: {c.get('error')}")
-               + f" | {_pct(c['error'] if c['ok'] else None)} | {c['estimate_phase']} |")
-        if both:
-            g = c.get("glibc", {})
-            g_err = g["error"] if g.get("ok") else None
-            row += f" {_gib(g.get('measured_bytes'))} | {_pct(g_err)} |"
-        lines.append(row)
-    lines += [
+        *common.table("model | precision | seq len | mode | estimate (GiB) | measured (GiB) "
+                      "| error | peak phase" + (" | glibc (GiB) | glibc error" if both else ""),
+                      "llrlrrrl" + ("rr" if both else ""), rows),
         "",
         f"Cases: {s['cases']} ({s['failed']} failed); max |error| "
-        f"{_abs_pct(s['max_abs_error'])} (mean {_abs_pct(s['mean_abs_error'])}); within "
+        f"{_pct(s['max_abs_error'], '')} (mean {_pct(s['mean_abs_error'], '')}); within "
         f"{100 * TARGET:.0f} %: {s['within_target']} of {s['cases'] - s['failed']}."
-        + (f" With glibc's defaults: max |error| {_abs_pct(s['glibc_max_abs_error'])}."
+        + (f" With glibc's defaults: max |error| {_pct(s['glibc_max_abs_error'], '')}."
            if s.get("glibc_max_abs_error") is not None else ""),
     ]
     return "\n".join(lines) + "\n"
 
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
-    fig, ax = pyplot().subplots(figsize=(6.0, 5.2))
-    markers = {"standard": "o", "checkpointing": "s", "mst": "^"}
+    fig, ax = common.pyplot().subplots(figsize=(6.0, 5.2))
     ok = [c for c in report["cases"] if c["ok"]]
-    for mode, mk in markers.items():
+    for mode, mk in {"standard": "o", "checkpointing": "s", "mst": "^"}.items():
         pts = [(c["measured_bytes"] / 2**30, c["estimate_bytes"] / 2**30) for c in ok
                if c["mode"] == mode]
         if pts:
@@ -314,13 +230,9 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylim(lo, hi)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("measured peak (GiB)")
-    ax.set_ylabel("estimated peak (GiB)")
-    ax.set_title(f"subllm estimate vs measured — {report['device']}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    ax.grid(alpha=0.3, which="both")  # the minor lines too, on log axes
+    common.save_axes(ax, path, "measured peak (GiB)", "estimated peak (GiB)",
+                     f"subllm estimate vs measured — {report['device']}", legend={"fontsize": 8})
 
 
 def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -335,19 +247,12 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------
-# the verb
-# --------------------------------------------------------------------------------------
+# ---- the verb -----------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size <= 0:
-        raise SubLLMError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.threads is not None and args.threads <= 0:
-        raise SubLLMError(f"--threads must be positive, got {args.threads}")
-    if args.case_timeout <= 0:
-        raise SubLLMError("--case-timeout must be positive")
-    check_cuda(args.device)
+    common.require_positive(args, "batch_size", "threads", "case_timeout")
+    common.check_cuda(args.device)
     cases = build_cases(args)
     allocators = ["release"]
     if args.device == "cpu":
@@ -363,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
                                "estimate_phase": est["phase"],
                                "estimate_breakdown": est["breakdown"]}
         for i, alloc in enumerate(allocators):
-            r = measure(case, alloc, args.threads, args.case_timeout)
+            r = common.run_worker("subllm.bench.estimate", case, args.case_timeout,
+                                  common.worker_env(args.threads, release=alloc == "release"))
             if r["ok"]:
                 r["error"] = (est["peak_bytes"] - r["measured_bytes"]) / r["measured_bytes"]
             if i == 0:
@@ -380,21 +286,17 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    machine = machine_info(args.device, threads=args.threads if args.device == "cpu"
-                           else torch.get_num_threads())
-    report = {"bench": "estimate", "command": command_line("subllm bench estimate (called "
-                                                           "from Python)"),
-              "device": args.device,
+    threads = args.threads if args.device == "cpu" else torch.get_num_threads()
+    report = {**common.report_head("estimate", args.device, threads),
               "allocators": allocators,
-              "allocator_env": RELEASE_ENV if "release" in allocators else {},
-              "machine": machine, "cases": results, "summary": _summary(results)}
-    write_outputs(out, "estimate", report, render_markdown(report), render_plot)
+              "allocator_env": common.RELEASE_ENV if "release" in allocators else {},
+              "cases": results, "summary": _summary(results)}
     s = report["summary"]
-    print(f"max |error| {_abs_pct(s['max_abs_error'])} over {s['cases'] - s['failed']} cases "
-          f"({s['within_target']} within {100 * TARGET:.0f} %); wrote {out / 'estimate.json'}, "
-          f"{out / 'estimate.md'}, {out / 'estimate.png'}")
+    print(f"max |error| {_pct(s['max_abs_error'], '')} over {s['cases'] - s['failed']} cases "
+          f"({s['within_target']} within {100 * TARGET:.0f} %)")
+    common.write_outputs(out, "estimate", report, render_markdown(report), render_plot)
     return 0
 
 
 if __name__ == "__main__":
-    worker_entry(run_case, "estimate")
+    common.worker_entry(run_case, "estimate")

@@ -39,25 +39,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.common import (
-    add_out_argument,
-    check_cuda,
-    command_line,
-    machine_info,
-    pyplot,
-    save_figure,
-    write_outputs,
-)
+from subllm.bench import common
 from subllm.flags import positive_float
 
-HELP = ("one CUDA device, one command: cuda tests, 1.3B SUBLLM/LLaMA train + decode, MsT vs "
-        "peers, the planner (--smoke: tiny, any device)")
 PARTS = ("tests", "train", "infer", "mst", "estimate")
 # each part's share of the budget (of what is left when it starts, over the parts to come)
 SHARES = {"tests": 0.10, "train": 0.28, "infer": 0.20, "mst": 0.30, "estimate": 0.12}
 DEFAULT_BUDGET_S = 480.0
 # a tiny Hugging Face Llama for the smoke run's `bench mst`
 SMOKE_HF = "hf-llama:dim=32,layers=1,vocab=300,ffn=64,heads=2,kv_heads=1"
+# each benchmark part's sizes: (--smoke, the real run)
+SIZES = {
+    "train": (["--pair", "llama-tiny,subllm-tiny", "--seq-lens", "64", "--steps", "1",
+               "--skip-memory"],
+              ["--pair", "llama-1.3b,subllm-1.3b", "--seq-lens", "4096,8192", "--steps", "5",
+               "--warmup", "2"]),
+    "infer": (["--pair", "llama-tiny,subllm-tiny", "--prompt-lens", "32", "--new-tokens", "4",
+               "--repeats", "1", "--calibrate-steps", "0", "--skip-memory"],
+              ["--pair", "llama-1.3b,subllm-1.3b", "--prompt-lens", "4096,8192",
+               "--new-tokens", "128", "--repeats", "3", "--calibrate-steps", "0"]),
+    "mst": (["--model", SMOKE_HF, "--seq-lens", "64", "--modes", "mst",
+             "--peers", "native,liger,mini-s", "--steps", "1", "--warmup", "0",
+             "--exact-len", "32"],
+            ["--model", "hf-llama:dim=2048,layers=8,vocab=128256", "--seq-lens", "8192,16384",
+             "--modes", "standard,mst", "--peers", "native,cce,liger,mini-s", "--steps", "3",
+             "--warmup", "1", "--exact-len", "4096"]),
+    "estimate": (["--model", "llama-tiny", "--seq-lens", "64", "--modes", "mst"],
+                 ["--model", "llama-1.3b", "--model", "subllm-1.3b", "--seq-lens", "4096",
+                  "--dtype", "bf16"]),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,44 +78,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default cuda (--smoke: cuda when visible, else cpu)")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated subset of {','.join(PARTS)}")
-    add_out_argument(p, "gpu", "; each part in OUT/<part>/. The committed results are "
-                     "written only when asked: --out docs/benchmarks/gpu (make bench-gpu)")
+    common.add_out_argument(p, "gpu", "; each part in OUT/<part>/. The committed results are "
+                            "written only when asked: --out docs/benchmarks/gpu (make bench-gpu)")
     p.add_argument("--budget", type=positive_float, default=DEFAULT_BUDGET_S, metavar="S",
                    help=f"seconds for the whole command (default {DEFAULT_BUDGET_S:.0f}): each "
                         "part gets a share of what is left and is stopped past it")
 
 
 def _argv(part: str, device: str, smoke: bool, out: Path) -> list[str]:
-    """The `subllm` command line of one part."""
-    dev = ["--device", device]
-    dtype = ["--dtype", "bf16" if device == "cuda" else "fp32"]
-    if part == "train":
-        sizes = (["--pair", "llama-tiny,subllm-tiny", "--seq-lens", "64", "--steps", "1",
-                  "--skip-memory"] if smoke else
-                 ["--pair", "llama-1.3b,subllm-1.3b", "--seq-lens", "4096,8192",
-                  "--steps", "5", "--warmup", "2"])
-        return ["bench", "train", *sizes, *dev, *dtype, "--out", str(out)]
-    if part == "infer":
-        sizes = (["--pair", "llama-tiny,subllm-tiny", "--prompt-lens", "32", "--new-tokens",
-                  "4", "--repeats", "1", "--calibrate-steps", "0", "--skip-memory"] if smoke else
-                 ["--pair", "llama-1.3b,subllm-1.3b", "--prompt-lens", "4096,8192",
-                  "--new-tokens", "128", "--repeats", "3", "--calibrate-steps", "0"])
-        return ["bench", "infer", *sizes, *dev, *dtype, "--out", str(out)]
-    if part == "mst":
-        sizes = (["--model", SMOKE_HF, "--seq-lens", "64", "--modes", "mst",
-                  "--peers", "native,liger,mini-s", "--steps", "1", "--warmup", "0",
-                  "--exact-len", "32"] if smoke else
-                 ["--model", "hf-llama:dim=2048,layers=8,vocab=128256", "--seq-lens",
-                  "8192,16384", "--modes", "standard,mst",
-                  "--peers", "native,cce,liger,mini-s", "--steps", "3", "--warmup", "1",
-                  "--exact-len", "4096"])
-        return ["bench", "mst", *sizes, *dev, *dtype, "--out", str(out)]
-    if part == "estimate":
-        sizes = (["--model", "llama-tiny", "--seq-lens", "64", "--modes", "mst"] if smoke else
-                 ["--model", "llama-1.3b", "--model", "subllm-1.3b", "--seq-lens", "4096",
-                  "--dtype", "bf16"])
-        return ["bench", "estimate", *sizes, *dev, "--out", str(out)]
-    raise ValueError(part)
+    """The `subllm` command line of one part (bench estimate takes its dtype in SIZES)."""
+    dtype = [] if part == "estimate" else ["--dtype", "bf16" if device == "cuda" else "fp32"]
+    return ["bench", part, *SIZES[part][0 if smoke else 1], "--device", device, *dtype,
+            "--out", str(out)]
 
 
 def _bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int | None, str, str]:
@@ -125,6 +109,16 @@ def _bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int | None,
         return None, out or "", err or ""
 
 
+def _status(code: int | None, timeout: float, ok_codes: tuple[int, ...], output: str
+            ) -> dict[str, Any]:
+    """A part's status and detail: its last line of output unless it is ok."""
+    if code is None:
+        return {"status": "timed out", "detail": f"stopped after its {timeout:.0f} s share"}
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    detail = lines[-1] if lines else f"exit code {code}"
+    return {"status": "ok" if code in ok_codes else "failed", "detail": detail}
+
+
 def _run_tests(out: Path, timeout: float) -> dict[str, Any]:
     """pytest -m cuda on this checkout's tests/test_cuda.py (a subprocess: its own CUDA
     context). The checkout is only read: pytest runs in OUT (its current directory, for
@@ -139,13 +133,8 @@ def _run_tests(out: Path, timeout: float) -> dict[str, Any]:
                                      "no:cacheprovider", str(tests)], timeout,
                                     cwd=out.resolve(),
                                     env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    log = stdout + stderr
-    (out / "pytest.txt").write_text(log)
-    if code is None:
-        return {"status": "timed out", "detail": f"stopped after its {timeout:.0f} s share"}
-    tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-    ok = code in (0, 5)  # 5: nothing collected
-    return {"status": "ok" if ok else "failed", "detail": tail[0]}
+    (out / "pytest.txt").write_text(stdout + stderr)
+    return _status(code, timeout, (0, 5), stdout + stderr)  # 5: nothing collected
 
 
 def _run_cli(argv: list[str], timeout: float) -> dict[str, Any]:
@@ -154,41 +143,38 @@ def _run_cli(argv: list[str], timeout: float) -> dict[str, Any]:
     code, _, stderr = _bounded([sys.executable, "-m", "subllm", *argv], timeout,
                                stdout=None)
     sys.stderr.write(stderr)
+    result = _status(code, timeout, (0,), stderr)
     if code is None:
-        return {"status": "timed out", "detail": f"stopped after its {timeout:.0f} s share "
-                                                 "(raise --budget)"}
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    return {"status": "ok" if code == 0 else "failed",
-            "detail": "" if code == 0 else (lines[-1] if lines else f"exit code {code}")}
+        result["detail"] += " (raise --budget)"
+    elif code == 0:
+        result["detail"] = ""
+    return result
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    lines = [f"# subllm bench gpu{' --smoke' if report['smoke'] else ''}", "",
-             f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs), torch "
-             f"{m['torch']}, transformers {m['transformers']}; device {report['device']}. "
-             f"Command: `{report['command']}`. Each part's own tables: OUT/<part>/.", "",
-             "| part | status | wall (s) | command / detail |", "|---|---|---:|---|"]
+    rows = []
     for name, r in report["parts"].items():
         what = r.get("detail") or ""
         if r.get("argv"):
             what = f"`subllm {' '.join(r['argv'])}`" + (f" — {what}" if what else "")
-        lines.append(f"| {name} | {r['status']} | {r.get('wall_s', 0):.1f} | {what} |")
-    lines += ["", f"Total: {report['total_s']:.0f} s (budget {report.get('budget_s', 0):.0f} s)."]
+        rows.append([name, r["status"], f"{r.get('wall_s', 0):.1f}", what])
+    lines = [f"# subllm bench gpu{' --smoke' if report['smoke'] else ''}", "",
+             f"{common.machine_line(report)} Command: `{report['command']}`. Each part's own "
+             "tables: OUT/<part>/.", "",
+             *common.table("part | status | wall (s) | command / detail", "llrl", rows), "",
+             f"Total: {report['total_s']:.0f} s (budget {report.get('budget_s', 0):.0f} s)."]
     return "\n".join(lines) + "\n"
 
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
-    fig, ax = pyplot().subplots(figsize=(6, 3))
-    names = list(report["parts"])
-    walls = [report["parts"][n].get("wall_s", 0.0) for n in names]
-    colors = ["tab:green" if report["parts"][n]["status"] == "ok" else "tab:red"
-              for n in names]
-    ax.barh(names, walls, color=colors)
+    fig, ax = common.pyplot().subplots(figsize=(6, 3))
+    parts = report["parts"]
+    ax.barh(list(parts), [r.get("wall_s", 0.0) for r in parts.values()],
+            color=["tab:green" if r["status"] == "ok" else "tab:red" for r in parts.values()])
     ax.set_xlabel("wall time (s)")
     ax.set_title(f"subllm bench gpu — {report['device']}")
     fig.tight_layout()
-    save_figure(fig, path)
+    common.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if (not args.smoke or torch.cuda.is_available()) else "cpu"
-    check_cuda(device)  # without --smoke a GPU is the point: say so in one line
+    common.check_cuda(device)  # without --smoke a GPU is the point: say so in one line
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -221,11 +207,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"   {part}: {r['status']} in {r['wall_s']:.1f} s"
               + (f" ({r['detail']})" if r.get("detail") else ""), flush=True)
         results[part] = r
-    report = {"smoke": args.smoke, "device": device, "command": command_line(),
-              "budget_s": args.budget,
-              "machine": machine_info(device), "parts": results,
-              "total_s": time.perf_counter() - t_all}
-    paths = write_outputs(out, "gpu", report, render_markdown(report), render_plot)
-    print("wrote " + ", ".join(map(str, paths)))
-    return 0 if all(r["status"] == "ok" or r["status"] == "skipped"
-                    for r in results.values()) else 1
+    report = {**common.report_head("gpu", device), "smoke": args.smoke, "budget_s": args.budget,
+              "parts": results, "total_s": time.perf_counter() - t_all}
+    common.write_outputs(out, "gpu", report, render_markdown(report), render_plot)
+    return 0 if all(r["status"] in ("ok", "skipped") for r in results.values()) else 1

@@ -47,43 +47,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
-from subllm.bench.common import (
-    GRANULE,
-    MODES,
-    RELEASE_ENV,
-    add_out_argument,
-    apply_mode,
-    autocast,
-    build_model,
-    check_cuda,
-    check_model,
-    command_line,
-    fmt_gib,
-    longest_under_budget,
-    machine_info,
-    memory_now,
-    memory_peak,
-    parse_ints,
-    parse_modes,
-    peak_rss_bytes,
-    pyplot,
-    reset_peak,
-    run_worker,
-    save_figure,
-    sync,
-    watch_memory,
-    worker_entry,
-    worker_env,
-    write_outputs,
-)
+from subllm.bench import common
 from subllm.errors import SubLLMError
 from subllm.planner import parse_memory
-
-HELP = "time and peak memory of a training step: standard / checkpointing / MsT"
 
 PEERS = ("native", "cce", "liger", "mini-s")
 NOT_ON_REGISTRY = {"mini-s": "not on the package registry (published as source only; this "
@@ -100,9 +70,14 @@ def parse_peers(text: str) -> list[str]:
     return list(dict.fromkeys(peers))
 
 
-# --------------------------------------------------------------------------------------
-# flags
-# --------------------------------------------------------------------------------------
+def parse_chunk_variants(text: str) -> list[str]:
+    """'64,128' -> ['mst@64', 'mst@128']; '' -> []."""
+    if not str(text).strip():
+        return []
+    return [f"mst@{n}" for n in common.parse_ints(text, "--loss-chunk-tokens", minimum=1)]
+
+
+# ---- flags ---------------------------------------------------------------------------
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,8 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-lens", default="1024,2048,4096",
                    help="comma-separated sequence lengths (default: 1024,2048,4096)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(common.MODES),
+                   help=f"comma-separated subset of {','.join(common.MODES)}")
     p.add_argument("--memory-budget", default=None,
                    help="e.g. 8GB: also search the longest trainable sequence under it")
     p.add_argument("--memory-limit", default=None,
@@ -121,9 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "over the limit (CPU: resident-set watchdog; GPU: per-process fraction)")
     p.add_argument("--max-search-len", type=int, default=131072,
                    help="upper end of the --memory-budget search (default 131072)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 = autocast over fp32 weights (mixed precision)")
+    common.add_device_arguments(p)
     p.add_argument("--steps", type=int, default=2, help="timed steps per case (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--case-timeout", type=float, default=3600.0,
@@ -143,12 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-len", type=int, default=2048,
                    help="length of the exactness check against the unpatched model (default "
                         "2048, at most the shortest --seq-lens; 0: no check)")
-    add_out_argument(p, "mst")
+    common.add_out_argument(p, "mst")
 
 
-# --------------------------------------------------------------------------------------
-# one case, in its own process
-# --------------------------------------------------------------------------------------
+# ---- one case, in its own process ----------------------------------------------------
 
 
 def peer_unavailable(name: str, device: str, model_kind: str) -> str | None:
@@ -167,12 +138,22 @@ class PeerUnavailable(Exception):
     """A peer library that is missing or cannot run on this device (the reason)."""
 
 
+def _import_peer(module: str, package: str) -> Any:
+    """A peer's library; PeerUnavailable saying why it does not import and what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # ImportError, or its Triton dependency failing to load
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PeerUnavailable(f"{module.split('.')[0]} does not import ({type(e).__name__}: "
+                              f"{first}); pip install {package}") from None
+
+
 def peer_loss(name: str, device: str, dtype: str) -> Any:
     """The peer's loss as fn(hidden (B, L, d), weight (V, d), labels (B, L)) -> scalar, with
     Hugging Face's convention (labels aligned with the inputs, shifted inside, -100
     ignored, mean over the targets). Raises PeerUnavailable saying why it cannot run."""
-    import importlib
-
     import torch
     import torch.nn.functional as F
 
@@ -197,12 +178,7 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
 
         return native
     if name == "cce":
-        try:
-            cce = importlib.import_module("cut_cross_entropy")
-        except Exception as e:  # ImportError, or its Triton dependency failing to load
-            raise PeerUnavailable(f"cut_cross_entropy does not import ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); pip install "
-                                  "cut-cross-entropy") from None
+        cce = _import_peer("cut_cross_entropy", "cut-cross-entropy")
         # its Triton kernel needs a CUDA GPU; elsewhere its own torch.compile path
         impl = "cce" if device == "cuda" else "torch_compile"
 
@@ -214,11 +190,7 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
         cut.impl = impl  # type: ignore[attr-defined]
         return cut
     if name == "liger":
-        try:
-            liger = importlib.import_module("liger_kernel.transformers.functional")
-        except Exception as e:
-            raise PeerUnavailable(f"liger_kernel does not import ({type(e).__name__}); pip "
-                                  "install liger-kernel") from None
+        liger = _import_peer("liger_kernel.transformers.functional", "liger-kernel")
 
         def fused(hidden: Any, weight: Any, labels: Any) -> Any:
             h, y = flat(hidden, labels)
@@ -230,7 +202,7 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
 
 def _step(model: Any, ids: Any, loss_fn: Any, device: str, dtype: str) -> Any:
     """One forward with labels + backward; returns the loss (detached)."""
-    with autocast(device, dtype):
+    with common.autocast(device, dtype):
         if loss_fn is None:  # the model's own loss (standard, checkpointing, mst)
             loss = model(input_ids=ids, labels=ids).loss
         else:  # a peer: the patched body, then the peer's LM head + cross-entropy
@@ -241,11 +213,14 @@ def _step(model: Any, ids: Any, loss_fn: Any, device: str, dtype: str) -> Any:
     return loss.detach()
 
 
-def _exact_ids(vocab: int, batch: int, length: int, device: str) -> Any:
+def _exact_step(model: Any, case: dict[str, Any], loss_fn: Any) -> Any:
+    """One step (_step) at the exactness length, on the same seeded tokens in every case."""
     import torch
 
     gen = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (case["batch_size"], case["exact_len"]),
+                        generator=gen).to(case["device"])
+    return _step(model, ids, loss_fn, case["device"], case["dtype"])
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +231,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     device, mode = case["device"], case["mode"]
     budget = case.get("budget") or case.get("memory_limit")
     if device == "cpu":
-        watch_memory(budget)
+        common.watch_memory(budget)
     seq_len, batch = case["seq_len"], case["batch_size"]
     loss_fn, note = None, ""
     if mode in PEERS:
@@ -267,7 +242,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         note = f"impl={loss_fn.impl}" if hasattr(loss_fn, "impl") else ""
     torch.manual_seed(0)
     # every case builds at the run's longest length, so that all hold the same weights
-    model = build_model(case["model"], case.get("build_len", seq_len), device).to(device).train()
+    model = common.build_model(case["model"], case["build_len"], device).to(device).train()
     if mode == "reference":  # the unpatched model at the exactness length: save its grads
         return _reference(model, case)
     if mode.startswith("mst@"):  # MsT with a given loss chunk size (tokens)
@@ -277,31 +252,30 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         apply_mst(model, loss_chunks=max(1, -(-batch * seq_len // per_chunk)))
         note = f"loss chunks of {per_chunk} tokens"
     else:
-        apply_mode(model, mst=mode == "mst" or loss_fn is not None,
-                   checkpointing=mode != "standard")
+        common.apply_mode(model, mst=mode == "mst" or loss_fn is not None,
+                          checkpointing=mode != "standard")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     if device == "cuda" and budget:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     # on a CPU the peak resident set so far: the model built, nothing run
-    baseline = memory_now(device) if device == "cuda" else peak_rss_bytes()
-    reset_peak(device)
+    baseline = common.memory_now(device) if device == "cuda" else common.peak_rss_bytes()
+    common.reset_peak(device)
 
     # Not subllm.train.loop.train_step: this step has no optimizer (forward with labels +
     # backward only), so that the modes differ in activations alone.
-    times, loss = [], float("nan")
-    for i in range(case["warmup"] + case["steps"]):
-        sync(device)
-        t0 = time.perf_counter()
+    def step() -> float:
         out = _step(model, ids, loss_fn, device, case["dtype"])
         model.zero_grad(set_to_none=True)
-        loss = float(out)
-        del out
-        sync(device)
+        return float(out)
+
+    times, loss = [], float("nan")
+    for i in range(case["warmup"] + case["steps"]):
+        seconds, loss = common.timed(device, step)
         if i >= case["warmup"]:
-            times.append(time.perf_counter() - t0)
+            times.append(seconds)
     result = {"ok": True, "loss": loss, "time_per_step_s": sum(times) / len(times),
-              "step_times_s": times, "peak_mem_bytes": memory_peak(device),
+              "step_times_s": times, "peak_mem_bytes": common.memory_peak(device),
               "baseline_mem_bytes": baseline, "note": note,
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if case.get("exact_file"):
@@ -313,9 +287,7 @@ def _reference(model: Any, case: dict[str, Any]) -> dict[str, Any]:
     """The unpatched model's loss and gradients at the exactness length, to a file."""
     from safetensors.torch import save_file
 
-    ids = _exact_ids(model.config.vocab_size, case["batch_size"], case["exact_len"],
-                     case["device"])
-    loss = _step(model, ids, None, case["device"], case["dtype"])
+    loss = _exact_step(model, case, None)
     grads = {n: p.grad.detach().float().cpu().contiguous()
              for n, p in model.named_parameters() if p.grad is not None}
     grads["__loss__"] = loss.float().cpu().reshape(1)
@@ -329,9 +301,7 @@ def _exactness(model: Any, case: dict[str, Any], loss_fn: Any) -> dict[str, Any]
     from safetensors.torch import load_file
 
     ref = load_file(case["exact_file"])
-    ids = _exact_ids(model.config.vocab_size, case["batch_size"], case["exact_len"],
-                     case["device"])
-    loss = _step(model, ids, loss_fn, case["device"], case["dtype"])
+    loss = _exact_step(model, case, loss_fn)
     ref_loss = ref.pop("__loss__").double()
     worst, worst_name = 0.0, ""
     for n, p in model.named_parameters():
@@ -349,33 +319,34 @@ def _exactness(model: Any, case: dict[str, Any], loss_fn: Any) -> dict[str, Any]
 
 def measure(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one case in a fresh interpreter and return its result (never raises)."""
-    release = case["device"] == "cpu" and case.get("allocator", "release") == "release"
-    env = worker_env(None, RELEASE_ENV if release else None, drop=tuple(RELEASE_ENV))
-    return {**case, **run_worker("subllm.bench.mst", case, timeout, env=env)}
+    release = case["device"] == "cpu" and case["allocator"] == "release"
+    return {**case, **common.run_worker("subllm.bench.mst", case, timeout,
+                                        common.worker_env(release=release))}
 
 
-def parse_chunk_variants(text: str) -> list[str]:
-    """'64,128' -> ['mst@64', 'mst@128']; '' -> []."""
-    if not str(text).strip():
-        return []
-    sizes = parse_ints(text, "--loss-chunk-tokens", minimum=1)
-    return [f"mst@{n}" for n in dict.fromkeys(sizes)]
-
-
-# --------------------------------------------------------------------------------------
-# outputs
-# --------------------------------------------------------------------------------------
+# ---- outputs -------------------------------------------------------------------------
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
     exact = report.get("exact_len")
+    rows = []
+    for c in report["cases"]:
+        r = report["ratios"].get(c["mode"], {}).get(str(c["seq_len"]), {})
+        q = report.get("ratios_vs_mst", {}).get(c["mode"], {}).get(str(c["seq_len"]), {})
+        rows.append([c["mode"], c["seq_len"],
+                     f"{c['time_per_step_s']:.3f}" if c["ok"] else "-",
+                     common.fmt_gib(c.get("peak_mem_bytes")),
+                     common.fmt_gib(c.get("baseline_mem_bytes")),
+                     *(f"{x[k]:.3f}" if k in x else "-"
+                       for x, k in ((r, "memory"), (r, "time"), (q, "memory"), (q, "time"))),
+                     *(f"{c[k]:.1e}" if c.get(k) is not None else "-"
+                       for k in ("loss_rel_error", "grad_rel_error")),
+                     c.get("note", "") if c["ok"] else c.get("error", "failed")])
     lines = [
         f"# subllm bench mst — {report['model']}",
         "",
-        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs), torch {m['torch']}, "
-        f"transformers {m['transformers']}; device {report['device']}, dtype {report['dtype']}, "
-        f"batch {report['batch_size']}, {report.get('rounds', 1)} round(s). Peak memory: "
+        common.machine_line(report) + f" Batch {report['batch_size']}, {report.get('rounds', 1)} "
+        "round(s). Peak memory: "
         + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
            else "peak resident set of the case's process (VmHWM), "
            + ("MALLOC_MMAP_THRESHOLD_=131072 (freed tensors handed back)"
@@ -385,39 +356,23 @@ def render_markdown(report: dict[str, Any]) -> str:
            "error; grad: the largest relative L2 error over the parameters)." if exact
            else "."),
         "",
-        "| mode | seq len | time/step (s) | peak mem (GiB) | after build (GiB) "
-        "| mem / standard | time / standard | mem / mst | time / mst | loss err | grad err "
-        "| note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *common.table("mode | seq len | time/step (s) | peak mem (GiB) | after build (GiB) "
+                      "| mem / standard | time / standard | mem / mst | time / mst | loss err "
+                      "| grad err | note", "l" + "r" * 10 + "l", rows),
     ]
-    for c in report["cases"]:
-        r = report["ratios"].get(c["mode"], {}).get(str(c["seq_len"]), {})
-        q = report.get("ratios_vs_mst", {}).get(c["mode"], {}).get(str(c["seq_len"]), {})
-        note = c.get("note", "") if c["ok"] else c.get("error", "failed")
-        lines.append(
-            f"| {c['mode']} | {c['seq_len']} | "
-            + (f"{c['time_per_step_s']:.3f}" if c["ok"] else "-")
-            + f" | {fmt_gib(c.get('peak_mem_bytes'))} | {fmt_gib(c.get('baseline_mem_bytes'))} | "
-            + " | ".join(f"{x[k]:.3f}" if k in x else "-"
-                         for x, k in ((r, "memory"), (r, "time"), (q, "memory"), (q, "time")))
-            + " | " + " | ".join(f"{c[k]:.1e}" if c.get(k) is not None else "-"
-                                 for k in ("loss_rel_error", "grad_rel_error"))
-            + f" | {note} |"
-        )
-    if report.get("budget"):
-        lines += ["", f"Longest trainable sequence under {fmt_gib(report['budget']['bytes'])} GiB "
-                      f"(multiples of {GRANULE}, searched up to {report['budget']['max_len']}):",
-                  "", "| mode | longest seq len | x standard |", "|---|---:|---:|"]
-        best = report["budget"]["longest"]
-        base = best.get("standard")
-        for mode, n in best.items():
-            ratio = f"{n / base:.1f}" if base else "-"
-            lines.append(f"| {mode} | {n} | {ratio} |")
+    budget = report.get("budget")
+    if budget:
+        base = budget["longest"].get("standard")
+        lines += ["", f"Longest trainable sequence under {common.fmt_gib(budget['bytes'])} GiB "
+                      f"(multiples of {common.GRANULE}, searched up to {budget['max_len']}):",
+                  "", *common.table("mode | longest seq len | x standard", "lrr",
+                                    [[mode, n, f"{n / base:.1f}" if base else "-"]
+                                     for mode, n in budget["longest"].items()])]
     return "\n".join(lines) + "\n"
 
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    fig, ax = common.pyplot().subplots(figsize=(6.5, 4.2))
     for mode in report["modes"] + report.get("variants", []) + report.get("peers", []):
         pts = sorted((c["seq_len"], c["peak_mem_bytes"] / 2**30) for c in report["cases"]
                      if c["mode"] == mode and c["ok"])
@@ -426,13 +381,8 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     if report.get("budget"):
         ax.axhline(report["budget"]["bytes"] / 2**30, color="grey", ls="--", label="budget")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("peak memory (GiB)")
-    ax.set_title(f"{report['model']} — {report['device']}, {report['dtype']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    common.save_axes(ax, path, "sequence length (tokens)", "peak memory (GiB)",
+                     f"{report['model']} — {report['device']}, {report['dtype']}")
 
 
 def _ratios(cases: list[dict[str, Any]], base: str = "standard",
@@ -450,14 +400,7 @@ def _ratios(cases: list[dict[str, Any]], base: str = "standard",
     return out
 
 
-# --------------------------------------------------------------------------------------
-# the verb
-# --------------------------------------------------------------------------------------
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+# ---- the verb ------------------------------------------------------------------------
 
 
 def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -466,31 +409,46 @@ def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not ok:
         return runs[0]
     row = dict(ok[0])
-    row["time_per_step_s"] = _median([r["time_per_step_s"] for r in ok])
-    row["peak_mem_bytes"] = int(_median([r["peak_mem_bytes"] for r in ok]))
+    row["time_per_step_s"] = median([r["time_per_step_s"] for r in ok])
+    row["peak_mem_bytes"] = int(median([r["peak_mem_bytes"] for r in ok]))
     row["rounds"] = [{k: r.get(k) for k in ("time_per_step_s", "peak_mem_bytes", "ok",
                                             "error")} for r in runs]
     return row
 
 
+def _budget_search(args: argparse.Namespace, base: dict[str, Any], modes: list[str],
+                   budget: int) -> dict[str, Any]:
+    """Per mode, the longest sequence whose training step fits under `budget` bytes."""
+    longest, probes = {}, {}
+    for mode in modes:
+        def fits(n: int, mode: str = mode) -> bool:
+            r = measure({**base, "mode": mode, "seq_len": n, "steps": 1, "warmup": 0,
+                         "budget": budget}, args.case_timeout)
+            ok = r["ok"] and r["peak_mem_bytes"] <= budget
+            print(f"  budget {mode:>13} L={n:<7} {'fits' if ok else 'does not fit'}", flush=True)
+            return ok
+
+        longest[mode], probes[mode] = common.longest_under_budget(
+            fits, args.max_search_len // common.GRANULE * common.GRANULE)
+    return {"bytes": budget, "max_len": args.max_search_len, "longest": longest,
+            "probes": probes}
+
+
 def run(args: argparse.Namespace) -> int:
-    lengths = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
-    modes = parse_modes(args.modes)
+    lengths = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
+    modes = common.parse_modes(args.modes)
     peers = parse_peers(args.peers)
     variants = parse_chunk_variants(args.loss_chunk_tokens)
     budget = (parse_memory(args.memory_budget, "--memory-budget")
               if args.memory_budget is not None else None)
     limit = (parse_memory(args.memory_limit, "--memory-limit")
              if args.memory_limit is not None else None)
-    for name in ("batch_size", "steps", "max_search_len", "rounds"):
-        if getattr(args, name) <= 0:
-            raise SubLLMError(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 0 or args.case_timeout <= 0:
-        raise SubLLMError("--warmup must be >= 0 and --case-timeout positive")
+    common.require_positive(args, "batch_size", "steps", "max_search_len", "rounds", "case_timeout")
+    common.require_positive(args, "warmup", minimum=0)
     if args.exact_len < 0 or args.exact_len == 1:
         raise SubLLMError("--exact-len must be 0 (no check) or at least 2")
-    check_model(args.model)
-    check_cuda(args.device)
+    model_kind = common.check_model(args.model)
+    common.check_cuda(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -513,56 +471,41 @@ def run(args: argparse.Namespace) -> int:
             print(f"  reference L={exact_len:<7} " + (
                 f"loss {ref['loss']:.4f}" if ref["ok"] else f"failed: {ref['error']}"),
                 flush=True)
-        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for rnd in range(args.rounds):
-            # the order alternates between rounds so that a busy machine hits all alike
-            order = [(mode, n) for n in lengths for mode in names]
-            for mode, n in order if rnd % 2 == 0 else order[::-1]:
-                if runs.get((mode, n)) and runs[(mode, n)][0].get("unavailable"):
-                    continue  # a missing peer is reported once
-                case = {**base, "mode": mode, "seq_len": n, "steps": args.steps,
-                        "warmup": args.warmup, **exact}
-                reason = (peer_unavailable(mode, args.device, check_model(args.model))
-                          if mode in PEERS else None)
-                r = ({**case, "ok": False, "unavailable": True,
-                      "error": f"not available: {reason}"} if reason
-                     else measure(case, args.case_timeout))
-                r.pop("exact_file", None)
-                print(f"  {mode:>13} L={n:<7} " + (
-                    f"{r['time_per_step_s']:.3f} s/step  peak {fmt_gib(r['peak_mem_bytes'])} GiB"
-                    if r["ok"] else f"{r['error']}"), flush=True)
-                runs.setdefault((mode, n), []).append(r)
+        unavailable: dict[tuple[str, int], dict[str, Any]] = {}
+
+        def measure_case(key: tuple[str, int], _: int) -> dict[str, Any]:
+            if key in unavailable:
+                return unavailable[key]  # a missing peer is reported once
+            mode, n = key
+            case = {**base, "mode": mode, "seq_len": n, "steps": args.steps,
+                    "warmup": args.warmup, **exact}
+            reason = peer_unavailable(mode, args.device, model_kind) if mode in PEERS else None
+            r = ({**case, "ok": False, "unavailable": True, "error": f"not available: {reason}"}
+                 if reason else measure(case, args.case_timeout))
+            r.pop("exact_file", None)
+            print(f"  {mode:>13} L={n:<7} " + (
+                f"{r['time_per_step_s']:.3f} s/step  peak {common.fmt_gib(r['peak_mem_bytes'])} GiB"
+                if r["ok"] else f"{r['error']}"), flush=True)
+            if r.get("unavailable"):
+                unavailable[key] = r
+            return r
+
+        runs = common.alternate([(mode, n) for n in lengths for mode in names], args.rounds,
+                         measure_case)
     cases = [_merge(runs[(mode, n)]) for n in lengths for mode in names]
 
-    report: dict[str, Any] = {**base, "modes": modes, "variants": variants, "peers": peers,
+    report: dict[str, Any] = {**base, **common.report_head("mst", args.device),
+                              "modes": modes, "variants": variants, "peers": peers,
                               "seq_lens": lengths,
                               "rounds": args.rounds, "exact_len": exact_len if exact else None,
-                              "command": command_line(),
-                              "machine": machine_info(args.device), "cases": cases,
-                              "ratios": _ratios(cases),
+                              "cases": cases, "ratios": _ratios(cases),
                               "ratios_vs_checkpointing": _ratios(cases, "checkpointing"),
                               "ratios_vs_mst": _ratios(cases, "mst")}
     if budget is not None:
-        longest, probes = {}, {}
-        for mode in modes:
-            def fits(n: int, mode: str = mode) -> bool:
-                r = measure({**base, "mode": mode, "seq_len": n, "steps": 1, "warmup": 0,
-                             "budget": budget}, args.case_timeout)
-                ok = r["ok"] and r["peak_mem_bytes"] <= budget
-                print(f"  budget {mode:>13} L={n:<7} {'fits' if ok else 'does not fit'}",
-                      flush=True)
-                return ok
-
-            longest[mode], probes[mode] = longest_under_budget(
-                fits, args.max_search_len // GRANULE * GRANULE)
-        report["budget"] = {"bytes": budget, "max_len": args.max_search_len,
-                            "longest": longest, "probes": probes}
-
-    paths = write_outputs(out, "mst", report, render_markdown(report), render_plot,
-                          "mst_memory.png")
-    print("wrote " + ", ".join(map(str, paths)))
+        report["budget"] = _budget_search(args, base, modes, budget)
+    common.write_outputs(out, "mst", report, render_markdown(report), render_plot, "mst_memory.png")
     return 0
 
 
 if __name__ == "__main__":
-    worker_entry(run_case, "mst")
+    common.worker_entry(run_case, "mst")

@@ -21,48 +21,15 @@ infer   prefill of the prompt, then greedy decoding with the KV cache: prefill t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean, median
+from types import SimpleNamespace
 from typing import Any
 
-from subllm.bench.common import (
-    KEPT_TOLERANCE,
-    adamw,
-    add_out_argument,
-    amp_dtype,
-    apply_mode,
-    autocast,
-    check_cuda,
-    command_line,
-    fmt,
-    fmt_gib,
-    keep_ratios,
-    load_config,
-    machine_info,
-    memory_now,
-    memory_peak,
-    model_summary,
-    off_keep,
-    on_device,
-    parse_ints,
-    parse_pair,
-    pyplot,
-    ratio,
-    require_positive,
-    reset_peak,
-    run_worker,
-    save_figure,
-    sync,
-    watch_memory,
-    worker_entry,
-    worker_env,
-    write_outputs,
-)
+from subllm.bench import common
+from subllm.bench.common import off_keep  # noqa: F401  (re-exported: tests import it here)
 from subllm.errors import SubLLMError
 from subllm.model.config import ModelConfig, Segment
 from subllm.planner import training_flops_per_token
@@ -74,100 +41,59 @@ OFF_KEEP_WARNING = "kept fractions off the keep ratio: ratios flattered/penalise
 OFF_KEEP_DECODE_WARNING = ("kept fractions of the decoded tokens off the keep ratio: decode "
                            "ratio flattered/penalised")
 
-
-@dataclass(frozen=True)
-class PairBench:
-    """One `subllm bench` sub-verb (listed in subllm.bench.BENCHMARKS)."""
-
-    HELP: str
-    DOC: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+# ---- shared by train and infer ------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------
-# flags
-# --------------------------------------------------------------------------------------
+def _common_arguments(p: argparse.ArgumentParser, name: str, case_timeout: float) -> None:
+    p.add_argument("--pair", default=DEFAULT_PAIR,
+                   help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR})")
+    common.add_device_arguments(p)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads here and in the memory subprocesses "
+                        "(default: torch's default)")
+    p.add_argument("--skip-memory", action="store_true",
+                   help="do not run the peak-memory subprocesses")
+    p.add_argument("--case-timeout", type=float, default=case_timeout,
+                   help=f"seconds before a memory subprocess is abandoned (default "
+                        f"{case_timeout:.0f})")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"accelerator peak for the MFU (default {H100_BF16_TFLOPS:g}, H100 bf16 "
+                        "dense; MFU is reported on a GPU, or on a CPU when this is given)")
+    p.add_argument("--seed", type=int, default=0)
+    common.add_out_argument(p, name)
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    require_positive(args, "steps", "batch_size", "repeats", "threads")
-    if getattr(args, "warmup", 0) < 0:
-        raise SubLLMError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise SubLLMError(f"--peak-tflops must be positive, got {args.peak_tflops}")
-    check_cuda(args.device)
+    common.require_positive(args, "steps", "batch_size", "repeats", "threads", "peak_tflops",
+                            "case_timeout")
+    common.require_positive(args, "warmup", minimum=0)
+    common.check_cuda(args.device)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
 
 
-def _common_arguments(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--pair", default=DEFAULT_PAIR,
-                   help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR})")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 = autocast over fp32 weights (mixed precision)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads here and in the memory subprocesses "
-                        "(default: torch's default)")
-    p.add_argument("--skip-memory", action="store_true",
-                   help="do not run the peak-memory subprocesses")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"accelerator peak for the MFU (default {H100_BF16_TFLOPS:g}, H100 bf16 "
-                        "dense; MFU is reported on a GPU, or on a CPU when this is given)")
-    p.add_argument("--seed", type=int, default=0)
-    add_out_argument(p, name)
-
-
-# --------------------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------------------
-
-
-def _paired_ratio(b: list[float], a: list[float]) -> float:
-    """Median over the alternation rounds of B's time / A's time in the same round."""
-    return median([tb / ta for tb, ta in zip(b, a, strict=True)])
-
-
-def measure_memory(case: dict[str, Any], timeout: float, threads: int | None) -> dict[str, Any]:
+def measure_memory(case: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Run one memory case in a fresh interpreter; never raises."""
-    return run_worker("subllm.bench.pair", case, timeout, env=worker_env(threads))
+    return common.run_worker("subllm.bench.pair", case, args.case_timeout,
+                             common.worker_env(args.threads))
 
 
-def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
-                 series: dict[str, str], group_key: str | None = None) -> None:
-    """B/A ratio against length; one line per (series, group)."""
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    groups = sorted({c.get(group_key) for c in report["cases"]}) if group_key else [None]
-    for key, label in series.items():
-        for g in groups:
-            pts = sorted((c[x_key], c["ratios"][key]) for c in report["cases"]
-                         if c["ratios"].get(key) is not None
-                         and (group_key is None or c[group_key] == g))
-            if pts:
-                suffix = f", batch {g}" if group_key and len(groups) > 1 else ""
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label + suffix)
-    ax.axhline(1.0, color="grey", ls="--", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(f"{report['b']['spec']} / {report['a']['spec']}")
-    ax.set_title(f"{report['bench']}: B/A — {report['device']}, {report['dtype']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+def _report(bench: str, args: argparse.Namespace, a: dict, b: dict, **fields: Any
+            ) -> dict[str, Any]:
+    import torch
+
+    return {**common.report_head(bench, args.device, torch.get_num_threads()),
+            "dtype": args.dtype, "a": a, "b": b, **fields}
 
 
 def _header(report: dict[str, Any]) -> list[str]:
-    m = report["machine"]
     return [
         f"# subllm bench {report['bench']} — A = {report['a']['spec']}, "
         f"B = {report['b']['spec']}",
         "",
-        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} torch "
-        f"threads), torch {m['torch']}; device {report['device']}, dtype {report['dtype']}.",
+        common.machine_line(report),
         f"Command: `{report['command']}`",
         "",
         "A and B alternate step by step in one process; times are medians of the timed steps; "
@@ -179,20 +105,27 @@ def _header(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _report_base(bench: str, args: argparse.Namespace, a: dict, b: dict) -> dict[str, Any]:
-    import torch
+def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
+                 series: dict[str, str], group_key: str | None = None) -> None:
+    """B/A ratio against length; one line per (series, group)."""
+    fig, ax = common.pyplot().subplots(figsize=(6.5, 4.2))
+    groups = sorted({c.get(group_key) for c in report["cases"]}) if group_key else [None]
+    for key, label in series.items():
+        for g in groups:
+            pts = sorted((c[x_key], c["ratios"][key]) for c in report["cases"]
+                         if c["ratios"].get(key) is not None
+                         and (group_key is None or c[group_key] == g))
+            if pts:
+                suffix = f", batch {g}" if group_key and len(groups) > 1 else ""
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label + suffix)
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    common.save_axes(ax, path, x_label, f"{report['b']['spec']} / {report['a']['spec']}",
+                     f"{report['bench']}: B/A — {report['device']}, {report['dtype']}",
+                     legend={"fontsize": 8})
 
-    machine = machine_info(args.device, threads=torch.get_num_threads())
-    return {"bench": bench, "command": command_line(), "machine": machine,
-            "device": args.device, "dtype": args.dtype, "a": a, "b": b}
 
-
-# --------------------------------------------------------------------------------------
-# train
-# --------------------------------------------------------------------------------------
-
-
-TRAIN_HELP = "training step time, tokens/s, peak memory and MFU: model A vs model B"
+# ---- train --------------------------------------------------------------------------
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,9 +143,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-step", type=int, default=0,
                    help="set_step value of the first step (the balancer / bypass schedules; "
                         "default 0)")
-    p.add_argument("--case-timeout", type=float, default=3600.0,
-                   help="seconds before a memory subprocess is abandoned (default 3600)")
-    _common_arguments(p, "train")
+    _common_arguments(p, "train", case_timeout=3600.0)
 
 
 def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool,
@@ -220,57 +151,18 @@ def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing
     from subllm.model import SubLLM
     from subllm.model.mst import compile_blocks
 
-    with on_device(device):
-        model = apply_mode(SubLLM(config), mst=mst, checkpointing=checkpointing)
+    with common.on_device(device):
+        model = common.apply_mode(SubLLM(config), mst=mst, checkpointing=checkpointing)
     model = model.to(device).train()
     return compile_blocks(model) if compile else model
-
-
-def timed_train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str,
-                     dtype: str) -> float:
-    """One optimizer step (subllm.train.loop.train_step: forward with labels, backward,
-    AdamW, no clipping); returns its wall time in seconds."""
-    import torch
-
-    from subllm.train.loop import train_step
-
-    model.set_step(step)
-    sync(device)
-    t0 = time.perf_counter()
-    train_step(model, optimizer, [ids], device=torch.device(device), amp=amp_dtype(dtype),
-               grad_clip=None)
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def time_train_pair(models: dict[str, Any], optimizers: dict[str, Any], ids: Any, steps: int,
-                    warmup: int, first_step: int, device: str, dtype: str
-                    ) -> dict[str, list[float]]:
-    """Alternate the models step by step (A B, B A, A B, ...); timed steps per model."""
-    names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(warmup + steps):
-        for name in names if i % 2 == 0 else names[::-1]:
-            t = timed_train_step(models[name], optimizers[name], ids, first_step + i,
-                                 device, dtype)
-            if i >= warmup:
-                times[name].append(t)
-    return times
-
-
-def _mfu(config: ModelConfig, seq_len: int, tokens_per_s: float, peak_tflops: float) -> float:
-    flops = training_flops_per_token(config, seq_len)["total"]
-    return flops * tokens_per_s / (peak_tflops * 1e12)
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    lengths = parse_ints(args.seq_lens, "--seq-lens", minimum=2)
-    spec_a, spec_b = parse_pair(args.pair)
+    lengths = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
+    specs = dict(zip("ab", common.parse_pair(args.pair), strict=True))
     _check_common(args)
-    if args.case_timeout <= 0:
-        raise SubLLMError("--case-timeout must be positive")
     if args.compile and args.warmup < 1:
         raise SubLLMError("--compile needs --warmup >= 1 (the first step compiles)")
     if args.compile:
@@ -278,13 +170,13 @@ def run_train(args: argparse.Namespace) -> int:
 
         check_compile_available(args.device)
     compiled = {"a": args.compile == "both", "b": args.compile is not None}
-    configs = {"a": load_config(spec_a, max(lengths)), "b": load_config(spec_b, max(lengths))}
+    configs = {k: common.load_config(spec, max(lengths)) for k, spec in specs.items()}
     if configs["a"].vocab_size != configs["b"].vocab_size:
         print(f"note: A and B have different vocabularies ({configs['a'].vocab_size} vs "
               f"{configs['b'].vocab_size}); tokens are drawn below the smaller", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = args.device
+    device, amp = args.device, common.amp_dtype(args.dtype)
     peak = args.peak_tflops or H100_BF16_TFLOPS
     report_mfu = device == "cuda" or args.peak_tflops is not None
 
@@ -293,16 +185,18 @@ def run_train(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         models[key] = build_train_model(config, device, args.mst, args.checkpointing,
                                         compiled[key])
-        optimizers[key] = adamw(models[key], device)
-    specs = {"a": spec_a, "b": spec_b}
-    summaries = {k: model_summary(specs[k], configs[k], models[k].num_params()) for k in configs}
+        optimizers[key] = common.adamw(models[key], device)
     vocab = min(c.vocab_size for c in configs.values())
     cases = []
     for n in lengths:
         g = torch.Generator().manual_seed(args.seed + n)
         ids = torch.randint(0, vocab, (args.batch_size, n), generator=g).to(device)
-        times = time_train_pair(models, optimizers, ids, args.steps, args.warmup,
-                                args.schedule_step, device, args.dtype)
+
+        def step(key: str, i: int, ids: Any = ids) -> float:
+            return common.timed_train_step(models[key], optimizers[key], ids,
+                                           args.schedule_step + i, device, amp)[0]
+
+        times = common.alternate(list(models), args.steps, step, warmup=args.warmup)
         case: dict[str, Any] = {"seq_len": n, "batch_size": args.batch_size}
         tokens = args.batch_size * n
         for key in ("a", "b"):
@@ -310,48 +204,54 @@ def run_train(args: argparse.Namespace) -> int:
             case[key] = {"step_times_s": times[key], "time_per_step_s": med,
                          "tokens_per_s": tokens / med}
             if report_mfu:
-                case[key]["mfu"] = _mfu(configs[key], n, tokens / med, peak)
+                flops = training_flops_per_token(configs[key], n)["total"]
+                case[key]["mfu"] = flops * tokens / med / (peak * 1e12)
             if not args.skip_memory:
-                mem = measure_memory(
+                case[key]["memory"] = measure_memory(
                     {"kind": "train", "config": configs[key].to_dict(), "seq_len": n,
                      "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
                      "mst": args.mst, "checkpointing": args.checkpointing,
-                     "compile": compiled[key],
-                     "first_step": args.schedule_step, "seed": args.seed},
-                    args.case_timeout, args.threads)
-                case[key]["memory"] = mem
-        case["ratios"] = {
-            "time_per_step": ratio(case["b"]["time_per_step_s"], case["a"]["time_per_step_s"]),
-            "time_per_step_paired": _paired_ratio(times["b"], times["a"]),
-            "tokens_per_s": ratio(case["b"]["tokens_per_s"], case["a"]["tokens_per_s"]),
-            "peak_mem": ratio(case["b"].get("memory", {}).get("peak_mem_bytes"),
-                              case["a"].get("memory", {}).get("peak_mem_bytes")),
-        }
-        print(f"  L={n:<6} A {case['a']['time_per_step_s']:.3f} s/step  "
-              f"B {case['b']['time_per_step_s']:.3f} s/step  "
-              f"B/A {case['ratios']['time_per_step']:.3f} "
-              f"(paired {case['ratios']['time_per_step_paired']:.3f})"
-              + (f"  mem B/A {case['ratios']['peak_mem']:.3f}"
-                 if case["ratios"]["peak_mem"] is not None else ""), flush=True)
+                     "compile": compiled[key], "first_step": args.schedule_step,
+                     "seed": args.seed}, args)
+        a, b = case["a"], case["b"]
+        r = case["ratios"] = {
+            "time_per_step": common.ratio(b["time_per_step_s"], a["time_per_step_s"]),
+            "time_per_step_paired": common.paired_ratio(times["b"], times["a"]),
+            "tokens_per_s": common.ratio(b["tokens_per_s"], a["tokens_per_s"]),
+            "peak_mem": common.ratio(b.get("memory", {}).get("peak_mem_bytes"),
+                                     a.get("memory", {}).get("peak_mem_bytes"))}
+        print(f"  L={n:<6} A {a['time_per_step_s']:.3f} s/step  B {b['time_per_step_s']:.3f} "
+              f"s/step  B/A {r['time_per_step']:.3f} (paired {r['time_per_step_paired']:.3f})"
+              + (f"  mem B/A {r['peak_mem']:.3f}" if r["peak_mem"] is not None else ""),
+              flush=True)
         cases.append(case)
 
-    report = _report_base("train", args, summaries["a"], summaries["b"])
-    report.update({"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-                   "mst": args.mst, "checkpointing": args.checkpointing,
-                   "compile": args.compile,
-                   "schedule_step": args.schedule_step, "seq_lens": lengths,
-                   "peak_tflops": peak if report_mfu else None, "cases": cases})
-    paths = write_outputs(out, "train", report, render_train_markdown(report),
-                          lambda r, p: _plot_ratios(
-                              r, p, "seq_len", "sequence length (tokens)",
-                              {"time_per_step": "time per step", "peak_mem": "peak memory"}),
-                          "train_ratios.png")
-    print("wrote " + ", ".join(map(str, paths)))
+    a, b = (common.model_summary(specs[k], configs[k], models[k].num_params()) for k in "ab")
+    report = _report("train", args, a, b, batch_size=args.batch_size, steps=args.steps,
+                     warmup=args.warmup, mst=args.mst, checkpointing=args.checkpointing,
+                     compile=args.compile, schedule_step=args.schedule_step, seq_lens=lengths,
+                     peak_tflops=peak if report_mfu else None, cases=cases)
+    common.write_outputs(out, "train", report, render_train_markdown(report),
+                         lambda r, p: _plot_ratios(
+                             r, p, "seq_len", "sequence length (tokens)",
+                             {"time_per_step": "time per step", "peak_mem": "peak memory"}),
+                         "train_ratios.png")
     return 0
 
 
 def render_train_markdown(report: dict[str, Any]) -> str:
     mfu = report.get("peak_tflops") is not None
+    rows = []
+    for c in report["cases"]:
+        a, b, r = c["a"], c["b"], c["ratios"]
+        rows.append([c["seq_len"], f"{a['time_per_step_s']:.3f}", f"{b['time_per_step_s']:.3f}",
+                     f"**{common.fmt(r['time_per_step'])}**",
+                     common.fmt(r["time_per_step_paired"]), f"{a['tokens_per_s']:.0f}",
+                     f"{b['tokens_per_s']:.0f}",
+                     common.fmt_gib(a.get("memory", {}).get("peak_mem_bytes")),
+                     common.fmt_gib(b.get("memory", {}).get("peak_mem_bytes")),
+                     common.fmt(r["peak_mem"])]
+                    + ([f"{a['mfu']:.1%}", f"{b['mfu']:.1%}"] if mfu else []))
     lines = _header(report) + [
         f"Batch {report['batch_size']}, {report['steps']} timed steps after {report['warmup']} "
         f"warm-up; forward + backward + AdamW; mst={report['mst']}, "
@@ -359,28 +259,14 @@ def render_train_markdown(report: dict[str, Any]) -> str:
         "random tokens. `time B/A` is the ratio of "
         "the medians, `paired B/A` the median over the rounds of B / A within a round.",
         "",
-        "| seq len | A s/step | B s/step | time B/A | paired B/A | A tok/s | B tok/s | A peak GiB "
-        "| B peak GiB | mem B/A |" + (" A MFU | B MFU |" if mfu else ""),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mfu else ""),
+        *common.table("seq len | A s/step | B s/step | time B/A | paired B/A | A tok/s "
+                      "| B tok/s | A peak GiB | B peak GiB | mem B/A"
+                      + (" | A MFU | B MFU" if mfu else ""), "r" * (12 if mfu else 10), rows),
     ]
-    for c in report["cases"]:
-        a, b, r = c["a"], c["b"], c["ratios"]
-        lines.append(
-            f"| {c['seq_len']} | {a['time_per_step_s']:.3f} | {b['time_per_step_s']:.3f} | "
-            f"**{fmt(r['time_per_step'])}** | {fmt(r['time_per_step_paired'])} | "
-            f"{a['tokens_per_s']:.0f} | "
-            f"{b['tokens_per_s']:.0f} | {fmt_gib(a.get('memory', {}).get('peak_mem_bytes'))} | "
-            f"{fmt_gib(b.get('memory', {}).get('peak_mem_bytes'))} | {fmt(r['peak_mem'])} |"
-            + (f" {a['mfu']:.1%} | {b['mfu']:.1%} |" if mfu else ""))
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------------------
-# infer
-# --------------------------------------------------------------------------------------
-
-
-INFER_HELP = "prefill time, decode time per token, KV-cache bytes, peak memory: A vs B"
+# ---- infer --------------------------------------------------------------------------
 
 
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
@@ -415,9 +301,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="DATA_DIR",
                    help="a prepared data dir (`subllm prepare`): calibration text and prompts; "
                         "without it, the bytes of the Python standard library")
-    p.add_argument("--case-timeout", type=float, default=1800.0,
-                   help="seconds before a memory subprocess is abandoned (default 1800)")
-    _common_arguments(p, "infer")
+    _common_arguments(p, "infer", case_timeout=1800.0)
 
 
 def stdlib_byte_stream(vocab_size: int, max_bytes: int = 4_000_000) -> Any:
@@ -459,8 +343,8 @@ def token_streams(args: argparse.Namespace, vocab_size: int) -> tuple[Any, Any, 
                 f"{args.data} has {data.vocab_size} token ids but model B's vocabulary is "
                 f"{vocab_size}; use a model with vocab_size >= {data.vocab_size}"
             )
-        train = torch.from_numpy(np.asarray(data.tokens("train"), dtype=np.int64))
-        val = torch.from_numpy(np.asarray(data.tokens("val"), dtype=np.int64))
+        train, val = (torch.from_numpy(np.asarray(data.tokens(split), dtype=np.int64))
+                      for split in ("train", "val"))
         return train, val, f"data dir {args.data}"
     stream = stdlib_byte_stream(vocab_size)
     cut = int(len(stream) * 0.9)
@@ -478,37 +362,27 @@ def _windows(stream: Any, batch: int, length: int, g: Any) -> Any:
     return torch.stack([stream[s:s + length] for s in starts])
 
 
-@contextlib.contextmanager
-def _balancer_strength(model: Any, strength: float | None):
-    """Temporarily change the balancer strength (ScoreBalancer reads it from the config)."""
-    if strength is None:
-        yield
-        return
-    old = model.config.balancer_strength
-    model.config.balancer_strength = strength
-    try:
-        yield
-    finally:
-        model.config.balancer_strength = old
-
-
 def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, batch: int,
-              lr: float, device: str, seed: int, strength: float | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              lr: float, device: str, seed: int, strength: float | None = None
+              ) -> dict[str, Any]:
     """Train `model` briefly (AdamW, warm-up + cosine, set_step each step) so that the
-    score balancer brings its kept fractions to the keep ratios; returns the record."""
+    score balancer brings its kept fractions to the keep ratios; returns the record.
+    `strength`: the balancer strength meanwhile (ScoreBalancer reads it from the config)."""
     import torch
 
     from subllm.train.loop import lr_at, train_step
 
     tc = TrainConfig(lr=lr, min_lr=lr / 10, warmup=max(1, steps // 10), max_steps=steps,
                      weight_decay=0.1)
-    optimizer = adamw(model, device, tc)
+    optimizer = common.adamw(model, device, tc)
     g = torch.Generator().manual_seed(seed)
     probe = _windows(held_out, 4, min(512, model.config.max_seq_len), g).to(device)
     history = []
     t0 = time.perf_counter()
-    with _balancer_strength(model, strength):
+    own_strength = model.config.balancer_strength
+    if strength is not None:
+        model.config.balancer_strength = strength
+    try:
         for step in range(steps):
             model.train()
             model.set_step(step)
@@ -521,13 +395,13 @@ def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, 
                     fr = model(probe).kept_fractions
                 loss = float(result.loss)
                 history.append({"step": step + 1, "loss": loss, "eval_kept_fractions": fr})
-                log(f"  calibrate step {step + 1}/{steps}: loss {loss:.3f}, "
-                    f"eval kept {'/'.join(f'{f:.3f}' for f in fr)} "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                print(f"  calibrate step {step + 1}/{steps}: loss {loss:.3f}, eval kept "
+                      f"{common.slashed(fr)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    finally:
+        model.config.balancer_strength = own_strength
     model.eval()
     return {"steps": steps, "seq_len": seq_len, "batch_size": batch, "lr": lr,
-            "balancer_strength": strength if strength is not None
-            else model.config.balancer_strength,
+            "balancer_strength": own_strength if strength is None else strength,
             "seconds": time.perf_counter() - t0, "history": history,
             "final_eval_kept_fractions": history[-1]["eval_kept_fractions"] if history else None}
 
@@ -579,10 +453,6 @@ def shift_scores_to_keep(model: Any, probe: Any, iters: int = 40) -> list[dict[s
     return shifts
 
 
-def _cache_bytes(model: Any, cache: Any) -> int:
-    return int(cache.nbytes(model.block_levels))
-
-
 def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repeats: int,
                     device: str, dtype: str, forced: Any = None) -> dict[str, Any]:
     """Prefill (median of `repeats`, alternating), then decoding with the models taking
@@ -591,50 +461,46 @@ def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repea
     import torch
 
     names = list(models)
-    res: dict[str, Any] = {n: {"prefill_s": [], "decode_s": [], "decode_kept": None,
-                               "decode_entered": None} for n in names}
+    res: dict[str, Any] = {n: {"decode_step_kept": []} for n in names}
+    entered: dict[str, list[list[float]]] = {n: [] for n in names}
     caches: dict[str, Any] = {}
     nxt: dict[str, Any] = {}
-    with torch.no_grad(), autocast(device, dtype):
+
+    def prefill(n: str, _: int) -> float:
+        seconds, out = common.timed(device, lambda: models[n](prompts, use_cache=True))
+        caches[n], nxt[n] = out.cache, out.logits[:, -1].argmax(-1)
+        res[n]["prompt_kept_fractions"] = out.kept_fractions
+        res[n]["prompt_kv_bytes"] = int(out.cache.nbytes(models[n].block_levels))
+        return seconds
+
+    def decode(n: str, i: int) -> float:
+        def step() -> Any:
+            fed = nxt[n] if forced is None else forced[:, i]
+            out = models[n](fed[:, None], cache=caches[n])
+            nxt[n] = out.logits[:, -1].argmax(-1)
+            return out
+
+        seconds, out = common.timed(device, step)
+        res[n]["decode_step_kept"].append([float(k.sum()) for k in out.kept])
+        entered[n].append([float(e.sum()) for e in out.entered])
+        return seconds
+
+    with torch.no_grad(), common.autocast(device, dtype):
         for n in names:  # warm-up: one prefill and two decode steps, untimed
             out = models[n](prompts, use_cache=True)
             tok = out.logits[:, -1].argmax(-1)
             for _ in range(2):
                 tok = models[n](tok[:, None], cache=out.cache).logits[:, -1].argmax(-1)
-        for i in range(repeats):
-            for n in names if i % 2 == 0 else names[::-1]:
-                sync(device)
-                t0 = time.perf_counter()
-                out = models[n](prompts, use_cache=True)
-                sync(device)
-                res[n]["prefill_s"].append(time.perf_counter() - t0)
-                caches[n] = out.cache
-                nxt[n] = out.logits[:, -1].argmax(-1)
-                res[n]["prompt_kept_fractions"] = out.kept_fractions
-                res[n]["prompt_kv_bytes"] = _cache_bytes(models[n], out.cache)
-        for i in range(new_tokens - 1):  # the first new token comes from the prefill
-            for n in names if i % 2 == 0 else names[::-1]:
-                sync(device)
-                t0 = time.perf_counter()
-                fed = nxt[n] if forced is None else forced[:, i]
-                out = models[n](fed[:, None], cache=caches[n])
-                nxt[n] = out.logits[:, -1].argmax(-1)
-                sync(device)
-                res[n]["decode_s"].append(time.perf_counter() - t0)
-                kept = [float(k.sum()) for k in out.kept]
-                entered = [float(e.sum()) for e in out.entered]
-                r = res[n]
-                r.setdefault("decode_step_kept", []).append(kept)
-                r["decode_kept"] = kept if r["decode_kept"] is None else \
-                    [a + b for a, b in zip(r["decode_kept"], kept, strict=True)]
-                r["decode_entered"] = entered if r["decode_entered"] is None else \
-                    [a + b for a, b in zip(r["decode_entered"], entered, strict=True)]
+        prefill_s = common.alternate(names, repeats, prefill)
+        # the first new token comes from the prefill
+        decode_s = common.alternate(names, new_tokens - 1, decode)
     for n in names:
-        r = res[n]
-        r["kv_bytes"] = _cache_bytes(models[n], caches[n])
-        r["decode_kept_fractions"] = [k / max(e, 1.0) for k, e in
-                                      zip(r.pop("decode_kept") or [], r.pop("decode_entered")
-                                          or [], strict=True)]
+        kept = [sum(col) for col in zip(*res[n]["decode_step_kept"], strict=True)]
+        ent = [sum(col) for col in zip(*entered[n], strict=True)]
+        res[n].update(prefill_s=prefill_s[n], decode_s=decode_s[n],
+                      kv_bytes=int(caches[n].nbytes(models[n].block_levels)),
+                      decode_kept_fractions=[k / max(e, 1.0)
+                                             for k, e in zip(kept, ent, strict=True)])
     return res
 
 
@@ -670,65 +536,57 @@ def run_infer(args: argparse.Namespace) -> int:
 
     from subllm.model import SubLLM
 
-    prompt_lens = parse_ints(args.prompt_lens, "--prompt-lens", minimum=1)
-    batch_sizes = parse_ints(args.batch_sizes, "--batch-sizes", minimum=1)
-    spec_a, spec_b = parse_pair(args.pair)
+    prompt_lens = common.parse_ints(args.prompt_lens, "--prompt-lens", minimum=1)
+    batch_sizes = common.parse_ints(args.batch_sizes, "--batch-sizes", minimum=1)
+    spec_a, spec_b = common.parse_pair(args.pair)
     if args.new_tokens < 2:
         raise SubLLMError(f"--new-tokens must be >= 2 (one from the prefill, then decoding), "
                           f"got {args.new_tokens}")
-    if args.calibrate_steps < 0:
-        raise SubLLMError(f"--calibrate-steps must be >= 0, got {args.calibrate_steps}")
-    for name in ("calibrate_seq_len", "calibrate_batch_size", "calibrate_lr", "case_timeout"):
-        if not getattr(args, name) > 0:
-            raise SubLLMError(f"--{name.replace('_', '-')} must be positive")
+    common.require_positive(args, "calibrate_steps", minimum=0)
+    common.require_positive(args, "calibrate_seq_len", "calibrate_batch_size", "calibrate_lr")
     _check_common(args)
     max_len = max(prompt_lens) + args.new_tokens
-    out = Path(args.out)
 
     config_b, model_b, b_source = _load_b(args, max_len)
-    config_a = load_config(spec_a, max_len)
+    config_a = common.load_config(spec_a, max_len)
     if config_b is None:
-        config_b = load_config(spec_b, max_len)
+        config_b = common.load_config(spec_b, max_len)
     else:
         config_a = _a_shaped_like(config_a, config_b)
         spec_b = f"{spec_b} (weights: {b_source})"
-    if args.calibrate_steps and model_b is None and config_b.is_subllm:
-        if args.calibrate_seq_len > config_b.max_seq_len:
-            raise SubLLMError(f"--calibrate-seq-len exceeds B's context {config_b.max_seq_len}")
+    calibrating = model_b is None and args.calibrate_steps > 0 and config_b.is_subllm
+    if calibrating and args.calibrate_seq_len > config_b.max_seq_len:
+        raise SubLLMError(f"--calibrate-seq-len exceeds B's context {config_b.max_seq_len}")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device
 
     torch.manual_seed(args.seed)
-    with on_device(device):
+    with common.on_device(device):
         model_a = SubLLM(config_a).to(device).eval()
     if model_b is None:
         torch.manual_seed(args.seed + 1)
-        with on_device(device):
+        with common.on_device(device):
             model_b = SubLLM(config_b).to(device)
     vocab = min(config_a.vocab_size, config_b.vocab_size)
 
-    # ---- text: calibration stream and prompts -------------------------------------------
-    need_text = args.data is not None or (
-        args.checkpoint_b is None and args.calibrate_steps > 0 and config_b.is_subllm)
-    train_stream = held_out = None
-    prompt_source = "random tokens"
-    if need_text:
+    # text for the calibration and the prompts
+    held_out, prompt_source, calibration = None, "random tokens", None
+    if args.data is not None or calibrating:
         train_stream, held_out, prompt_source = token_streams(args, vocab)
-    calibration = None
-    if args.checkpoint_b is None and args.calibrate_steps > 0 and config_b.is_subllm:
+    if calibrating:
         print(f"calibrating B ({spec_b}) for {args.calibrate_steps} steps on {prompt_source}",
               flush=True)
         calibration = calibrate(model_b, train_stream, held_out, args.calibrate_steps,
                                 args.calibrate_seq_len, args.calibrate_batch_size,
                                 args.calibrate_lr, device, args.seed,
-                                args.calibrate_balancer_strength,
-                                log=lambda s: print(s, flush=True))
+                                args.calibrate_balancer_strength)
         calibration["source"] = prompt_source
     model_b.eval()
     b_state = "trained checkpoint" if args.checkpoint_b else (
         "calibrated" if calibration else "random init")
 
-    keeps = keep_ratios(config_b)
+    keeps = common.keep_ratios(config_b)
     shift = args.calibrate_shift and config_b.is_subllm
     if shift and config_b.threshold == "rank":
         # a rank does not move when every score does: nothing to calibrate
@@ -742,7 +600,7 @@ def run_infer(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     cases = []
     with tempfile.TemporaryDirectory(prefix="subllm-bench-infer-") as tmp:
-        weights_b = Path(tmp) / "b.pt"
+        files = {"b": Path(tmp) / "b.pt", "prompts": Path(tmp) / "prompts.pt"}
         for plen in prompt_lens:
             for bs in batch_sizes:
                 if held_out is not None:
@@ -757,55 +615,57 @@ def run_infer(args: argparse.Namespace) -> int:
                     with torch.no_grad():
                         for sub, w in zip(model_b.subsamplers, scorer_weights, strict=True):
                             sub.score.weight.copy_(w)
-                    with autocast(device, args.dtype):
+                    with common.autocast(device, args.dtype):
                         shifts = shift_scores_to_keep(model_b, prompts)
                 if not args.skip_memory and b_state != "random init":
-                    torch.save(model_b.state_dict(), weights_b)
+                    torch.save(model_b.state_dict(), files["b"])
                 res = time_infer_pair({"a": model_a, "b": model_b}, prompts, args.new_tokens,
                                       args.repeats, device, args.dtype, forced)
                 case = _infer_case(plen, bs, res, keeps, segment_parents(config_b))
                 case["score_shifts"] = shifts
                 if not args.skip_memory:
-                    prompt_file = Path(tmp) / "prompts.pt"
                     torch.save({"prompts": prompts.cpu(),
-                                "forced": None if forced is None else forced.cpu()}, prompt_file)
-                    for key, config in (("a", config_a), ("b", config_b)):
-                        weights = weights_b if key == "b" and weights_b.is_file() else None
-                        case[key]["memory"] = measure_memory(
-                            {"kind": "infer", "config": config.to_dict(), "device": device,
-                             "dtype": args.dtype, "prompts": str(prompt_file),
-                             "new_tokens": args.new_tokens, "seed": args.seed,
-                             "weights": str(weights) if weights else None},
-                            args.case_timeout, args.threads)
-                    case["ratios"]["peak_mem"] = ratio(
-                        case["b"]["memory"].get("peak_mem_bytes"),
-                        case["a"]["memory"].get("peak_mem_bytes"))
+                                "forced": None if forced is None else forced.cpu()},
+                               files["prompts"])
+                    _infer_memory(case, args, {"a": config_a, "b": config_b}, files)
                 _print_infer_case(case)
                 cases.append(case)
 
-    summaries = {"a": model_summary(spec_a, config_a, model_a.num_params()),
-                 "b": model_summary(spec_b, config_b, model_b.num_params())}
-    summaries["b"]["state"] = b_state
-    report = _report_base("infer", args, summaries["a"], summaries["b"])
+    a, b = (common.model_summary(spec, config, model.num_params()) for spec, config, model
+            in ((spec_a, config_a, model_a), (spec_b, config_b, model_b)))
+    b["state"] = b_state
     warnings = sorted({w for c in cases for w in c["warnings"]})
-    report.update({"new_tokens": args.new_tokens, "repeats": args.repeats,
-                   "decode_input": args.decode_input,
-                   "prompt_lens": prompt_lens, "batch_sizes": batch_sizes,
-                   "prompt_source": prompt_source, "keep_ratios": keeps,
-                   "kept_tolerance": KEPT_TOLERANCE, "calibration": calibration,
-                   "warnings": warnings, "cases": cases})
+    report = _report("infer", args, a, b, new_tokens=args.new_tokens, repeats=args.repeats,
+                     decode_input=args.decode_input, prompt_lens=prompt_lens,
+                     batch_sizes=batch_sizes, prompt_source=prompt_source, keep_ratios=keeps,
+                     kept_tolerance=common.KEPT_TOLERANCE, calibration=calibration,
+                     warnings=warnings, cases=cases)
     for w in warnings:
         print(f"WARNING: {w}", flush=True)
-    paths = write_outputs(out, "infer", report, render_infer_markdown(report),
-                          lambda r, p: _plot_ratios(
-                              r, p, "prompt_len", "prompt length (tokens)",
-                              {"decode_per_token": "decode time / token (medians)",
-                               "decode_at_keep": "decode time / token at the keep ratios",
-                               "prefill": "prefill time", "kv_bytes": "KV-cache bytes"},
-                              group_key="batch_size"),
-                          "infer_ratios.png")
-    print("wrote " + ", ".join(map(str, paths)))
+    common.write_outputs(out, "infer", report, render_infer_markdown(report),
+                         lambda r, p: _plot_ratios(
+                             r, p, "prompt_len", "prompt length (tokens)",
+                             {"decode_per_token": "decode time / token (medians)",
+                              "decode_at_keep": "decode time / token at the keep ratios",
+                              "prefill": "prefill time", "kv_bytes": "KV-cache bytes"},
+                             group_key="batch_size"),
+                         "infer_ratios.png")
     return 0
+
+
+def _infer_memory(case: dict[str, Any], args: argparse.Namespace, configs: dict[str, Any],
+                  files: dict[str, Path]) -> None:
+    """Each model's peak memory on the case's prompts (saved in files["prompts"]), in a
+    fresh interpreter; B with the weights in files["b"] when they were saved."""
+    for key, config in configs.items():
+        weights = files["b"] if key == "b" and files["b"].is_file() else None
+        case[key]["memory"] = measure_memory(
+            {"kind": "infer", "config": config.to_dict(), "device": args.device,
+             "dtype": args.dtype, "prompts": str(files["prompts"]),
+             "new_tokens": args.new_tokens, "seed": args.seed,
+             "weights": str(weights) if weights else None}, args)
+    case["ratios"]["peak_mem"] = common.ratio(case["b"]["memory"].get("peak_mem_bytes"),
+                                              case["a"]["memory"].get("peak_mem_bytes"))
 
 
 def segment_parents(config: Any) -> list[int | None]:
@@ -865,58 +725,66 @@ def _infer_case(plen: int, bs: int, res: dict[str, Any], keeps: list[float],
         }
     a, b = case["a"], case["b"]
     case["ratios"] = {
-        "prefill": ratio(b["prefill_s"], a["prefill_s"]),
-        "decode_per_token": ratio(b["decode_per_token_s"], a["decode_per_token_s"]),
-        "decode_mean_per_token": ratio(b["decode_mean_per_token_s"],
-                                       a["decode_mean_per_token_s"]),
-        "decode_paired": _paired_ratio(b["decode_times_s"], a["decode_times_s"]),
+        **common.ratios(b, a, {"prefill": "prefill_s", "decode_per_token": "decode_per_token_s",
+                               "decode_mean_per_token": "decode_mean_per_token_s"}),
+        "decode_paired": common.paired_ratio(b["decode_times_s"], a["decode_times_s"]),
         "decode_at_keep": None,
-        "kv_bytes": ratio(b["kv_bytes"], a["kv_bytes"]),
+        "kv_bytes": common.ratio(b["kv_bytes"], a["kv_bytes"]),
         "peak_mem": None,
     }
     if bs == 1 and keeps and parents is not None:
-        est = decode_at_keep(b["decode_times_s"], res["b"]["decode_step_kept"], keeps, parents)
+        step_kept = res["b"]["decode_step_kept"]
+        est = decode_at_keep(b["decode_times_s"], step_kept, keeps, parents)
         b["decode_at_keep_per_token_s"] = est
         paths: dict[str, list[float]] = {}
-        for t, kept in zip(b["decode_times_s"], res["b"]["decode_step_kept"], strict=True):
+        for t, kept in zip(b["decode_times_s"], step_kept, strict=True):
             paths.setdefault("".join("1" if k > 0 else "0" for k in kept), []).append(t)
         b["decode_path_times_s"] = {  # "10": kept by segment 0, dropped by segment 1
             p: {"steps": len(ts), "median": median(ts)} for p, ts in sorted(paths.items())}
-        case["ratios"]["decode_at_keep"] = ratio(est, a["decode_per_token_s"])
+        case["ratios"]["decode_at_keep"] = common.ratio(est, a["decode_per_token_s"])
     case["kept_fractions"] = b["prompt_kept_fractions"]
     case["keep_ratios"] = keeps
     case["warnings"] = []
-    if off_keep(b["prompt_kept_fractions"], keeps):
+    if common.off_keep(b["prompt_kept_fractions"], keeps):
         case["warnings"].append(OFF_KEEP_WARNING)
-    if b["decode_kept_fractions"] and off_keep(b["decode_kept_fractions"], keeps):
+    if b["decode_kept_fractions"] and common.off_keep(b["decode_kept_fractions"], keeps):
         case["warnings"].append(OFF_KEEP_DECODE_WARNING)
     return case
 
 
 def _print_infer_case(c: dict[str, Any]) -> None:
-    r = c["ratios"]
-    kept = "/".join(f"{f:.3f}" for f in c["kept_fractions"]) or "-"
-    keep = "/".join(f"{k:g}" for k in c["keep_ratios"]) or "-"
+    r, fmt = c["ratios"], common.fmt
     print(f"  P={c['prompt_len']:<6} B={c['batch_size']:<3} prefill B/A {fmt(r['prefill'])}  "
           f"decode/token B/A {fmt(r['decode_per_token'])} "
           f"(paired {fmt(r['decode_paired'])}, mean {fmt(r['decode_mean_per_token'])}, "
           f"at keep {fmt(r['decode_at_keep'])})"
-          f"  KV B/A {fmt(r['kv_bytes'])}  kept {kept} (keep {keep})"
+          f"  KV B/A {fmt(r['kv_bytes'])}  kept {common.slashed(c['kept_fractions']) or '-'} "
+          f"(keep {common.slashed(c['keep_ratios'], 'g') or '-'})"
           + "".join("\n    <-- " + w.upper() for w in c["warnings"]), flush=True)
 
 
 def render_infer_markdown(report: dict[str, Any]) -> str:
-    cal = report.get("calibration")
+    cal, fmt, slashed = report.get("calibration"), common.fmt, common.slashed
     lines = _header(report)
     for w in report["warnings"]:
         lines += [f"**WARNING: {w}** (tolerance {report['kept_tolerance']}).", ""]
+    rows = []
+    for c in report["cases"]:
+        a, b, r = c["a"], c["b"], c["ratios"]
+        rows.append([c["prompt_len"], c["batch_size"], f"{a['prefill_s']:.3f}",
+                     f"{b['prefill_s']:.3f}", fmt(r["prefill"]),
+                     f"{1e3 * a['decode_per_token_s']:.2f}",
+                     f"{1e3 * b['decode_per_token_s']:.2f}",
+                     f"**{fmt(r['decode_per_token'])}**", fmt(r["decode_paired"]),
+                     fmt(r["decode_mean_per_token"]), fmt(r["decode_at_keep"]),
+                     fmt(r["kv_bytes"]), fmt(r["peak_mem"]),
+                     slashed(b["prompt_kept_fractions"]), slashed(b["decode_kept_fractions"])])
     lines += [
         f"B: {report['b']['state']}"
         + (f", {cal['steps']} calibration steps (seq {cal['seq_len']} x batch "
            f"{cal['batch_size']}, lr {cal['lr']:g}, balancer strength "
            f"{cal['balancer_strength']:g}) on {cal['source']}; final eval kept fractions "
-           + "/".join(f"{f:.3f}" for f in cal["final_eval_kept_fractions"] or [])
-           if cal else "") + ".",
+           + slashed(cal["final_eval_kept_fractions"]) if cal else "") + ".",
         f"Prompts: {report['prompt_source']}; {report['new_tokens']} new tokens, fed back: "
         + ("the greedy choice" if report["decode_input"] == "greedy"
            else "the text's continuation (--decode-input text)") + "; "
@@ -926,30 +794,16 @@ def render_infer_markdown(report: dict[str, Any]) -> str:
         "`at keep` = B's median time of each path a decoded token can take (which segments "
         "kept it) weighted by that path's probability under the keep ratios, over A's median "
         "(batch 1). "
-        "Keep ratios " + "/".join(f"{k:g}" for k in report["keep_ratios"]) + ".",
+        "Keep ratios " + slashed(report["keep_ratios"], "g") + ".",
         "",
-        "| prompt | batch | A prefill s | B prefill s | prefill B/A | A ms/token | B ms/token "
-        "| decode B/A | paired | mean | at keep | KV B/A | mem B/A | B kept (prompt) "
-        "| B kept (decode) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        *common.table("prompt | batch | A prefill s | B prefill s | prefill B/A | A ms/token "
+                      "| B ms/token | decode B/A | paired | mean | at keep | KV B/A | mem B/A "
+                      "| B kept (prompt) | B kept (decode)", "r" * 13 + "ll", rows),
     ]
-    for c in report["cases"]:
-        a, b, r = c["a"], c["b"], c["ratios"]
-        lines.append(
-            f"| {c['prompt_len']} | {c['batch_size']} | {a['prefill_s']:.3f} | "
-            f"{b['prefill_s']:.3f} | {fmt(r['prefill'])} | "
-            f"{1e3 * a['decode_per_token_s']:.2f} | {1e3 * b['decode_per_token_s']:.2f} | "
-            f"**{fmt(r['decode_per_token'])}** | {fmt(r['decode_paired'])} | "
-            f"{fmt(r['decode_mean_per_token'])} | {fmt(r['decode_at_keep'])} | "
-            f"{fmt(r['kv_bytes'])} | {fmt(r['peak_mem'])} | "
-            + "/".join(f"{f:.3f}" for f in b["prompt_kept_fractions"]) + " | "
-            + "/".join(f"{f:.3f}" for f in b["decode_kept_fractions"]) + " |")
     return "\n".join(lines) + "\n"
 
 
-# --------------------------------------------------------------------------------------
-# the memory worker (one case per fresh interpreter)
-# --------------------------------------------------------------------------------------
+# ---- the memory worker (one case per fresh interpreter) -----------------------------
 
 
 def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -959,42 +813,43 @@ def run_memory_case(case: dict[str, Any]) -> dict[str, Any]:
 
     device = case["device"]
     if device == "cpu":
-        watch_memory()
+        common.watch_memory()
     torch.manual_seed(case["seed"])
     config = ModelConfig.from_dict(case["config"])
     if case["kind"] == "train":
         model = build_train_model(config, device, case["mst"], case["checkpointing"],
                                   case.get("compile", False))
-        optimizer = adamw(model, device)
-    else:
-        if case.get("weights"):  # one copy of the weights: no transient second copy
-            with torch.device("meta"):
-                model = SubLLM(config)
-            model.load_state_dict(torch.load(case["weights"], weights_only=True, mmap=True),
-                                  assign=True)
-        else:
-            with on_device(device):
-                model = SubLLM(config)
+        optimizer = common.adamw(model, device)
+    elif case.get("weights"):  # one copy of the weights: no transient second copy
+        with torch.device("meta"):
+            model = SubLLM(config)
+        model.load_state_dict(torch.load(case["weights"], weights_only=True, mmap=True),
+                              assign=True)
         model = model.to(device).eval()
-    reset_peak(device)
-    baseline = memory_now(device)
+    else:
+        with common.on_device(device):
+            model = SubLLM(config).to(device).eval()
+    common.reset_peak(device)
+    baseline = common.memory_now(device)
     if case["kind"] == "train":
         g = torch.Generator().manual_seed(case["seed"] + case["seq_len"])
         ids = torch.randint(0, config.vocab_size, (case["batch_size"], case["seq_len"]),
                             generator=g).to(device)
         for i in range(2):  # the second step holds AdamW's state as well as activations
-            timed_train_step(model, optimizer, ids, case["first_step"] + i, device,
-                             case["dtype"])
+            common.timed_train_step(model, optimizer, ids, case["first_step"] + i, device,
+                                    common.amp_dtype(case["dtype"]))
     else:
         text = torch.load(case["prompts"], weights_only=True)
         forced = None if text["forced"] is None else text["forced"].to(device)
-        time_infer_pair({"m": model}, text["prompts"].to(device), case["new_tokens"], 1, device,
-                        case["dtype"], forced)
-    return {"ok": True, "peak_mem_bytes": memory_peak(device), "baseline_mem_bytes": baseline}
+        time_infer_pair({"m": model}, text["prompts"].to(device), case["new_tokens"], 1,
+                        device, case["dtype"], forced)
+    return {"ok": True, "peak_mem_bytes": common.memory_peak(device),
+            "baseline_mem_bytes": baseline}
 
 
-TRAIN = PairBench(TRAIN_HELP, __doc__ or "", add_train_arguments, run_train)
-INFER = PairBench(INFER_HELP, __doc__ or "", add_infer_arguments, run_infer)
+# the two sub-verbs listed in subllm.bench.BENCHMARKS (as pair:TRAIN and pair:INFER)
+TRAIN = SimpleNamespace(DOC=__doc__, add_arguments=add_train_arguments, run=run_train)
+INFER = SimpleNamespace(DOC=__doc__, add_arguments=add_infer_arguments, run=run_infer)
 
 if __name__ == "__main__":
-    worker_entry(run_memory_case, "train|infer")
+    common.worker_entry(run_memory_case, "train|infer")

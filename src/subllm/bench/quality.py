@@ -32,26 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.common import (
-    KEPT_TOLERANCE,
-    add_out_argument,
-    command_line,
-    fmt,
-    machine_info,
-    model_summary,
-    off_keep,
-    parse_pair,
-    pyplot,
-    ratio,
-    save_figure,
-    write_outputs,
-)
+from subllm.bench import common
 from subllm.errors import SubLLMError
 from subllm.flags import non_negative_float, non_negative_int, positive_float, positive_int
 from subllm.model.config import PRESETS, ModelConfig
 from subllm.train.config import DEFAULT_DATA_DIR, TrainConfig, build_model_config, check_config
 
-HELP = "validation loss at equal tokens and training time: A and B trained on the same data"
 DEFAULT_PAIR = "llama-tiny,subllm-tiny"
 LOSS_TOLERANCE = 0.02  # issue 6: SUBLLM's validation loss within 2 % of LLaMA's
 RUN_NAMES = {"a": "A", "b": "B"}
@@ -95,12 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's default)")
-    add_out_argument(p, "quality", "; runs go to OUT/runs/A, B")
+    common.add_out_argument(p, "quality", "; runs go to OUT/runs/A, B")
 
 
-# --------------------------------------------------------------------------------------
-# settings
-# --------------------------------------------------------------------------------------
+# ---- settings ------------------------------------------------------------------------
 
 
 def model_settings(spec: str, seq_len: int) -> tuple[str, dict[str, Any], Any]:
@@ -138,6 +122,23 @@ def eval_steps(steps: int, tokens_per_step: int, evals: int | None,
     return sorted({p for p in points if p > 0} | {steps})
 
 
+def _plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings both models get, the flags' defaults filled in (min_lr: lr / 10,
+    warmup: 10 % of the steps); `--seeds` reuses a seed's report only if these match."""
+    tokens_per_step = args.batch_size * args.seq_len
+    steps = args.tokens // tokens_per_step
+    if steps < 1:
+        raise SubLLMError(
+            f"--tokens {args.tokens} is less than one step ({tokens_per_step} tokens = "
+            f"--batch-size {args.batch_size} x --seq-len {args.seq_len}); raise --tokens"
+        )
+    return {"steps": steps, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "lr": args.lr, "min_lr": args.lr / 10 if args.min_lr is None else args.min_lr,
+            "warmup": max(1, steps // 10) if args.warmup is None else args.warmup,
+            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "seed": args.seed,
+            "eval_steps": eval_steps(steps, tokens_per_step, args.evals, args.eval_every_tokens)}
+
+
 def _ensure_data(data_dir: Path) -> Any:
     """Load the data directory; the default one is prepared on first use (as `subllm train`)."""
     from subllm.train.data import load_data, prepare, print_summary
@@ -149,9 +150,7 @@ def _ensure_data(data_dir: Path) -> Any:
     return load_data(data_dir)
 
 
-# --------------------------------------------------------------------------------------
-# the measurement
-# --------------------------------------------------------------------------------------
+# ---- the measurement -----------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,10 +172,8 @@ def run(args: argparse.Namespace) -> int:
             return code
         reports.append(json.loads((out / f"seed-{seed}" / "quality.json").read_text()))
     summary = seeds_summary(reports)
-    paths = write_outputs(out, "quality_seeds", summary, render_seeds_markdown(summary),
-                          plot_seeds)
     print(seeds_line(summary))
-    print("wrote " + ", ".join(map(str, paths)))
+    common.write_outputs(out, "quality_seeds", summary, render_seeds_markdown(summary), plot_seeds)
     return 0
 
 
@@ -188,118 +185,20 @@ def _finished_seed(args: argparse.Namespace) -> dict[str, Any] | None:
     path = Path(args.out) / "quality.json"
     if not path.is_file():
         return None
+    want = {"pair": list(common.parse_pair(args.pair, DEFAULT_PAIR)), **_plan(args)}
     try:
         report = json.loads(path.read_text())
         have = {"pair": [report["a"]["spec"], report["b"]["spec"]],
-                **{k: report["settings"][k] for k in _SEED_KEYS}}
+                **{k: report["settings"][k] for k in want if k != "pair"}}
     except (OSError, ValueError, KeyError, TypeError):
         raise SubLLMError(f"{path} is not a complete bench quality report; remove "
                           f"{args.out} to measure seed {args.seed} again") from None
-    spec_a, spec_b = parse_pair(args.pair, DEFAULT_PAIR)
-    tokens_per_step = args.batch_size * args.seq_len
-    steps = args.tokens // tokens_per_step
-    min_lr, warmup = _schedule(args, steps)
-    want = {"pair": [spec_a, spec_b], "steps": steps, "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "lr": args.lr, "min_lr": min_lr, "warmup": warmup,
-            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-            "seed": args.seed,
-            "eval_steps": eval_steps(steps, tokens_per_step, args.evals, args.eval_every_tokens)}
     differ = [k for k in want if have[k] != want[k]]
     if differ:
         raise SubLLMError(f"{path} was measured with other settings ({differ[0]} "
                           f"{have[differ[0]]!r}, asked {want[differ[0]]!r}); choose a new "
                           f"--out or remove {args.out}")
     return report
-
-
-def _schedule(args: argparse.Namespace, steps: int) -> tuple[float, int]:
-    """(min_lr, warmup steps) with the flags' defaults filled in: lr / 10, 10 % of steps."""
-    return (args.lr / 10 if args.min_lr is None else args.min_lr,
-            max(1, steps // 10) if args.warmup is None else args.warmup)
-
-
-_SEED_KEYS = ("steps", "seq_len", "batch_size", "lr", "min_lr", "warmup", "weight_decay",
-              "grad_clip", "seed", "eval_steps")
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
-def seeds_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and spread over the seeds' reports of the final validation loss, training time
-    and their B / A ratios."""
-    first = reports[0]
-    per_seed = [{"seed": r["settings"]["seed"],
-                 "a_val_loss": r["final"]["a"]["val_loss"],
-                 "b_val_loss": r["final"]["b"]["val_loss"],
-                 "a_train_s": r["final"]["a"]["train_s"], "b_train_s": r["final"]["b"]["train_s"],
-                 "val_loss_ratio": r["ratios"]["val_loss"],
-                 "train_time_ratio": r["ratios"]["train_time"],
-                 "b_eval_kept_fractions": r["final"]["b"]["eval_kept_fractions"]}
-                for r in reports]
-    keys = ("a_val_loss", "b_val_loss", "a_train_s", "b_train_s", "val_loss_ratio",
-            "train_time_ratio")
-    stats = {k: _spread([row[k] for row in per_seed]) for k in keys}
-    tol = first["target"]["loss_tolerance"]
-    return {"bench": "quality_seeds", "machine": first["machine"], "command": first["command"],
-            "a": first["a"], "b": first["b"], "settings": first["settings"],
-            "device": first["device"], "dtype": first["dtype"], "seeds": per_seed,
-            "stats": stats, "loss_tolerance": tol,
-            "within_tolerance": stats["val_loss_ratio"]["mean"] <= 1 + tol,
-            "curves": {r["settings"]["seed"]: r["curves"] for r in reports}}
-
-
-def seeds_line(r: dict[str, Any]) -> str:
-    q, t = r["stats"]["val_loss_ratio"], r["stats"]["train_time_ratio"]
-    return (f"over {len(r['seeds'])} seeds: B/A val loss {q['mean']:.4f} +- {q['std']:.4f} "
-            f"(range {q['min']:.4f}-{q['max']:.4f}), B/A train time {t['mean']:.3f} +- "
-            f"{t['std']:.3f}; B within {r['loss_tolerance']:.0%} of A on average: "
-            f"{'yes' if r['within_tolerance'] else 'no'}")
-
-
-def render_seeds_markdown(r: dict[str, Any]) -> str:
-    m, s = r["machine"], r["settings"]
-    lines = [f"# subllm bench quality over {len(r['seeds'])} seeds — A = {r['a']['spec']}, "
-             f"B = {r['b']['spec']}", "",
-             f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} "
-             f"torch threads), torch {m['torch']}; device {r['device']}, dtype {r['dtype']}.",
-             f"Each seed: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} = "
-             f"{s['tokens']:,} tokens per model (details in seed-S/quality.md).", "",
-             "| seed | A val loss | B val loss | B/A loss | A train s | B train s | B/A time "
-             "| B eval kept |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for row in r["seeds"]:
-        lines.append(f"| {row['seed']} | {row['a_val_loss']:.4f} | {row['b_val_loss']:.4f} | "
-                     f"{row['val_loss_ratio']:.4f} | {row['a_train_s']:.1f} | "
-                     f"{row['b_train_s']:.1f} | {row['train_time_ratio']:.3f} | "
-                     f"{_kept(row['b_eval_kept_fractions'])} |")
-    lines += ["", "| | mean | std | min | max |", "|---|---:|---:|---:|---:|"]
-    for k, v in r["stats"].items():
-        lines.append(f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['min']:.4f} | "
-                     f"{v['max']:.4f} |")
-    lines += ["", seeds_line(r) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_seeds(r: dict[str, Any], path: Path) -> None:
-    """Validation loss against tokens, one line per model and seed."""
-    fig, ax = pyplot().subplots(figsize=(7, 4.2))
-    for seed, curves in r["curves"].items():
-        for k, style in (("a", "o-"), ("b", "s--")):
-            pts = curves[k]
-            ax.plot([p["tokens"] for p in pts], [p["val_loss"] for p in pts], style, ms=3,
-                    alpha=0.8, label=f"{RUN_NAMES[k]} seed {seed}")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    q = r["stats"]["val_loss_ratio"]
-    ax.set_title(f"B/A val loss {q['mean']:.4f} +- {q['std']:.4f} over {len(r['seeds'])} "
-                 "seeds", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 def _run_one(args: argparse.Namespace) -> int:
@@ -309,16 +208,11 @@ def _run_one(args: argparse.Namespace) -> int:
     from subllm.train.loop import train
     from subllm.train.runtime import Dist, autocast_dtype, pick_device
 
-    spec_a, spec_b = parse_pair(args.pair, DEFAULT_PAIR)
+    spec_a, spec_b = common.parse_pair(args.pair, DEFAULT_PAIR)
     models = {"a": model_settings(spec_a, args.seq_len), "b": model_settings(spec_b, args.seq_len)}
+    settings = _plan(args)
+    steps, stops = settings["steps"], settings["eval_steps"]
     tokens_per_step = args.batch_size * args.seq_len
-    steps = args.tokens // tokens_per_step
-    if steps < 1:
-        raise SubLLMError(
-            f"--tokens {args.tokens} is less than one step ({tokens_per_step} tokens = "
-            f"--batch-size {args.batch_size} x --seq-len {args.seq_len}); raise --tokens"
-        )
-    stops = eval_steps(steps, tokens_per_step, args.evals, args.eval_every_tokens)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data = _ensure_data(Path(args.data))
@@ -333,14 +227,12 @@ def _run_one(args: argparse.Namespace) -> int:
         if ckpt.latest_checkpoint(run_dir) is not None:
             raise SubLLMError(f"{run_dir} already holds a run; choose a new --out or remove it")
 
-    min_lr, warmup = _schedule(args, steps)
-
     def train_config(key: str, stop_at: int | None = None, resume: bool = False) -> TrainConfig:
         preset, overrides, _ = models[key]
         return TrainConfig(
             data=str(data.path), out=str(runs[key]), preset=preset, model=dict(overrides),
             seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=1, max_steps=steps,
-            stop_at=stop_at, lr=args.lr, min_lr=min_lr, warmup=warmup,
+            stop_at=stop_at, lr=args.lr, min_lr=settings["min_lr"], warmup=settings["warmup"],
             weight_decay=args.weight_decay, grad_clip=args.grad_clip,
             eval_every=0,  # each segment ends with one evaluation
             eval_batches=args.eval_batches, save_every=0, keep_checkpoints=1, log_every=1,
@@ -366,7 +258,7 @@ def _run_one(args: argparse.Namespace) -> int:
     wall: dict[str, list[float]] = {"a": [], "b": []}
     start = 0
     for i, stop in enumerate(stops):
-        for key in ("a", "b") if i % 2 == 0 else ("b", "a"):
+        for key in common.alternating(("a", "b"), i):
             t0 = time.perf_counter()
             result = train(train_config(key, stop_at=stop, resume=i > 0))
             wall[key].append(time.perf_counter() - t0)
@@ -378,12 +270,10 @@ def _run_one(args: argparse.Namespace) -> int:
               f"segment {stop - start} steps", flush=True)
         start = stop
 
-    report = build_report(args, train_config("a"), data, configs, runs, stops, wall,
-                          device.type, dtype)
-    paths = write_outputs(out, "quality", report, render_markdown(report), plot,
-                          "quality_curves.png")
+    report = build_report(args, settings, data, configs, runs, wall, device.type, dtype)
     print(summary_line(report))
-    print("wrote " + ", ".join(map(str, paths)))
+    common.write_outputs(out, "quality", report, render_markdown(report), plot,
+                         "quality_curves.png")
     return 0
 
 
@@ -425,24 +315,25 @@ def loss_at_time(curve: list[dict[str, Any]], seconds: float) -> float | None:
     return None
 
 
-def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[str, Any],
-                 runs: dict[str, Path], stops: list[int], wall: dict[str, list[float]],
+def build_report(args: argparse.Namespace, settings: dict[str, Any], data: Any,
+                 configs: dict[str, Any], runs: dict[str, Path], wall: dict[str, list[float]],
                  device: str, dtype: str) -> dict[str, Any]:
-    """Everything measured, as one JSON-able dict; `cfg` is the TrainConfig both used."""
+    """Everything measured, as one JSON-able dict; `settings` is the plan both trained by."""
     import torch
 
     from subllm.model import SubLLM
     from subllm.train.data import val_batches
 
-    specs = dict(zip(("a", "b"), parse_pair(args.pair, DEFAULT_PAIR), strict=True))
-    steps, tokens_per_step = cfg.max_steps, cfg.batch_size * cfg.seq_len
+    specs = dict(zip(("a", "b"), common.parse_pair(args.pair, DEFAULT_PAIR), strict=True))
+    steps, stops = settings["steps"], settings["eval_steps"]
+    tokens_per_step = args.batch_size * args.seq_len
     read = {k: read_run(runs[k], tokens_per_step, wall[k], stops) for k in runs}
     curves = {k: curve for k, (curve, _) in read.items()}
     summaries, final = {}, {}
     for k, config in configs.items():
         with torch.device("meta"):
             n_params = SubLLM(config).num_params()
-        summaries[k] = {**model_summary(specs[k], config, n_params), "run_dir": str(runs[k])}
+        summaries[k] = {**common.model_summary(specs[k], config, n_params), "run_dir": str(runs[k])}
         last = curves[k][-1]
         final[k] = {"val_loss": last["val_loss"], "val_perplexity": last["val_perplexity"],
                     "train_s": last["train_s"], "wall_s": last["wall_s"],
@@ -455,64 +346,51 @@ def build_report(args: argparse.Namespace, cfg: Any, data: Any, configs: dict[st
     t_eq = min(a["train_s"], b["train_s"])
     equal_time = {"train_s": t_eq, "a_val_loss": loss_at_time(curves["a"], t_eq),
                   "b_val_loss": loss_at_time(curves["b"], t_eq)}
-    equal_time["val_loss_ratio"] = ratio(equal_time["b_val_loss"], equal_time["a_val_loss"])
-    ratios = {
-        "val_loss": b["val_loss"] / a["val_loss"],
-        "val_perplexity": b["val_perplexity"] / a["val_perplexity"],
-        "train_time": b["train_s"] / a["train_s"],
-        "wall_time": b["wall_s"] / a["wall_s"],
-        "tokens_per_s": b["tokens_per_s"] / a["tokens_per_s"],
-        "median_step_time": b["median_step_s"] / a["median_step_s"],
-        "val_loss_per_point": [pb["val_loss"] / pa["val_loss"]
-                               for pa, pb in zip(curves["a"], curves["b"], strict=True)],
-    }
+    equal_time["val_loss_ratio"] = common.ratio(equal_time["b_val_loss"], equal_time["a_val_loss"])
+    q = common.ratios(b, a, {"val_loss": "val_loss", "val_perplexity": "val_perplexity",
+                      "train_time": "train_s", "wall_time": "wall_s",
+                      "tokens_per_s": "tokens_per_s", "median_step_time": "median_step_s"})
+    q["val_loss_per_point"] = [pb["val_loss"] / pa["val_loss"]
+                               for pa, pb in zip(curves["a"], curves["b"], strict=True)]
     target = {"loss_tolerance": LOSS_TOLERANCE,
-              "loss_within": ratios["val_loss"] <= 1 + LOSS_TOLERANCE,
-              "less_time": ratios["train_time"] < 1.0}
+              "loss_within": q["val_loss"] <= 1 + LOSS_TOLERANCE,
+              "less_time": q["train_time"] < 1.0}
     target["met"] = target["loss_within"] and target["less_time"]
-    warnings = []
+    warnings, slashed = [], common.slashed
     for k in ("a", "b"):
         keeps, kept = summaries[k]["keep"], final[k]["eval_kept_fractions"]
-        if keeps and kept and off_keep(kept, keeps):
+        if keeps and kept and common.off_keep(kept, keeps):
             warnings.append(
-                f"{RUN_NAMES[k]}'s eval-mode kept fractions "
-                + "/".join(f"{f:.3f}" for f in kept) + " are off its keep ratios "
-                + "/".join(f"{q:g}" for q in keeps) + f" (by more than {KEPT_TOLERANCE}): "
-                "its validation runs more (or fewer) tokens through the segments than training")
+                f"{RUN_NAMES[k]}'s eval-mode kept fractions {slashed(kept)} are off its keep "
+                f"ratios {slashed(keeps, 'g')} (by more than {common.KEPT_TOLERANCE}): its "
+                "validation runs more (or fewer) tokens through the segments than training")
     val = val_batches(data.tokens("val"), args.batch_size, args.seq_len, args.eval_batches)
-    machine = machine_info(device, threads=torch.get_num_threads())
-    windows = max(1, int(data.meta["tokens"]["train"]) // cfg.seq_len - 1)  # TrainBatches' epoch
+    windows = max(1, int(data.meta["tokens"]["train"]) // args.seq_len - 1)  # an epoch's
     return {
-        "bench": "quality", "command": command_line(), "machine": machine,
-        "device": device, "dtype": dtype, "a": summaries["a"], "b": summaries["b"],
+        **common.report_head("quality", device, torch.get_num_threads()),
+        "dtype": dtype, "a": summaries["a"], "b": summaries["b"],
         "settings": {
             "data": str(data.path), "data_train_tokens": int(data.meta["tokens"]["train"]),
             "data_val_tokens": int(data.meta["tokens"]["val"]),
             "vocab_size": data.vocab_size, "data_sources": data.meta.get("sources"),
-            "tokens_asked": args.tokens, "tokens": steps * tokens_per_step, "steps": steps,
-            "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "tokens_per_step": tokens_per_step,
-            "epochs": steps * cfg.batch_size / windows,
-            "lr": cfg.lr, "min_lr": cfg.min_lr, "warmup": cfg.warmup,
-            "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
-            "eval_steps": stops,
+            "tokens_asked": args.tokens, "tokens": steps * tokens_per_step,
+            "tokens_per_step": tokens_per_step, "epochs": steps * args.batch_size / windows,
+            **settings,
             "eval_batches": len(val), "val_tokens_per_eval": sum(int(x.numel()) for x in val),
             "schedule": "interleaved at the evaluation points (A B, B A, ...), exact resume",
             "timing": "train_s = sum of the training loop's step times (batch, forward, "
                       "backward, clip, AdamW), without evaluation, checkpoints and model "
                       "building; wall_s = all of a model's segments"},
-        "curves": curves, "final": final, "ratios": ratios, "equal_time": equal_time,
-        "target": target, "kept_tolerance": KEPT_TOLERANCE, "warnings": warnings,
+        "curves": curves, "final": final, "ratios": q, "equal_time": equal_time,
+        "target": target, "kept_tolerance": common.KEPT_TOLERANCE, "warnings": warnings,
     }
 
 
-# --------------------------------------------------------------------------------------
-# outputs
-# --------------------------------------------------------------------------------------
+# ---- outputs -------------------------------------------------------------------------
 
 
 def _kept(fractions: list[float]) -> str:
-    return "/".join(f"{f:.3f}" for f in fractions) or "-"
+    return common.slashed(fractions) or "-"
 
 
 def summary_line(r: dict[str, Any]) -> str:
@@ -520,18 +398,17 @@ def summary_line(r: dict[str, Any]) -> str:
     verdict = "MET" if t["met"] else "MISSED"
     return (f"val loss A {a['val_loss']:.4f}, B {b['val_loss']:.4f} (B/A {q['val_loss']:.4f}); "
             f"train time A {a['train_s']:.1f} s, B {b['train_s']:.1f} s (B/A "
-            f"{q['train_time']:.3f}); B eval kept {_kept(b['eval_kept_fractions'])}; target "
-            f"(loss within {t['loss_tolerance']:.0%}, less time): {verdict}")
+            f"{q['train_time']:.3f}); B eval kept {_kept(b['eval_kept_fractions'])}; "
+            f"target (loss within {t['loss_tolerance']:.0%}, less time): {verdict}")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    m, s, a, b = r["machine"], r["settings"], r["final"]["a"], r["final"]["b"]
+    s, a, b = r["settings"], r["final"]["a"], r["final"]["b"]
     q, t, eq = r["ratios"], r["target"], r["equal_time"]
     lines = [
         f"# subllm bench quality — A = {r['a']['spec']}, B = {r['b']['spec']}",
         "",
-        f"Machine: {m.get('gpu') or m['cpu']} ({m['cpu_count']} CPUs, {m['threads']} torch "
-        f"threads), torch {m['torch']}; device {r['device']}, dtype {r['dtype']}.",
+        common.machine_line(r),
         f"Command: `{r['command']}`",
         "",
         f"Data: {s['data']} ({s['data_train_tokens']:,} train / {s['data_val_tokens']:,} val "
@@ -548,42 +425,39 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     for w in r["warnings"]:
         lines += [f"**WARNING: {w}.**", ""]
-    lines += [
-        "| model | structure | parameters | val loss | perplexity | train s | wall s "
-        "| median step s | tokens/s | eval kept |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    models = []
     for k, f in (("a", a), ("b", b)):
-        lines.append(
-            f"| {RUN_NAMES[k]} {r[k]['spec']} | `{r[k]['structure']}` | {r[k]['parameters']:,} | "
-            f"{f['val_loss']:.4f} | {f['val_perplexity']:.2f} | {f['train_s']:.1f} | "
-            f"{f['wall_s']:.1f} | {f['median_step_s']:.3f} | {f['tokens_per_s']:,.0f} | "
-            f"{_kept(f['eval_kept_fractions'])}"
-            + (f" (keep {'/'.join(f'{x:g}' for x in r[k]['keep'])})" if r[k]["keep"] else "")
-            + " |")
+        keep = f" (keep {common.slashed(r[k]['keep'], 'g')})" if r[k]["keep"] else ""
+        models.append([f"{RUN_NAMES[k]} {r[k]['spec']}", f"`{r[k]['structure']}`",
+                       f"{r[k]['parameters']:,}", f"{f['val_loss']:.4f}",
+                       f"{f['val_perplexity']:.2f}", f"{f['train_s']:.1f}", f"{f['wall_s']:.1f}",
+                       f"{f['median_step_s']:.3f}", f"{f['tokens_per_s']:,.0f}",
+                       _kept(f["eval_kept_fractions"]) + keep])
+    points = [[f"{pa['tokens']:,}", f"{pa['val_loss']:.4f}", f"{pb['val_loss']:.4f}",
+               f"{per_point:.4f}", f"{pa['val_perplexity']:.2f}", f"{pb['val_perplexity']:.2f}",
+               f"{pa['train_s']:.1f}", f"{pb['train_s']:.1f}"]
+              for pa, pb, per_point in zip(r["curves"]["a"], r["curves"]["b"],
+                                           q["val_loss_per_point"], strict=True)]
     lines += [
+        *common.table("model | structure | parameters | val loss | perplexity | train s "
+                      "| wall s | median step s | tokens/s | eval kept", "llrrrrrrrl", models),
         "",
         f"**B/A: val loss {q['val_loss']:.4f}, perplexity {q['val_perplexity']:.4f}, training "
         f"time {q['train_time']:.3f} (wall {q['wall_time']:.3f}, median step "
         f"{q['median_step_time']:.3f}), tokens/s {q['tokens_per_s']:.3f}.** At equal "
         f"training time ({eq['train_s']:.1f} s, the faster model's total; the other's loss "
         f"interpolated linearly between validation points): "
-        f"A {fmt(eq['a_val_loss'], '.4f')}, B {fmt(eq['b_val_loss'], '.4f')}, B/A "
-        f"{fmt(eq['val_loss_ratio'], '.4f')}.",
+        f"A {common.fmt(eq['a_val_loss'], '.4f')}, B {common.fmt(eq['b_val_loss'], '.4f')}, B/A "
+        f"{common.fmt(eq['val_loss_ratio'], '.4f')}.",
         "",
         f"Target (B's validation loss within {t['loss_tolerance']:.0%} of A's at equal tokens, "
         f"in less time): loss {'met' if t['loss_within'] else 'missed'} "
         f"({q['val_loss'] - 1:+.2%}), time {'met' if t['less_time'] else 'missed'} "
         f"({q['train_time'] - 1:+.1%}): **{'MET' if t['met'] else 'MISSED'}**.",
         "",
-        "| tokens | A val loss | B val loss | B/A | A ppl | B ppl | A train s | B train s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *common.table("tokens | A val loss | B val loss | B/A | A ppl | B ppl | A train s "
+                      "| B train s", "r" * 8, points),
     ]
-    for pa, pb, per_point in zip(r["curves"]["a"], r["curves"]["b"], q["val_loss_per_point"],
-                                 strict=True):
-        lines.append(f"| {pa['tokens']:,} | {pa['val_loss']:.4f} | {pb['val_loss']:.4f} | "
-                     f"{per_point:.4f} | {pa['val_perplexity']:.2f} | {pb['val_perplexity']:.2f} | "
-                     f"{pa['train_s']:.1f} | {pb['train_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -592,7 +466,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     import numpy as np
     from matplotlib.ticker import LogLocator
 
-    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = common.pyplot().subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, x_key, label in ((axes[0], "tokens", "training tokens"),
                              (axes[1], "train_s", "training time (s, without evaluation)")):
         for k, marker in (("a", "o"), ("b", "s")):
@@ -611,4 +485,80 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"bench quality — {r['device']}, {r['settings']['tokens']:,} tokens each; "
                  f"B/A loss {q['val_loss']:.4f}, time {q['train_time']:.3f}", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path)
+    common.save_figure(fig, path)
+
+
+# ---- --seeds: the comparison repeated ------------------------------------------------
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def seeds_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over the seeds' reports of the final validation loss, training time
+    and their B / A ratios."""
+    first = reports[0]
+    per_seed = [{"seed": r["settings"]["seed"],
+                 "a_val_loss": r["final"]["a"]["val_loss"],
+                 "b_val_loss": r["final"]["b"]["val_loss"],
+                 "a_train_s": r["final"]["a"]["train_s"], "b_train_s": r["final"]["b"]["train_s"],
+                 "val_loss_ratio": r["ratios"]["val_loss"],
+                 "train_time_ratio": r["ratios"]["train_time"],
+                 "b_eval_kept_fractions": r["final"]["b"]["eval_kept_fractions"]}
+                for r in reports]
+    keys = ("a_val_loss", "b_val_loss", "a_train_s", "b_train_s", "val_loss_ratio",
+            "train_time_ratio")
+    stats = {k: _spread([row[k] for row in per_seed]) for k in keys}
+    tol = first["target"]["loss_tolerance"]
+    return {"bench": "quality_seeds", "machine": first["machine"], "command": first["command"],
+            "a": first["a"], "b": first["b"], "settings": first["settings"],
+            "device": first["device"], "dtype": first["dtype"], "seeds": per_seed,
+            "stats": stats, "loss_tolerance": tol,
+            "within_tolerance": stats["val_loss_ratio"]["mean"] <= 1 + tol,
+            "curves": {r["settings"]["seed"]: r["curves"] for r in reports}}
+
+
+def seeds_line(r: dict[str, Any]) -> str:
+    q, t = r["stats"]["val_loss_ratio"], r["stats"]["train_time_ratio"]
+    return (f"over {len(r['seeds'])} seeds: B/A val loss {q['mean']:.4f} +- {q['std']:.4f} "
+            f"(range {q['min']:.4f}-{q['max']:.4f}), B/A train time {t['mean']:.3f} +- "
+            f"{t['std']:.3f}; B within {r['loss_tolerance']:.0%} of A on average: "
+            f"{'yes' if r['within_tolerance'] else 'no'}")
+
+
+def render_seeds_markdown(r: dict[str, Any]) -> str:
+    s = r["settings"]
+    seeds = [[row["seed"], f"{row['a_val_loss']:.4f}", f"{row['b_val_loss']:.4f}",
+              f"{row['val_loss_ratio']:.4f}", f"{row['a_train_s']:.1f}",
+              f"{row['b_train_s']:.1f}", f"{row['train_time_ratio']:.3f}",
+              _kept(row["b_eval_kept_fractions"])] for row in r["seeds"]]
+    stats = [[k, *(f"{v[x]:.4f}" for x in ("mean", "std", "min", "max"))]
+             for k, v in r["stats"].items()]
+    lines = [f"# subllm bench quality over {len(r['seeds'])} seeds — A = {r['a']['spec']}, "
+             f"B = {r['b']['spec']}", "",
+             common.machine_line(r),
+             f"Each seed: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} = "
+             f"{s['tokens']:,} tokens per model (details in seed-S/quality.md).", "",
+             *common.table("seed | A val loss | B val loss | B/A loss | A train s "
+                           "| B train s | B/A time | B eval kept", "rrrrrrrl", seeds), "",
+             *common.table("| mean | std | min | max", "lrrrr", stats), "",
+             seeds_line(r) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_seeds(r: dict[str, Any], path: Path) -> None:
+    """Validation loss against tokens, one line per model and seed."""
+    fig, ax = common.pyplot().subplots(figsize=(7, 4.2))
+    for seed, curves in r["curves"].items():
+        for k, style in (("a", "o-"), ("b", "s--")):
+            pts = curves[k]
+            ax.plot([p["tokens"] for p in pts], [p["val_loss"] for p in pts], style, ms=3,
+                    alpha=0.8, label=f"{RUN_NAMES[k]} seed {seed}")
+    q = r["stats"]["val_loss_ratio"]
+    ax.set_title(f"B/A val loss {q['mean']:.4f} +- {q['std']:.4f} over {len(r['seeds'])} "
+                 "seeds", fontsize=10)
+    common.save_axes(ax, path, "training tokens", "validation loss (nats / token)",
+                     legend={"fontsize": 7})

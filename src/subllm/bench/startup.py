@@ -20,20 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from subllm.bench.common import (
-    add_out_argument,
-    command_line,
-    fmt,
-    machine_info,
-    pyplot,
-    save_figure,
-    write_outputs,
-)
+from subllm.bench import common
 from subllm.errors import SubLLMError
 from subllm.flags import positive_int
-
-HELP = "start-up time of fresh processes: import subllm, subllm --help, one-line errors"
-DOC = __doc__
 
 PY = [sys.executable, "-c"]
 CLI = [sys.executable, "-m", "subllm"]
@@ -58,9 +47,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str], int]]:
 
 
 def time_once(argv: list[str], expected: int, pythonpath: str | None = None) -> float:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = pythonpath
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {})}
     t0 = time.perf_counter()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     elapsed = time.perf_counter() - t0
@@ -77,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", metavar="SRC_DIR",
                    help="also time every case with another checkout's package (its src/ "
                    "directory put first on PYTHONPATH), interleaved, and report the ratios")
-    add_out_argument(p, "startup")
+    common.add_out_argument(p, "startup")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,41 +93,34 @@ def run(args: argparse.Namespace) -> int:
         if "baseline" in row:
             row["ratio"] = row["this"]["median_s"] / row["baseline"]["median_s"]
         rows.append(row)
-    report: dict[str, Any] = {"benchmark": "startup", "command": command_line(),
-                              "machine": machine_info("cpu"), "repeats": args.repeats,
+    report: dict[str, Any] = {"benchmark": "startup", "command": common.command_line("startup"),
+                              "machine": common.machine_info("cpu"), "repeats": args.repeats,
                               "baseline": variants.get("baseline"), "cases": rows}
-    paths = write_outputs(out, "startup", report, render_markdown(report), plot)
     print(render_markdown(report))
-    print("wrote " + ", ".join(str(p) for p in paths))
+    common.write_outputs(out, "startup", report, render_markdown(report), plot)
     return 0
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    m = report["machine"]
-    base = report["baseline"] is not None
+    m, base, fmt = report["machine"], report["baseline"] is not None, common.fmt
+    rows = [[r["case"], fmt(r["this"]["median_s"]), fmt(r["this"]["min_s"])]
+            + ([fmt(r["baseline"]["median_s"]), fmt(r["ratio"])] if base else [])
+            for r in report["cases"]]
     lines = [f"# Start-up time ({report['repeats']} fresh processes per case)", "",
              f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}, "
              f"transformers {m['transformers']}, Python {m['python']}."]
     if base:
         lines += ["", f"Baseline: the package in `{report['baseline']}`, run interleaved."]
-        lines += ["", "| case | median (s) | min (s) | baseline median (s) | ratio |",
-                  "|---|---:|---:|---:|---:|"]
-    else:
-        lines += ["", "| case | median (s) | min (s) |", "|---|---:|---:|"]
-    for r in report["cases"]:
-        cells = [r["case"], fmt(r["this"]["median_s"]), fmt(r["this"]["min_s"])]
-        if base:
-            cells += [fmt(r["baseline"]["median_s"]), fmt(r["ratio"])]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *common.table("case | median (s) | min (s)"
+                                + (" | baseline median (s) | ratio" if base else ""),
+                                "lrr" + ("rr" if base else ""), rows)]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
     rows = report["cases"][::-1]
-    names = [r["case"] for r in rows]
     y = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(rows) + 1.4))
+    fig, ax = common.pyplot().subplots(figsize=(8.5, 0.5 * len(rows) + 1.4))
     if report["baseline"] is not None:
         ax.barh([i + 0.2 for i in y], [r["baseline"]["median_s"] for r in rows], height=0.4,
                 color="tab:gray", label="baseline")
@@ -149,9 +129,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     else:
         ax.barh(y, [r["this"]["median_s"] for r in rows], color="tab:blue",
                 label="this checkout")
-    ax.set_yticks(y, names)
+    ax.set_yticks(y, [r["case"] for r in rows])
     ax.axvline(1.0, color="tab:red", linestyle="--", linewidth=1, label="1 s")
     ax.set_xlabel("median wall time of a fresh process (s)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    save_figure(fig, path)
+    common.save_figure(fig, path)
