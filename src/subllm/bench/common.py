@@ -1,21 +1,11 @@
-"""What the benchmarks share: flags, models, memory, the paired runner, the budget search,
-outputs.
+"""What the benchmarks share: flags, models, timing and memory, the paired runner, the
+budget search, outputs.
 
-Every benchmark module imports from here and from no other benchmark module.
-`subllm bench --help` imports every benchmark module for its flags, so neither this file
-nor they import torch, transformers or matplotlib at the top: those load inside the
-functions that run a benchmark (the subllm modules imported here are torch-free).
-
-The paired runner: the things compared (models A and B, modes, peers) are measured in
-alternating order, round by round (`alternate`), so that whatever else the machine does
-hits them alike, and a measurement whose peak memory must be its own runs in a fresh
-interpreter (`run_worker`). A bench module runs `run_worker("subllm.bench.NAME", case,
-timeout)` and ends with `if __name__ == "__main__": worker_entry(run_case, "NAME")`, which
-runs the case and writes its result (a JSON object) to the file the parent named. On a
-CPU a case calls `watch_memory()` first, which ends the worker with OVER_LIMIT_EXIT as
-soon as its resident set passes the budget (or 90 % of the memory available), instead of
-waiting for the OOM killer. `write_outputs` writes the report as JSON, a Markdown table
-and a PNG plot.
+Every benchmark module imports from here and from no other benchmark module. `subllm bench
+--help` imports them all, so none of them imports torch, transformers or matplotlib at the
+top. The paired runner measures the things compared in alternating order (`alternate`), and
+a measurement whose peak memory must be its own in a fresh interpreter (`run_worker`, served
+by `worker_entry` in the benchmark's module).
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from statistics import median
 from typing import Any, NoReturn, TypeVar
@@ -50,10 +40,35 @@ R = TypeVar("R")
 
 # ---- flags ---------------------------------------------------------------------------
 
-
 # every benchmark writes to ./bench-out/<its name> (relative to the current directory) unless
 # --out says otherwise; committed results (docs/benchmarks/...) only ever by an explicit --out
 OUT_ROOT = "bench-out"
+
+# flags several benchmarks take: name -> add_argument keywords (see add_flags)
+FLAGS: dict[str, dict[str, Any]] = {
+    "seq_lens": {"default": "1024,2048",
+                 "help": "comma-separated sequence lengths (default %(default)s)"},
+    "modes": {"default": ",".join(MODES), "help": f"comma-separated subset of {','.join(MODES)}"},
+    "batch_size": {"type": int, "default": 1, "help": "sequences per step (default %(default)s)"},
+    "steps": {"type": int, "default": 3, "help": "timed steps per case (default %(default)s)"},
+    "warmup": {"type": int, "default": 1, "help": "untimed steps first (default %(default)s)"},
+    "device": {"choices": ("cpu", "cuda"), "default": "cpu"},
+    "dtype": {"choices": ("fp32", "bf16"), "default": "fp32",
+              "help": "bf16 = autocast over fp32 weights (mixed precision)"},
+    "threads": {"type": int, "default": None,
+                "help": "torch CPU threads, here and in the case subprocesses (default: torch's)"},
+    "seed": {"type": int, "default": 0, "help": "seed of the weights and the tokens (default 0)"},
+    "case_timeout": {"type": float, "default": 3600.0,
+                     "help": "seconds before a case subprocess is abandoned (default "
+                             "%(default).0f)"},
+}
+
+
+def add_flags(p: Any, *names: str, **changes: dict[str, Any]) -> None:
+    """Add the FLAGS `names`, then those named in `changes`, each with its keywords updated
+    by changes[name] (e.g. steps={"default": 2})."""
+    for name in [*names, *changes]:
+        p.add_argument("--" + name.replace("_", "-"), **{**FLAGS[name], **changes.get(name, {})})
 
 
 def default_out(name: str) -> str:
@@ -68,14 +83,6 @@ def add_out_argument(p: Any, name: str, more: str = "") -> None:
                         f"directory){more}")
 
 
-def add_device_arguments(p: Any) -> None:
-    """`--device cpu|cuda` and `--dtype fp32|bf16` (autocast), as bench mst/train/infer take
-    them."""
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 = autocast over fp32 weights (mixed precision)")
-
-
 def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
     """'1024,2048' -> [1024, 2048] (sorted, unique); raise on anything else."""
     try:
@@ -87,12 +94,15 @@ def parse_ints(text: str, flag: str, minimum: int = 1) -> list[int]:
     return sorted(set(values))
 
 
-def parse_modes(text: str) -> list[str]:
-    """'standard,mst' -> ['standard', 'mst'] (in the given order, unique)."""
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise SubLLMError(f"--modes {text!r}: choose from {', '.join(MODES)}")
-    return list(dict.fromkeys(modes))
+def parse_names(text: str, flag: str, choices: Sequence[str], empty: bool = False) -> list[str]:
+    """'standard,mst' -> ['standard', 'mst'] (in order, unique), each one of `choices`;
+    nothing is an error unless `empty`."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    bad = [n for n in names if n not in choices]
+    if bad or not (names or empty):
+        unknown = f"unknown {', '.join(bad)}; " if bad else ""
+        raise SubLLMError(f"{flag} {text!r}: {unknown}choose from {', '.join(choices)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_pair(text: str, example: str = "llama-small,subllm-small") -> tuple[str, str]:
@@ -155,17 +165,14 @@ def parse_spec(spec: str) -> dict[str, int]:
 
 
 def check_model(spec: str) -> str:
-    """Say early (in the parent) what kind of model `spec` is; raise if it is none.
-
-    'preset', 'hf-config' (a transformers config.json or a folder holding one) or 'hf-spec'
-    (hf-llama:dim=256,layers=4,vocab=128256)."""
+    """'preset', 'hf-config' (a transformers config.json or a folder holding one) or
+    'hf-spec' (hf-llama:dim=256,...): what kind of model `spec` is; raise if none."""
     if spec.startswith("hf-llama"):
         parse_spec(spec)
         return "hf-spec"
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
-        return "hf-config"
-    if path.suffix == ".json" and path.is_file():
+    if (path.is_dir() and (path / "config.json").is_file()) or (
+            path.suffix == ".json" and path.is_file()):
         return "hf-config"
     if spec in PRESETS:
         return "preset"
@@ -176,17 +183,15 @@ def check_model(spec: str) -> str:
 
 
 def on_device(device: str) -> Any:
-    """The context to build a model in: on a GPU its parameters are made and initialised
-    there (a 1.3B model's CPU initialisation costs seconds per build and process);
-    elsewhere a no-op."""
+    """The context to build a model in: on a GPU its parameters are made there (a 1.3B
+    model's CPU initialisation takes seconds); elsewhere a no-op."""
     import torch
 
     return torch.device(device) if str(device).startswith("cuda") else contextlib.nullcontext()
 
 
 def build_model(spec: str, seq_len: int, device: str = "cpu") -> Any:
-    """A randomly initialised model of a `check_model` spec (no downloads), built on
-    `device` (see on_device)."""
+    """A randomly initialised model of a `check_model` spec, built on `device`."""
     import torch  # noqa: F401  (imported for its side effects on transformers)
 
     kind = check_model(spec)
@@ -216,8 +221,8 @@ def load_config(spec: str, max_len: int) -> ModelConfig:
 
 
 def apply_mode(model: Any, *, mst: bool = False, checkpointing: bool = False) -> Any:
-    """mst: subllm.model.mst.apply_mst (mini-sequence MLP + chunked LM-head loss, with
-    block-level checkpointing when `checkpointing`); else checkpointing alone."""
+    """mst: subllm.model.mst.apply_mst (with block-level checkpointing when
+    `checkpointing`); else checkpointing alone."""
     from subllm.model.mst import apply_mst, enable_checkpointing
 
     if mst:
@@ -228,8 +233,7 @@ def apply_mode(model: Any, *, mst: bool = False, checkpointing: bool = False) ->
 
 
 def adamw(model: Any, device: str, cfg: TrainConfig | None = None) -> Any:
-    """The optimizer `subllm train` builds (AdamW, no decay on norms and biases), with the
-    settings of `cfg` (default: lr 1e-4)."""
+    """The AdamW `subllm train` builds, with the settings of `cfg` (default: lr 1e-4)."""
     import torch
 
     from subllm.train.loop import make_optimizer
@@ -256,9 +260,8 @@ def model_summary(spec: str, config: ModelConfig, parameters: int) -> dict[str, 
 
 def timed_train_step(model: Any, optimizer: Any, ids: Any, step: int, device: str,
                      amp: Any) -> tuple[float, float]:
-    """One optimizer step of the training loop (subllm.train.loop.train_step: forward with
-    labels, backward, AdamW, no clipping; autocast to `amp` unless None), after
-    set_step(step) on a model that has it: (its wall time in seconds, its loss)."""
+    """(seconds, loss) of one step of subllm.train.loop.train_step (no clipping; autocast
+    to `amp` unless None), after set_step(step) where the model has it."""
     import torch
 
     from subllm.train.loop import train_step
@@ -275,8 +278,7 @@ def timed_train_step(model: Any, optimizer: Any, ids: Any, step: int, device: st
 
 
 def amp_dtype(dtype: str) -> Any:
-    """'bf16' / 'fp16' -> the torch dtype autocast runs in; 'fp32' -> None (no autocast), the
-    way subllm.train.loop.train_step takes its `amp`."""
+    """'bf16' / 'fp16' -> the torch dtype autocast runs in; 'fp32' -> None (no autocast)."""
     if dtype == "fp32":
         return None
     import torch
@@ -293,12 +295,15 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device, dtype=amp_dtype(dtype))
 
 
-def sync(device: Any) -> None:
-    """Wait for the GPU (timing and its memory counters need it); nothing on a CPU."""
-    if str(device).startswith("cuda"):
-        import torch
+def sync(device: Any) -> Any:
+    """Wait for the GPU (timing and its memory counters need it) and return torch; on a CPU
+    do nothing and return None."""
+    if not str(device).startswith("cuda"):
+        return None
+    import torch
 
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return torch
 
 
 def timed(device: str, fn: Callable[[], R]) -> tuple[float, R]:
@@ -330,10 +335,8 @@ def _proc_bytes(path: str, key: str) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set since its exec: VmHWM of /proc/self/status.
-
-    Not getrusage's ru_maxrss: Linux carries that over fork + exec, so a worker started by a
-    big parent would report the parent's peak."""
+    """This process's peak resident set since its exec (VmHWM; getrusage's ru_maxrss would
+    carry a big parent's peak over fork + exec)."""
     return _proc_bytes("/proc/self/status", "VmHWM")
 
 
@@ -363,33 +366,21 @@ def watch_memory(budget: int | None = None) -> None:
 
 
 def memory_now(device: Any) -> int:
-    """Bytes held now: allocated by torch on a GPU (after a sync), the resident set on a
-    CPU."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        sync(device)
-        return torch.cuda.memory_allocated(device)
-    return rss_bytes()
+    """Bytes held now: allocated by torch on a GPU, the resident set on a CPU."""
+    torch = sync(device)
+    return torch.cuda.memory_allocated(device) if torch else rss_bytes()
 
 
 def reset_peak(device: Any) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        sync(device)
+    torch = sync(device)
+    if torch:
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def memory_peak(device: Any) -> int:
-    """Peak bytes: torch.cuda.max_memory_allocated since reset_peak on a GPU, the peak
-    resident set of the process on a CPU."""
-    if str(device).startswith("cuda"):
-        import torch
-
-        sync(device)
-        return torch.cuda.max_memory_allocated(device)
-    return peak_rss_bytes()
+    """Peak bytes: since reset_peak on a GPU, the process's peak resident set on a CPU."""
+    torch = sync(device)
+    return torch.cuda.max_memory_allocated(device) if torch else peak_rss_bytes()
 
 
 # ---- the paired runner: alternation, results, the case worker ------------------------
@@ -397,7 +388,7 @@ def memory_peak(device: Any) -> int:
 
 def alternating(keys: Sequence[K], round_: int) -> Sequence[K]:
     """The order of round `round_`: `keys` in even rounds, reversed in odd ones (A B, B A,
-    A B, ...), so that a drift in the machine's load hits every key alike."""
+    ...), so that a drift in the machine's load hits every key alike."""
     return keys if round_ % 2 == 0 else keys[::-1]
 
 
@@ -421,8 +412,7 @@ def paired_ratio(b: list[float], a: list[float]) -> float:
 
 def ratios(b: dict[str, Any], a: dict[str, Any], fields: dict[str, str]
            ) -> dict[str, float | None]:
-    """{name: b[field] / a[field]} for each name: field of `fields` (None where either is
-    missing or A's is 0)."""
+    """{name: ratio(b[field], a[field])} for each name: field of `fields`."""
     return {name: ratio(b.get(field), a.get(field)) for name, field in fields.items()}
 
 
@@ -433,8 +423,8 @@ RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def worker_env(threads: int | None = None, release: bool | None = None) -> dict[str, str]:
-    """This process's environment for a worker, with OMP_NUM_THREADS = threads when given;
-    release True sets RELEASE_ENV, False removes it, None leaves it as it is."""
+    """This environment for a worker: OMP_NUM_THREADS = threads when given; release True
+    sets RELEASE_ENV, False removes it, None leaves it."""
     env = dict(os.environ)
     if release is not None:
         env = {k: v for k, v in env.items() if k not in RELEASE_ENV}
@@ -483,9 +473,8 @@ def worker_entry(run_case: Callable[[dict[str, Any]], dict[str, Any]], name: str
 
 def longest_under_budget(fits: Callable[[int], bool], max_len: int, start: int = GRANULE,
                          granule: int = GRANULE) -> tuple[int, list[tuple[int, bool]]]:
-    """Longest multiple of `granule` in [granule, max_len] for which fits(L) is True,
-    assuming fits is monotone: double from `start` until it fails, then bisect.
-    Returns (length or 0 when even `start` fails, [(length, fits)] in probe order)."""
+    """(longest multiple of `granule` up to max_len for which the monotone fits(L) holds, or
+    0; [(length, fits)] in probe order): double from `start` until it fails, then bisect."""
     probes: list[tuple[int, bool]] = []
 
     def probe(n: int) -> bool:
@@ -521,19 +510,14 @@ def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
     import transformers
 
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    except OSError:
-        pass
     info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(),
                             "torch": torch.__version__, "transformers": transformers.__version__,
                             "python": platform.python_version(), "device": device}
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["ram_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     if threads is not None:
@@ -542,8 +526,7 @@ def machine_info(device: str, threads: int | None = None) -> dict[str, Any]:
 
 
 def command_line(bench: str) -> str:
-    """The command line of this run, for a report (under pytest, where there is none:
-    `subllm bench BENCH (called from Python)`)."""
+    """The command line of this run, for a report (under pytest: none)."""
     return " ".join(["subllm", *sys.argv[1:]]) if sys.argv and "pytest" not in sys.argv[0] \
         else f"subllm bench {bench} (called from Python)"
 
@@ -555,7 +538,7 @@ def report_head(bench: str, device: str, threads: int | None = None) -> dict[str
 
 
 def machine_line(report: dict[str, Any], threads: str = "torch threads") -> str:
-    """The Markdown line saying where a report was measured (its machine, device, dtype)."""
+    """The Markdown line saying where a report was measured."""
     m = report["machine"]
     counts = f"{m['cpu_count']} CPUs" + (f", {m['threads']} {threads}" if "threads" in m else "")
     dtype = f", dtype {report['dtype']}" if "dtype" in report else ""
@@ -563,10 +546,46 @@ def machine_line(report: dict[str, Any], threads: str = "torch threads") -> str:
             f"{m['transformers']}; device {report['device']}{dtype}.")
 
 
+def markdown_head(title: str, report: dict[str, Any], threads: str = "torch threads"
+                  ) -> list[str]:
+    """A report's title, machine line and command line, as Markdown lines."""
+    return [f"# {title}", "", machine_line(report, threads), f"Command: `{report['command']}`",
+            ""]
+
+
 def table(head: str, align: str, rows: list[list[Any]]) -> list[str]:
     """A Markdown table: `head` 'a | b | c', `align` one letter per column (l or r)."""
     rule = "|" + "".join("---|" if a == "l" else "---:|" for a in align)
     return [f"| {head} |", rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Col:
+    """A Markdown table column: header; value, a dotted key path in the row ('a.prefill_s')
+    or a function of the row; format, a string ('{:.3f}'; None is '-') or a function of the
+    value; alignment, r or l."""
+
+    head: str
+    value: str | Callable[[Any], Any]
+    fmt: str | Callable[[Any], str] = "{}"
+    align: str = "r"
+
+    def cell(self, row: Any) -> str:
+        if callable(self.value):
+            v = self.value(row)
+        else:
+            v = row
+            for key in self.value.split("."):
+                v = v.get(key) if isinstance(v, dict) else None
+        if callable(self.fmt):
+            return self.fmt(v)
+        return "-" if v is None else self.fmt.format(v)
+
+
+def columns(cols: Sequence[Col], rows: Iterable[Any]) -> list[str]:
+    """A Markdown table (table) with the columns `cols`, one line per row."""
+    return table(" | ".join(c.head for c in cols), "".join(c.align for c in cols),
+                 [[c.cell(row) for c in cols] for row in rows])
 
 
 def pyplot() -> Any:
@@ -606,8 +625,8 @@ def save_axes(ax: Any, path: Path, xlabel: str, ylabel: str | None = None,
 def write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: str,
                   plot: Callable[[dict[str, Any], Path], None],
                   png: str | None = None) -> list[Path]:
-    """OUT/STEM.json, OUT/STEM.md and the plot OUT/PNG (default STEM.png), each written
-    atomically; says so and returns their paths."""
+    """Write OUT/STEM.json, OUT/STEM.md and the plot OUT/PNG (default STEM.png), each
+    atomically; say so and return their paths."""
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / (png or f"{stem}.png")]
     write_atomic(paths[0], json.dumps(report, indent=2))
     write_atomic(paths[1], markdown)

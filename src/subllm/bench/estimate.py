@@ -1,26 +1,20 @@
 """`subllm bench estimate`: the memory planner (`subllm estimate`) against measured peaks.
 
-Every case (model x sequence length x mode) is a real training step — the training loop's
-`train_step`: forward with labels, backward, AdamW step, `zero_grad(set_to_none=True)`,
-twice so that the second step holds the optimizer state — in a fresh Python subprocess.
-Its measured peak is compared with `subllm.planner.estimate_memory` for the same settings:
+Every case (model x sequence length x mode) runs two training steps of `subllm train`
+(forward with labels, backward, AdamW, zero_grad; the second holds the optimizer state) in
+a fresh Python subprocess, and its measured peak is compared with
+`subllm.planner.estimate_memory` for the same settings:
 
   cpu   the peak resident set of the process (VmHWM) minus its resident set just before
         the model was built (after torch, transformers and subllm were imported)
   cuda  torch.cuda.max_memory_allocated minus what was allocated before the model
 
-Modes: standard, checkpointing (block-level, non-reentrant), mst (`subllm.model.mst.apply_mst`).
-Models: presets, a transformers config.json, or `hf-llama:dim=256,layers=4,vocab=128256`
-(a randomly initialised transformers LlamaForCausalLM; see `subllm bench mst`).
-
-The CPU allocator: glibc's malloc keeps freed memory of tensors below its dynamic mmap
-threshold (up to 32 MiB) in its heap, so a process's resident set can stay far above the
-tensors it holds (60 % above on the tiny preset at 2048 tokens). `--allocator release`
-(default) runs the cases with `MALLOC_MMAP_THRESHOLD_=131072`, glibc's initial threshold
-made fixed: every tensor above 128 KiB is returned to the system when freed, so the
-resident set follows the live tensors, as `max_memory_allocated` does on a GPU.
-`--allocator glibc` measures with the defaults, `both` does both (the table then shows
-the default allocator's resident peak and its excess beside the estimate's error).
+Modes: standard, checkpointing (block-level), mst (`subllm.model.mst.apply_mst`). Models:
+presets, a transformers config.json or `hf-llama:dim=256,layers=4,vocab=128256`; without
+--model, the built-in suite of docs/benchmarks.md. On a CPU the cases run with
+`MALLOC_MMAP_THRESHOLD_=131072` (--allocator release, the default), so that the resident set
+follows the live tensors; `glibc` measures with glibc's defaults, `both` does both.
+Writes estimate.json, estimate.md and estimate.png.
 """
 
 from __future__ import annotations
@@ -31,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from subllm.bench import common
-from subllm.bench.common import MODES
+from subllm.bench.common import MODES, Col
 from subllm.planner import estimate_memory, resolve_shape, shape_from_hf_config
 
 TARGET = 0.15  # issue 6: within 15 % of the measured peak on every case
@@ -55,28 +49,25 @@ DEFAULT_SUITE: list[tuple[str, list[int], tuple[str, ...], int, str, str]] = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=None,
-                   help="a preset, a transformers config.json or an hf-llama:... spec; "
-                        "repeat for several (default: the built-in suite of "
-                        "docs/benchmarks.md)")
-    p.add_argument("--seq-lens", default="1024,2048",
-                   help="with --model: comma-separated lengths (default 1024,2048)")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help=f"with --model: comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--batch-size", type=int, default=1, help="with --model (default 1)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="with --model: fp32, or bf16/fp16 per --precision")
+                   help="a preset, a transformers config.json or an hf-llama:... spec; repeat "
+                        "for several (default: the built-in suite of docs/benchmarks.md)")
+    def with_model(name: str) -> dict[str, str]:
+        return {"help": "with --model: " + common.FLAGS[name]["help"]}
+
+    common.add_flags(p, seq_lens=with_model("seq_lens"), modes=with_model("modes"),
+                     batch_size=with_model("batch_size"),
+                     dtype={"choices": ("fp32", "bf16", "fp16"),
+                            "help": "with --model: fp32, or bf16/fp16 per --precision"})
     p.add_argument("--precision", choices=("mixed", "pure"), default="mixed",
                    help="with --dtype bf16/fp16: mixed = autocast over fp32 weights "
                         "(default), pure = the model cast to the dtype")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    common.add_flags(p, "device")
     p.add_argument("--allocator", choices=("release", "glibc", "both"), default="release",
-                   help="CPU: run the cases with a malloc that returns freed tensors to the "
-                        "system (release, default), with glibc's defaults, or both")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads of the cases (default 1: memory does not depend on "
-                        "it, and one thread keeps a shared machine's cases quick)")
-    p.add_argument("--case-timeout", type=float, default=1800.0,
-                   help="seconds before a case is abandoned (default 1800)")
+                   help="CPU: a malloc that returns freed tensors to the system (release, "
+                        "default), glibc's defaults, or both")
+    common.add_flags(p, threads={"default": 1, "help": "CPU threads of the cases (default 1: "
+                                 "memory does not depend on it)"},
+                     case_timeout={"default": 1800.0})
     common.add_out_argument(p, "estimate")
 
 
@@ -84,7 +75,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     suite = DEFAULT_SUITE
     if args.model:
         lens = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
-        modes = tuple(common.parse_modes(args.modes))
+        modes = tuple(common.parse_names(args.modes, "--modes", MODES))
         suite = [(m, lens, modes, args.batch_size, args.dtype, args.precision)
                  for m in args.model]
     cases = []
@@ -117,7 +108,7 @@ def predict(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Two AdamW training steps in the worker; returns the peak memory above the pre-model
+    """In the worker: two AdamW training steps; the peak memory above the pre-model
     baseline."""
     import torch
     import transformers  # noqa: F401  (imported before the baseline, like everything else)
@@ -164,6 +155,22 @@ def _case_label(c: dict[str, Any]) -> str:
     return prec[c["precision"]] + (f", batch {c['batch_size']}" if c["batch_size"] != 1 else "")
 
 
+COLUMNS = [
+    Col("model", "model", align="l"), Col("precision", _case_label, align="l"),
+    Col("seq len", "seq_len"), Col("mode", "mode", align="l"),
+    Col("estimate (GiB)", "estimate_bytes", _gib),
+    Col("measured (GiB)", lambda c: _gib(c["measured_bytes"]) if c["ok"]
+        else f"failed: {c.get('error')}"),
+    Col("error", lambda c: c["error"] if c["ok"] else None, _pct),
+    Col("peak phase", "estimate_phase", align="l"),
+]
+GLIBC_COLUMNS = [
+    Col("glibc (GiB)", "glibc.measured_bytes", _gib),
+    Col("glibc error", lambda c: c["glibc"]["error"] if c.get("glibc", {}).get("ok") else None,
+        _pct),
+]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s, both = report["summary"], report["allocators"] == ["release", "glibc"]
     measured = ("torch.cuda.max_memory_allocated" if report["device"] == "cuda" else
@@ -174,28 +181,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         alloc = (" Allocator: `MALLOC_MMAP_THRESHOLD_=131072` (freed tensors go back to the "
                  "system)" if "release" in report["allocators"] else " Allocator: glibc defaults")
         alloc += "; `glibc` columns: the same case with glibc's defaults." if both else "."
-    rows = []
-    for c in report["cases"]:
-        g = c.get("glibc", {})
-        rows.append([c["model"], _case_label(c), c["seq_len"], c["mode"],
-                     _gib(c["estimate_bytes"]),
-                     _gib(c["measured_bytes"]) if c["ok"] else f"failed: {c.get('error')}",
-                     _pct(c["error"] if c["ok"] else None), c["estimate_phase"]]
-                    + ([_gib(g.get("measured_bytes")), _pct(g["error"] if g.get("ok") else None)]
-                       if both else []))
     lines = [
-        "# subllm bench estimate — the memory planner against measured peaks",
-        "",
-        common.machine_line(report, "torch threads per case"),
-        f"Command: `{report['command']}`",
-        "",
+        *common.markdown_head("subllm bench estimate — the memory planner against measured "
+                              "peaks", report, "torch threads per case"),
         f"Each case: 2 training steps (forward with labels, backward, AdamW, zero_grad) in a "
         f"fresh process; measured = {measured}.{alloc} Error = (estimate - measured) / "
         f"measured; target |error| <= {100 * TARGET:.0f} %.",
         "",
-        *common.table("model | precision | seq len | mode | estimate (GiB) | measured (GiB) "
-                      "| error | peak phase" + (" | glibc (GiB) | glibc error" if both else ""),
-                      "llrlrrrl" + ("rr" if both else ""), rows),
+        *common.columns(COLUMNS + (GLIBC_COLUMNS if both else []), report["cases"]),
         "",
         f"Cases: {s['cases']} ({s['failed']} failed); max |error| "
         f"{_pct(s['max_abs_error'], '')} (mean {_pct(s['mean_abs_error'], '')}); within "
@@ -251,6 +244,8 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     common.require_positive(args, "batch_size", "threads", "case_timeout")
     common.check_cuda(args.device)
     cases = build_cases(args)
@@ -283,8 +278,6 @@ def run(args: argparse.Namespace) -> int:
               + (f"  (glibc {_gib(row['glibc'].get('measured_bytes'))} GiB)"
                  if "glibc" in row else ""), flush=True)
         results.append(row)
-
-    import torch
 
     threads = args.threads if args.device == "cpu" else torch.get_num_threads()
     report = {**common.report_head("estimate", args.device, threads),

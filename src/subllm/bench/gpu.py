@@ -1,33 +1,20 @@
 """`subllm bench gpu`: everything a CPU cannot show, in one command, on one CUDA device.
 
-Parts, each run through the `subllm` CLI in a subprocess (its own outputs under
-OUT/<part>/), each recorded as ok / failed / skipped with its wall time, none stopping
-the others:
+Parts, each run through the `subllm` CLI in a subprocess with its outputs in OUT/<part>/,
+each reported as ok / failed / skipped / timed out with its wall time:
 
-  tests      the test subset marked `cuda` (bf16 forward/backward, the SDPA flash path in
-             training, generate on CUDA, MsT in bf16 against the unchunked bf16 loss), run
-             by pytest in a subprocess from this checkout's tests/
-  train      `bench train`: SUBLLM vs LLaMA at the paper's size (llama-1.3b / subllm-1.3b)
-             at 4k and 8k tokens, bf16: step time, tokens/s, MFU, peak max_memory_allocated
-  infer      `bench infer`: prefill and decode time per token, KV-cache bytes, peak memory
-  mst        `bench mst`: standard / MsT and the peers (native, cce, liger, mini-s) on a
-             Hugging Face Llama with Llama-3's vocabulary, with the exactness column
+  tests      the tests marked `cuda` (tests/test_cuda.py of this checkout), by pytest
+  train      `bench train` llama-1.3b vs subllm-1.3b at 4k and 8k tokens, bf16
+  infer      `bench infer` with the same pair: prefill, decode per token, KV cache, memory
+  mst        `bench mst`: standard / MsT and the peers on a Hugging Face Llama with
+             Llama-3's vocabulary, with the exactness columns
   estimate   `bench estimate`: the memory planner against measured peaks on the GPU
 
-OUT/gpu.json, gpu.md and gpu.png (the parts' wall times) summarise. OUT is
-./bench-out/gpu (under the current directory) unless `--out` names another folder; the
-committed results in docs/benchmarks/gpu are written only by an explicit
-`--out docs/benchmarks/gpu` (`make bench-gpu`), and nothing else in the checkout is written
-(the tests part runs pytest in OUT/tests). Nothing needs the network.
-
-`--budget` (default 480 s) bounds the whole command: each part gets a share of the time
-still left (unused time passes on to the parts after it) and one that outlives
-its share is stopped, with everything it started, and reported as timed out, so the
-command ends in time and says what did not fit. `--smoke` runs every part at tiny sizes
-(on the CPU when there is no GPU), so the command itself is tested by the suite and cannot
-rot; its figures mean nothing.
+OUT/gpu.json, gpu.md and gpu.png summarise. `--budget` bounds the whole command: each part
+gets a share of the time left and is stopped, with its workers, past it. `--smoke` runs
+every part at tiny sizes (on the CPU when there is no GPU): it checks the command, and its
+figures mean nothing.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -72,8 +59,7 @@ SIZES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes, on the CPU when no GPU is visible: checks the command, "
-                        "not the hardware")
+                   help="tiny sizes, on the CPU when no GPU is visible (checks the command)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="default cuda (--smoke: cuda when visible, else cpu)")
     p.add_argument("--parts", default=",".join(PARTS),
@@ -81,8 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     common.add_out_argument(p, "gpu", "; each part in OUT/<part>/. The committed results are "
                             "written only when asked: --out docs/benchmarks/gpu (make bench-gpu)")
     p.add_argument("--budget", type=positive_float, default=DEFAULT_BUDGET_S, metavar="S",
-                   help=f"seconds for the whole command (default {DEFAULT_BUDGET_S:.0f}): each "
-                        "part gets a share of what is left and is stopped past it")
+                   help=f"seconds for the whole command (default {DEFAULT_BUDGET_S:.0f})")
 
 
 def _argv(part: str, device: str, smoke: bool, out: Path) -> list[str]:
@@ -93,8 +78,8 @@ def _argv(part: str, device: str, smoke: bool, out: Path) -> list[str]:
 
 
 def _bounded(cmd: list[str], timeout: float, **kwargs: Any) -> tuple[int | None, str, str]:
-    """Run cmd in its own session; past `timeout` seconds kill it and everything it started
-    (a part's benchmark workers too). Returns (exit code or None if timed out, out, err)."""
+    """(exit code, or None when it outlived `timeout` seconds and was killed with everything
+    it started; stdout; stderr) of cmd, run in its own session."""
     proc = subprocess.Popen(cmd, stdout=kwargs.pop("stdout", subprocess.PIPE),
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
     try:
@@ -120,11 +105,8 @@ def _status(code: int | None, timeout: float, ok_codes: tuple[int, ...], output:
 
 
 def _run_tests(out: Path, timeout: float) -> dict[str, Any]:
-    """pytest -m cuda on this checkout's tests/test_cuda.py (a subprocess: its own CUDA
-    context). The checkout is only read: pytest runs in OUT (its current directory, for
-    anything a test writes relative to it), with no cache folder and no bytecode files, and
-    its log goes to OUT/pytest.txt; its configuration still comes from the checkout's
-    pyproject.toml, found from the test file's path."""
+    """pytest -m cuda on this checkout's tests/test_cuda.py, run in OUT without cache or
+    bytecode files (the checkout is only read); its log goes to OUT/pytest.txt."""
     tests = Path(__file__).resolve().parents[3] / "tests" / "test_cuda.py"
     if not tests.is_file():
         return {"status": "skipped", "detail": f"{tests} not found: run from a checkout"}
@@ -138,8 +120,8 @@ def _run_tests(out: Path, timeout: float) -> dict[str, Any]:
 
 
 def _run_cli(argv: list[str], timeout: float) -> dict[str, Any]:
-    """`subllm ARGV` in a subprocess (a benchmark module does not import the CLI layer);
-    its output goes to ours, its last error line into the report."""
+    """`subllm ARGV` in a subprocess: its output goes to ours, its last error line into the
+    report."""
     code, _, stderr = _bounded([sys.executable, "-m", "subllm", *argv], timeout,
                                stdout=None)
     sys.stderr.write(stderr)
@@ -178,11 +160,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from subllm.errors import SubLLMError
-
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if not parts or any(p not in PARTS for p in parts):
-        raise SubLLMError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    parts = common.parse_names(args.parts, "--parts", PARTS)
     device = args.device
     if device is None:
         import torch

@@ -1,45 +1,24 @@
 """`subllm bench mst`: training-step time and peak memory, standard vs checkpointing vs MsT.
 
-Every (mode, sequence length) case runs in a fresh Python subprocess, so that its peak
-memory is its own: on a GPU `torch.cuda.max_memory_allocated`, on a CPU the process's
-peak resident set (VmHWM), reported raw beside the resident set right after the
-model was built. Modes:
+A step is one forward + backward with labels (no optimizer). Every (mode, sequence length)
+case runs in a fresh Python subprocess, so that its peak memory is its own: on a GPU
+`torch.cuda.max_memory_allocated`, on a CPU the process's peak resident set (VmHWM),
+reported beside the resident set right after the model was built. Modes:
 
   standard       the model as built, no activation checkpointing
   checkpointing  block-level activation checkpointing (non-reentrant)
   mst            subllm.model.mst.apply_mst: mini-sequence MLP + chunked LM-head loss
-                 + checkpointing
+                 + checkpointing; --loss-chunk-tokens N adds `mst@N`, its loss in chunks
+                 of about N tokens
 
-Peers (--peers, Hugging Face models only): the model patched as for `mst`, but the loss
-(LM head + cross-entropy) taken from another library, so that the rows differ in the
-loss alone:
-
-  native   torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions()
-           (PyTorch >= 2.13's chunked path, its own chunk rule)
-  cce      Cut Cross-Entropy (pip install cut-cross-entropy): its Triton kernel on a GPU,
-           its torch.compile path on a CPU
-  liger    Liger-Kernel's fused linear cross-entropy (Triton; a CUDA GPU only)
-  mini-s   the MsT authors' code: not on the package registry, so reported as not
-           available (this project does not vendor other projects' code)
-
-A peer that is not installed or cannot run on the device is a row saying why, never
-dropped. Rounds (--rounds) run every case once per round in a fresh process, the order
-alternating between rounds, and report the median. Exactness: a reference process runs
-the unpatched model (no checkpointing, no chunking) at --exact-len tokens and saves its
-loss and gradients; every case then repeats one step at that length (after its peak was
-read) and reports the relative error of its loss and the largest relative L2 error of
-any parameter's gradient.
-
---loss-chunk-tokens 64,128 adds rows `mst@64`, `mst@128`: MsT with its loss in chunks of
-about that many tokens instead of `default_loss_chunk_tokens`' rule (to tune the rule).
-On a CPU the workers run with `MALLOC_MMAP_THRESHOLD_=131072` by default (--allocator
-release: glibc hands freed tensors back, so the peak is the live tensors', not the heap's
-history; --allocator glibc measures with glibc's defaults).
-
-A step is one forward + backward with labels (no optimizer). With --memory-budget the
-longest sequence that trains under the budget is searched per mode (doubling, then
-bisection on multiples of 256). Models: a subllm preset, a Hugging Face config.json,
-or a built-in spec `hf-llama:dim=256,layers=4,vocab=128256[,ffn=..,heads=..,kv_heads=..]`.
+--peers (Hugging Face models only) adds rows patched as for `mst` but with another
+library's loss: native (torch's F.linear_cross_entropy, PyTorch >= 2.13), cce (Cut
+Cross-Entropy), liger (Liger-Kernel, CUDA only), mini-s (the MsT authors' code, not on the
+package registry); one that cannot run is a row saying why. The error columns compare one
+step at --exact-len tokens with the unpatched model's. --memory-budget also searches the
+longest sequence that trains under the budget, per mode. Models: a preset, a Hugging Face
+config.json, or `hf-llama:dim=256,layers=4,vocab=128256[,ffn=..,heads=..,kv_heads=..]`.
+Writes mst.json, mst.md and mst_memory.png.
 """
 
 from __future__ import annotations
@@ -52,6 +31,7 @@ from statistics import median
 from typing import Any
 
 from subllm.bench import common
+from subllm.bench.common import Col
 from subllm.errors import SubLLMError
 from subllm.planner import parse_memory
 
@@ -60,78 +40,46 @@ NOT_ON_REGISTRY = {"mini-s": "not on the package registry (published as source o
                              "project does not vendor other projects' code)"}
 
 
-def parse_peers(text: str) -> list[str]:
-    """'native,cce' -> ['native', 'cce'] (unique, in order); '' -> []."""
-    peers = [p.strip() for p in str(text).split(",") if p.strip()]
-    bad = [p for p in peers if p not in PEERS]
-    if bad:
-        raise SubLLMError(f"--peers {text!r}: unknown {', '.join(bad)}; choose from "
-                          f"{', '.join(PEERS)}")
-    return list(dict.fromkeys(peers))
-
-
-def parse_chunk_variants(text: str) -> list[str]:
-    """'64,128' -> ['mst@64', 'mst@128']; '' -> []."""
-    if not str(text).strip():
-        return []
-    return [f"mst@{n}" for n in common.parse_ints(text, "--loss-chunk-tokens", minimum=1)]
-
-
-# ---- flags ---------------------------------------------------------------------------
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="preset name, path to a Hugging Face config.json, or "
                         "hf-llama:dim=256,layers=4,vocab=128256")
-    p.add_argument("--seq-lens", default="1024,2048,4096",
-                   help="comma-separated sequence lengths (default: 1024,2048,4096)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--modes", default=",".join(common.MODES),
-                   help=f"comma-separated subset of {','.join(common.MODES)}")
+    common.add_flags(p, seq_lens={"default": "1024,2048,4096"}, batch_size={}, modes={})
     p.add_argument("--memory-budget", default=None,
                    help="e.g. 8GB: also search the longest trainable sequence under it")
     p.add_argument("--memory-limit", default=None,
-                   help="e.g. 10GB: stop any case whose memory passes this and report it as "
-                        "over the limit (CPU: resident-set watchdog; GPU: per-process fraction)")
+                   help="e.g. 10GB: stop any case whose memory passes this, as over the limit "
+                        "(CPU: resident-set watchdog; GPU: per-process fraction)")
     p.add_argument("--max-search-len", type=int, default=131072,
                    help="upper end of the --memory-budget search (default 131072)")
-    common.add_device_arguments(p)
-    p.add_argument("--steps", type=int, default=2, help="timed steps per case (default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--case-timeout", type=float, default=3600.0,
-                   help="seconds before a case is abandoned (default 3600)")
+    common.add_flags(p, "device", "dtype", steps={"default": 2}, warmup={}, case_timeout={})
     p.add_argument("--peers", default="",
                    help=f"comma-separated other libraries' losses to compare: {','.join(PEERS)} "
                         "(Hugging Face models only)")
     p.add_argument("--loss-chunk-tokens", default="",
-                   help="comma-separated loss chunk sizes in tokens: also run MsT with each "
-                        "(rows mst@N), to compare with the default chunk rule")
+                   help="comma-separated loss chunk sizes in tokens: also MsT with each (mst@N)")
     p.add_argument("--allocator", choices=("release", "glibc"), default="release",
-                   help="CPU only: release (default) runs every case with "
-                        "MALLOC_MMAP_THRESHOLD_=131072 so that freed tensors leave the "
-                        "resident set; glibc keeps glibc's defaults")
+                   help="CPU: release (default: MALLOC_MMAP_THRESHOLD_=131072, freed tensors "
+                        "leave the resident set) or glibc's defaults")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every case this many times, alternating the order (default 1)")
     p.add_argument("--exact-len", type=int, default=2048,
-                   help="length of the exactness check against the unpatched model (default "
-                        "2048, at most the shortest --seq-lens; 0: no check)")
+                   help="tokens of the exactness check against the unpatched model (default "
+                        "2048, at most the shortest --seq-lens; 0: none)")
     common.add_out_argument(p, "mst")
 
 
-# ---- one case, in its own process ----------------------------------------------------
+# ---- the peers' losses ---------------------------------------------------------------
 
 
 def peer_unavailable(name: str, device: str, model_kind: str) -> str | None:
     """Why a peer cannot run, when that is known without importing anything; else None."""
     if model_kind == "preset":
-        return ("peers run on Hugging Face models (--model hf-llama:... or a config.json)")
-    if name in NOT_ON_REGISTRY:
-        return NOT_ON_REGISTRY[name]
+        return "peers run on Hugging Face models (--model hf-llama:... or a config.json)"
     if name == "liger" and device != "cuda":
         return ("Liger-Kernel's fused linear cross-entropy is a Triton kernel for CUDA GPUs; "
                 "it does not run on a CPU")
-    return None
+    return NOT_ON_REGISTRY.get(name)
 
 
 class PeerUnavailable(Exception):
@@ -162,12 +110,11 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
         raise PeerUnavailable(reason)
 
     def flat(hidden: Any, labels: Any) -> tuple[Any, Any]:
-        d = hidden.shape[-1]
-        return hidden[:, :-1].reshape(-1, d), labels[:, 1:].reshape(-1)
+        return hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
 
     if name == "native":
-        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn,
-                                                                 "LinearCrossEntropyOptions"):
+        if not (hasattr(F, "linear_cross_entropy")
+                and hasattr(torch.nn, "LinearCrossEntropyOptions")):
             raise PeerUnavailable(f"torch {torch.__version__} has no "
                                   "F.linear_cross_entropy (PyTorch >= 2.13)")
         options = torch.nn.LinearCrossEntropyOptions()
@@ -200,13 +147,15 @@ def peer_loss(name: str, device: str, dtype: str) -> Any:
     raise PeerUnavailable(f"unknown peer {name!r}")
 
 
+# ---- one case, in its own process ----------------------------------------------------
+
+
 def _step(model: Any, ids: Any, loss_fn: Any, device: str, dtype: str) -> Any:
     """One forward with labels + backward; returns the loss (detached)."""
     with common.autocast(device, dtype):
         if loss_fn is None:  # the model's own loss (standard, checkpointing, mst)
             loss = model(input_ids=ids, labels=ids).loss
-        else:  # a peer: the patched body, then the peer's LM head + cross-entropy
-            # no KV cache, as MsT's own forward in training (subllm.model.mst)
+        else:  # a peer: the patched body (no KV cache, as MsT trains), then the peer's loss
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state  # (B, L, d)
             loss = loss_fn(hidden, model.get_output_embeddings().weight, ids)
     loss.backward()
@@ -224,8 +173,8 @@ def _exact_step(model: Any, case: dict[str, Any], loss_fn: Any) -> Any:
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Build the model, then warm-up + timed forward/backward steps, then (with
-    `exact_file`) one step at the exactness length. Runs in the worker."""
+    """In the worker: build the model, run warm-up + timed steps, then (with `exact_file`)
+    one step at the exactness length."""
     import torch
 
     device, mode = case["device"], case["mode"]
@@ -262,8 +211,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     baseline = common.memory_now(device) if device == "cuda" else common.peak_rss_bytes()
     common.reset_peak(device)
 
-    # Not subllm.train.loop.train_step: this step has no optimizer (forward with labels +
-    # backward only), so that the modes differ in activations alone.
+    # not subllm.train.loop.train_step: no optimizer, so that the modes differ in activations
     def step() -> float:
         out = _step(model, ids, loss_fn, device, case["dtype"])
         model.zero_grad(set_to_none=True)
@@ -296,7 +244,8 @@ def _reference(model: Any, case: dict[str, Any]) -> dict[str, Any]:
 
 
 def _exactness(model: Any, case: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
-    """Loss and gradient errors of one step at the exactness length vs the reference."""
+    """Loss and gradient errors of one step at the exactness length vs the reference: the
+    relative error of the loss, the largest relative L2 error of a parameter's gradient."""
     import torch
     from safetensors.torch import load_file
 
@@ -326,39 +275,39 @@ def measure(case: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 # ---- outputs -------------------------------------------------------------------------
 
+COLUMNS = [
+    Col("mode", "mode", align="l"), Col("seq len", "seq_len"),
+    Col("time/step (s)", lambda c: c["time_per_step_s"] if c["ok"] else None, "{:.3f}"),
+    Col("peak mem (GiB)", "peak_mem_bytes", common.fmt_gib),
+    Col("after build (GiB)", "baseline_mem_bytes", common.fmt_gib),
+    Col("mem / standard", "vs_standard.memory", "{:.3f}"),
+    Col("time / standard", "vs_standard.time", "{:.3f}"),
+    Col("mem / mst", "vs_mst.memory", "{:.3f}"), Col("time / mst", "vs_mst.time", "{:.3f}"),
+    Col("loss err", "loss_rel_error", "{:.1e}"), Col("grad err", "grad_rel_error", "{:.1e}"),
+    Col("note", lambda c: c.get("note", "") if c["ok"] else c.get("error", "failed"), align="l"),
+]
+
 
 def render_markdown(report: dict[str, Any]) -> str:
     exact = report.get("exact_len")
-    rows = []
-    for c in report["cases"]:
-        r = report["ratios"].get(c["mode"], {}).get(str(c["seq_len"]), {})
-        q = report.get("ratios_vs_mst", {}).get(c["mode"], {}).get(str(c["seq_len"]), {})
-        rows.append([c["mode"], c["seq_len"],
-                     f"{c['time_per_step_s']:.3f}" if c["ok"] else "-",
-                     common.fmt_gib(c.get("peak_mem_bytes")),
-                     common.fmt_gib(c.get("baseline_mem_bytes")),
-                     *(f"{x[k]:.3f}" if k in x else "-"
-                       for x, k in ((r, "memory"), (r, "time"), (q, "memory"), (q, "time"))),
-                     *(f"{c[k]:.1e}" if c.get(k) is not None else "-"
-                       for k in ("loss_rel_error", "grad_rel_error")),
-                     c.get("note", "") if c["ok"] else c.get("error", "failed")])
+    rows = [{**c, **{f"vs_{base}": report.get(key, {}).get(c["mode"], {}).get(str(c["seq_len"]))
+                     for base, key in (("standard", "ratios"), ("mst", "ratios_vs_mst"))}}
+            for c in report["cases"]]
+    memory = ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
+              else "peak resident set of the case's process (VmHWM), "
+              + ("MALLOC_MMAP_THRESHOLD_=131072 (freed tensors handed back)"
+                 if report.get("allocator") == "release" else "glibc's default malloc"))
     lines = [
         f"# subllm bench mst — {report['model']}",
         "",
         common.machine_line(report) + f" Batch {report['batch_size']}, {report.get('rounds', 1)} "
-        "round(s). Peak memory: "
-        + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
-           else "peak resident set of the case's process (VmHWM), "
-           + ("MALLOC_MMAP_THRESHOLD_=131072 (freed tensors handed back)"
-              if report.get("allocator") == "release" else "glibc's default malloc"))
-        + "; ratios are against `standard` and against `mst` at the same length"
+        f"round(s). Peak memory: {memory}; ratios are against `standard` and against `mst` at "
+        "the same length"
         + (f"; errors: one step at {exact} tokens against the unpatched model (loss: relative "
            "error; grad: the largest relative L2 error over the parameters)." if exact
            else "."),
         "",
-        *common.table("mode | seq len | time/step (s) | peak mem (GiB) | after build (GiB) "
-                      "| mem / standard | time / standard | mem / mst | time / mst | loss err "
-                      "| grad err | note", "l" + "r" * 10 + "l", rows),
+        *common.columns(COLUMNS, rows),
     ]
     budget = report.get("budget")
     if budget:
@@ -434,16 +383,29 @@ def _budget_search(args: argparse.Namespace, base: dict[str, Any], modes: list[s
             "probes": probes}
 
 
+def _reference_run(args: argparse.Namespace, base: dict[str, Any], exact_len: int,
+                   tmp: str) -> dict[str, Any]:
+    """Run the reference case; the exactness fields every case then gets ({} if it failed)."""
+    ref_file = str(Path(tmp) / "reference.safetensors")
+    ref = measure({**base, "mode": "reference", "seq_len": exact_len, "exact_len": exact_len,
+                   "exact_file": ref_file}, args.case_timeout)
+    print(f"  reference L={exact_len:<7} " + (
+        f"loss {ref['loss']:.4f}" if ref["ok"] else f"failed: {ref['error']}"), flush=True)
+    return {"exact_len": exact_len, "exact_file": ref_file} if ref["ok"] else {}
+
+
 def run(args: argparse.Namespace) -> int:
     lengths = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
-    modes = common.parse_modes(args.modes)
-    peers = parse_peers(args.peers)
-    variants = parse_chunk_variants(args.loss_chunk_tokens)
-    budget = (parse_memory(args.memory_budget, "--memory-budget")
-              if args.memory_budget is not None else None)
-    limit = (parse_memory(args.memory_limit, "--memory-limit")
-             if args.memory_limit is not None else None)
-    common.require_positive(args, "batch_size", "steps", "max_search_len", "rounds", "case_timeout")
+    modes = common.parse_names(args.modes, "--modes", common.MODES)
+    peers = common.parse_names(args.peers, "--peers", PEERS, empty=True)
+    variants = ([f"mst@{n}" for n in common.parse_ints(args.loss_chunk_tokens,
+                                                         "--loss-chunk-tokens", minimum=1)]
+                if str(args.loss_chunk_tokens).strip() else [])
+    budget, limit = (None if text is None else parse_memory(text, flag) for text, flag in
+                     ((args.memory_budget, "--memory-budget"),
+                      (args.memory_limit, "--memory-limit")))
+    common.require_positive(args, "batch_size", "steps", "max_search_len", "rounds",
+                            "case_timeout")
     common.require_positive(args, "warmup", minimum=0)
     if args.exact_len < 0 or args.exact_len == 1:
         raise SubLLMError("--exact-len must be 0 (no check) or at least 2")
@@ -461,16 +423,7 @@ def run(args: argparse.Namespace) -> int:
     exact_len = min(args.exact_len, min(lengths))
     names = modes + variants + peers
     with tempfile.TemporaryDirectory(prefix="subllm-mst-exact-") as tmp:
-        exact: dict[str, Any] = {}
-        if exact_len:
-            ref_file = str(Path(tmp) / "reference.safetensors")
-            ref = measure({**base, "mode": "reference", "seq_len": exact_len,
-                           "exact_len": exact_len, "exact_file": ref_file}, args.case_timeout)
-            if ref["ok"]:
-                exact = {"exact_len": exact_len, "exact_file": ref_file}
-            print(f"  reference L={exact_len:<7} " + (
-                f"loss {ref['loss']:.4f}" if ref["ok"] else f"failed: {ref['error']}"),
-                flush=True)
+        exact = _reference_run(args, base, exact_len, tmp) if exact_len else {}
         unavailable: dict[tuple[str, int], dict[str, Any]] = {}
 
         def measure_case(key: tuple[str, int], _: int) -> dict[str, Any]:
@@ -491,19 +444,20 @@ def run(args: argparse.Namespace) -> int:
             return r
 
         runs = common.alternate([(mode, n) for n in lengths for mode in names], args.rounds,
-                         measure_case)
+                                measure_case)
     cases = [_merge(runs[(mode, n)]) for n in lengths for mode in names]
 
     report: dict[str, Any] = {**base, **common.report_head("mst", args.device),
                               "modes": modes, "variants": variants, "peers": peers,
-                              "seq_lens": lengths,
-                              "rounds": args.rounds, "exact_len": exact_len if exact else None,
-                              "cases": cases, "ratios": _ratios(cases),
+                              "seq_lens": lengths, "rounds": args.rounds,
+                              "exact_len": exact_len if exact else None, "cases": cases,
+                              "ratios": _ratios(cases),
                               "ratios_vs_checkpointing": _ratios(cases, "checkpointing"),
                               "ratios_vs_mst": _ratios(cases, "mst")}
     if budget is not None:
         report["budget"] = _budget_search(args, base, modes, budget)
-    common.write_outputs(out, "mst", report, render_markdown(report), render_plot, "mst_memory.png")
+    common.write_outputs(out, "mst", report, render_markdown(report), render_plot,
+                         "mst_memory.png")
     return 0
 
 

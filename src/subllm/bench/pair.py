@@ -1,26 +1,23 @@
 """`subllm bench train` and `subllm bench infer`: model A against model B, side by side.
 
-Both models live in one process and take turns step by step (A B, then B A, ...), so that
-whatever else the machine does hits both alike; every figure is the median over the
-timed steps and every ratio is B / A at the same length. Peak memory comes from one
-short extra run per (model, length) in a fresh subprocess (the case worker of
-bench/common.py): `torch.cuda.max_memory_allocated` on a GPU, the peak resident set on a CPU.
+Both models live in one process and take turns step by step (A B, then B A, ...); every
+figure is the median over the timed steps and every ratio is B / A. Peak memory: one short
+extra run per (model, length) in a fresh subprocess (`torch.cuda.max_memory_allocated` on a
+GPU, the peak resident set on a CPU).
 
-train   one optimizer step = forward with labels + backward + AdamW step, random tokens;
-        SUBLLM models in training mode with `set_step`. On a GPU also the model FLOPs
-        utilisation from `subllm.info.training_flops_per_token`.
-infer   prefill of the prompt, then greedy decoding with the KV cache: prefill time,
-        decode time per token, KV-cache bytes at the end, with the SUBLLM's eval-mode kept
-        fractions on the prompts. Under the default routing (rank rule with its budget
-        band) even a random-init SUBLLM keeps its keep ratios to within about 0.02, but
-        which tokens it keeps is noise, and under the paper's rule (`threshold: zero`) it
-        keeps about half, which flatters it; so B is either a trained run
-        (--checkpoint-b) or calibrated by a short training run (--calibrate-steps).
+train   one optimizer step (forward with labels, backward, AdamW) on random tokens; on a GPU
+        (or with --peak-tflops) also the MFU. Writes train.json, train.md, train_ratios.png.
+infer   prefill, then greedy decoding with the KV cache: prefill time, decode time per
+        token, KV-cache bytes, and B's kept fractions on the prompts and decoded tokens
+        (with a warning when one is off its keep ratio). B has random weights, is trained
+        briefly first (--calibrate-steps) or is a trained run (--checkpoint-b). Writes
+        infer.json, infer.md and infer_ratios.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from subllm.bench import common
-from subllm.bench.common import off_keep  # noqa: F401  (re-exported: tests import it here)
+from subllm.bench.common import Col, off_keep  # noqa: F401  (off_keep: tests import it here)
 from subllm.errors import SubLLMError
 from subllm.model.config import ModelConfig, Segment
 from subllm.planner import training_flops_per_token
@@ -44,22 +41,16 @@ OFF_KEEP_DECODE_WARNING = ("kept fractions of the decoded tokens off the keep ra
 # ---- shared by train and infer ------------------------------------------------------
 
 
-def _common_arguments(p: argparse.ArgumentParser, name: str, case_timeout: float) -> None:
+def _pair_arguments(p: argparse.ArgumentParser, name: str, case_timeout: float) -> None:
     p.add_argument("--pair", default=DEFAULT_PAIR,
                    help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR})")
-    common.add_device_arguments(p)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads here and in the memory subprocesses "
-                        "(default: torch's default)")
+    common.add_flags(p, "device", "dtype", "threads", "seed",
+                     case_timeout={"default": case_timeout})
     p.add_argument("--skip-memory", action="store_true",
                    help="do not run the peak-memory subprocesses")
-    p.add_argument("--case-timeout", type=float, default=case_timeout,
-                   help=f"seconds before a memory subprocess is abandoned (default "
-                        f"{case_timeout:.0f})")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"accelerator peak for the MFU (default {H100_BF16_TFLOPS:g}, H100 bf16 "
-                        "dense; MFU is reported on a GPU, or on a CPU when this is given)")
-    p.add_argument("--seed", type=int, default=0)
+                   help=f"peak TFLOP/s for the MFU (default {H100_BF16_TFLOPS:g}, H100 bf16 "
+                        "dense); on a CPU the MFU is reported only when this is given")
     common.add_out_argument(p, name)
 
 
@@ -75,7 +66,7 @@ def _check_common(args: argparse.Namespace) -> None:
 
 
 def measure_memory(case: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Run one memory case in a fresh interpreter; never raises."""
+    """Run one memory case (run_memory_case) in a fresh interpreter; never raises."""
     return common.run_worker("subllm.bench.pair", case, args.case_timeout,
                              common.worker_env(args.threads))
 
@@ -89,20 +80,14 @@ def _report(bench: str, args: argparse.Namespace, a: dict, b: dict, **fields: An
 
 
 def _header(report: dict[str, Any]) -> list[str]:
-    return [
-        f"# subllm bench {report['bench']} — A = {report['a']['spec']}, "
-        f"B = {report['b']['spec']}",
-        "",
-        common.machine_line(report),
-        f"Command: `{report['command']}`",
-        "",
-        "A and B alternate step by step in one process; times are medians of the timed steps; "
-        "ratios are B / A. Peak memory: "
-        + ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
-           else "peak resident set of a fresh subprocess per case (includes Python + torch, "
-                "about the same for both)") + ".",
-        "",
-    ]
+    memory = ("torch.cuda.max_memory_allocated" if report["device"] == "cuda"
+              else "peak resident set of a fresh subprocess per case (includes Python + torch, "
+                   "about the same for both)")
+    title = (f"subllm bench {report['bench']} — A = {report['a']['spec']}, "
+             f"B = {report['b']['spec']}")
+    return [*common.markdown_head(title, report),
+            "A and B alternate step by step in one process; times are medians of the timed "
+            f"steps; ratios are B / A. Peak memory: {memory}.", ""]
 
 
 def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
@@ -129,21 +114,16 @@ def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-lens", default="1024,2048",
-                   help="comma-separated sequence lengths (default 1024,2048)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    common.add_flags(p, "seq_lens", "batch_size", "steps", "warmup")
     p.add_argument("--mst", action="store_true", help="apply subllm.model.mst.apply_mst to both")
     p.add_argument("--checkpointing", action="store_true",
                    help="block-level activation checkpointing for both")
     p.add_argument("--compile", choices=("both", "b"), default=None,
-                   help="torch.compile the blocks of both models, or of B only (with "
-                        "--pair X,X: compiled / eager of one model, side by side)")
+                   help="torch.compile the blocks of both models, or of B only (--pair X,X: "
+                        "compiled vs eager)")
     p.add_argument("--schedule-step", type=int, default=0,
-                   help="set_step value of the first step (the balancer / bypass schedules; "
-                        "default 0)")
-    _common_arguments(p, "train", case_timeout=3600.0)
+                   help="set_step value of the first step (balancer / bypass schedules; default 0)")
+    _pair_arguments(p, "train", case_timeout=3600.0)
 
 
 def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool,
@@ -163,9 +143,9 @@ def run_train(args: argparse.Namespace) -> int:
     lengths = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
     specs = dict(zip("ab", common.parse_pair(args.pair), strict=True))
     _check_common(args)
-    if args.compile and args.warmup < 1:
-        raise SubLLMError("--compile needs --warmup >= 1 (the first step compiles)")
     if args.compile:
+        if args.warmup < 1:
+            raise SubLLMError("--compile needs --warmup >= 1 (the first step compiles)")
         from subllm.model.mst import check_compile_available
 
         check_compile_available(args.device)
@@ -209,10 +189,9 @@ def run_train(args: argparse.Namespace) -> int:
             if not args.skip_memory:
                 case[key]["memory"] = measure_memory(
                     {"kind": "train", "config": configs[key].to_dict(), "seq_len": n,
-                     "batch_size": args.batch_size, "device": device, "dtype": args.dtype,
-                     "mst": args.mst, "checkpointing": args.checkpointing,
-                     "compile": compiled[key], "first_step": args.schedule_step,
-                     "seed": args.seed}, args)
+                     **{k: getattr(args, k) for k in ("batch_size", "device", "dtype", "mst",
+                                                      "checkpointing", "seed")},
+                     "compile": compiled[key], "first_step": args.schedule_step}, args)
         a, b = case["a"], case["b"]
         r = case["ratios"] = {
             "time_per_step": common.ratio(b["time_per_step_s"], a["time_per_step_s"]),
@@ -239,29 +218,29 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_COLUMNS = [
+    Col("seq len", "seq_len"),
+    Col("A s/step", "a.time_per_step_s", "{:.3f}"), Col("B s/step", "b.time_per_step_s", "{:.3f}"),
+    Col("time B/A", "ratios.time_per_step", "**{:.3f}**"),
+    Col("paired B/A", "ratios.time_per_step_paired", "{:.3f}"),
+    Col("A tok/s", "a.tokens_per_s", "{:.0f}"), Col("B tok/s", "b.tokens_per_s", "{:.0f}"),
+    Col("A peak GiB", "a.memory.peak_mem_bytes", common.fmt_gib),
+    Col("B peak GiB", "b.memory.peak_mem_bytes", common.fmt_gib),
+    Col("mem B/A", "ratios.peak_mem", "{:.3f}"),
+]
+MFU_COLUMNS = [Col("A MFU", "a.mfu", "{:.1%}"), Col("B MFU", "b.mfu", "{:.1%}")]
+
+
 def render_train_markdown(report: dict[str, Any]) -> str:
-    mfu = report.get("peak_tflops") is not None
-    rows = []
-    for c in report["cases"]:
-        a, b, r = c["a"], c["b"], c["ratios"]
-        rows.append([c["seq_len"], f"{a['time_per_step_s']:.3f}", f"{b['time_per_step_s']:.3f}",
-                     f"**{common.fmt(r['time_per_step'])}**",
-                     common.fmt(r["time_per_step_paired"]), f"{a['tokens_per_s']:.0f}",
-                     f"{b['tokens_per_s']:.0f}",
-                     common.fmt_gib(a.get("memory", {}).get("peak_mem_bytes")),
-                     common.fmt_gib(b.get("memory", {}).get("peak_mem_bytes")),
-                     common.fmt(r["peak_mem"])]
-                    + ([f"{a['mfu']:.1%}", f"{b['mfu']:.1%}"] if mfu else []))
+    mfu = MFU_COLUMNS if report.get("peak_tflops") is not None else []
     lines = _header(report) + [
         f"Batch {report['batch_size']}, {report['steps']} timed steps after {report['warmup']} "
         f"warm-up; forward + backward + AdamW; mst={report['mst']}, "
         f"checkpointing={report['checkpointing']}, compile={report.get('compile')}; "
-        "random tokens. `time B/A` is the ratio of "
-        "the medians, `paired B/A` the median over the rounds of B / A within a round.",
+        "random tokens. `time B/A` is the ratio of the medians, `paired B/A` the median over "
+        "the rounds of B / A within a round.",
         "",
-        *common.table("seq len | A s/step | B s/step | time B/A | paired B/A | A tok/s "
-                      "| B tok/s | A peak GiB | B peak GiB | mem B/A"
-                      + (" | A MFU | B MFU" if mfu else ""), "r" * (12 if mfu else 10), rows),
+        *common.columns(TRAIN_COLUMNS + mfu, report["cases"]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -277,31 +256,27 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--decode-input", choices=("greedy", "text"), default="greedy",
                    help="tokens fed back while decoding: the greedy choice, or the prompt "
-                        "text's continuation (same cost per step; the kept fractions of the "
-                        "decoded tokens then follow the text rather than the model's own "
-                        "output, which a briefly calibrated model makes degenerate)")
+                        "text's continuation")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed prefills per model and case (default 3)")
     p.add_argument("--checkpoint-b", default=None, metavar="RUN_DIR",
                    help="B = this trained run (its newest checkpoint); A gets B's shape")
     p.add_argument("--calibrate-steps", type=int, default=300,
                    help="without --checkpoint-b: train a SUBLLM B this many AdamW steps first "
-                        "so that its kept fractions reach the keep ratios (0: use random "
-                        "weights; default 300)")
+                        "(0: random weights; default 300)")
     p.add_argument("--calibrate-seq-len", type=int, default=64)
     p.add_argument("--calibrate-batch-size", type=int, default=4)
     p.add_argument("--calibrate-lr", type=float, default=2e-3)
     p.add_argument("--calibrate-balancer-strength", type=float, default=None,
                    help="balancer_strength during calibration only (default: the model's)")
     p.add_argument("--calibrate-shift", action="store_true",
-                   help="shift each of B's scorers so that its eval kept fraction on each "
-                        "case's prompts equals its keep ratio (threshold rules only, for when "
-                        "the balancer did not get there; changes B's outputs, not its cost per "
-                        "kept token)")
+                   help="shift B's scores so that its kept fractions on each case's prompts "
+                        "are its keep ratios (calibrated / zero thresholds; the rank rule "
+                        "needs no shift and skips it)")
     p.add_argument("--data", default=None, metavar="DATA_DIR",
                    help="a prepared data dir (`subllm prepare`): calibration text and prompts; "
                         "without it, the bytes of the Python standard library")
-    _common_arguments(p, "infer", case_timeout=1800.0)
+    _pair_arguments(p, "infer", case_timeout=1800.0)
 
 
 def stdlib_byte_stream(vocab_size: int, max_bytes: int = 4_000_000) -> Any:
@@ -314,12 +289,9 @@ def stdlib_byte_stream(vocab_size: int, max_bytes: int = 4_000_000) -> Any:
 
     chunks, total = [], 0
     for path in default_corpus_files():
-        try:
-            raw = path.read_bytes()
-        except OSError:
-            continue
-        chunks.append(raw)
-        total += len(raw)
+        with contextlib.suppress(OSError):
+            chunks.append(path.read_bytes())
+            total += len(chunks[-1])
         if total >= max_bytes:
             break
     if total < 4096:
@@ -365,9 +337,8 @@ def _windows(stream: Any, batch: int, length: int, g: Any) -> Any:
 def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, batch: int,
               lr: float, device: str, seed: int, strength: float | None = None
               ) -> dict[str, Any]:
-    """Train `model` briefly (AdamW, warm-up + cosine, set_step each step) so that the
-    score balancer brings its kept fractions to the keep ratios; returns the record.
-    `strength`: the balancer strength meanwhile (ScoreBalancer reads it from the config)."""
+    """Train `model` briefly (AdamW, warm-up + cosine, set_step each step; balancer strength
+    `strength` meanwhile, when given); the record, with eval kept fractions at ten points."""
     import torch
 
     from subllm.train.loop import lr_at, train_step
@@ -380,7 +351,7 @@ def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, 
     history = []
     t0 = time.perf_counter()
     own_strength = model.config.balancer_strength
-    if strength is not None:
+    if strength is not None:  # ScoreBalancer reads it from the config
         model.config.balancer_strength = strength
     try:
         for step in range(steps):
@@ -407,45 +378,38 @@ def calibrate(model: Any, stream: Any, held_out: Any, steps: int, seq_len: int, 
 
 
 def shift_scores_to_keep(model: Any, probe: Any, iters: int = 40) -> list[dict[str, float]]:
-    """Move each subsampler's eval-mode kept fraction onto its keep ratio, outer segment
-    first: add a * u to the scorer's weight, u = mean input / |mean input|^2, so that every
-    score moves by about `a`, with `a` bisected on `probe`. This does the score balancer's
-    job after the fact (for timing only: weights, hence outputs, change)."""
+    """Under a threshold rule (calibrated or zero), move each subsampler's eval kept fraction
+    on `probe` onto its keep ratio, outer segment first: add a * u to the scorer's weight,
+    u = mean input / |mean input|^2 (every score moves by about a), a bisected."""
     import torch
 
     shifts = []
     model.eval()
     for j, sub in enumerate(model.subsamplers):
         seen: list[tuple[Any, Any]] = []
-
-        def grab(module: Any, args: tuple, seen: list = seen) -> None:
-            seen.append((args[0].detach(), args[1]))  # (x, valid)
-
-        handle = sub.register_forward_pre_hook(grab)
+        handle = sub.register_forward_pre_hook(
+            lambda module, args, seen=seen: seen.append((args[0].detach(), args[1])))
         with torch.no_grad():
             model(probe)
         handle.remove()
         if not seen:  # the segment got no tokens
             continue
         x, valid = seen[0]
-        x = x[valid] if valid is not None else x.flatten(0, 1)  # (tokens, d): real ones only
-        x = x.float()
+        x = (x[valid] if valid is not None else x.flatten(0, 1)).float()  # real tokens only
         w = sub.score.weight.detach()[0].float()  # (d,)
         u = x.mean(0)
         u = u / u.pow(2).sum().clamp_min(1e-12)
         s, t = x @ w, x @ u  # score = s + a * t (minus a calibrated cut-off)
         if sub.calibrated:
             s = s - float(sub.cutoff)
-        keep = sub.keep
 
         def frac(a: float, s: Any = s, t: Any = t) -> float:
             return float((s + a * t > 0).float().mean())
 
-        span = float(s.abs().max()) * 4 + 1.0
-        lo, hi = -span, span
+        lo, hi = -(float(s.abs().max()) * 4 + 1.0), float(s.abs().max()) * 4 + 1.0
         for _ in range(iters):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if frac(mid) < keep else (lo, mid)
+            lo, hi = (mid, hi) if frac(mid) < sub.keep else (lo, mid)
         a = (lo + hi) / 2
         with torch.no_grad():
             sub.score.weight[0] += (a * u).to(sub.score.weight.dtype)
@@ -455,9 +419,9 @@ def shift_scores_to_keep(model: Any, probe: Any, iters: int = 40) -> list[dict[s
 
 def time_infer_pair(models: dict[str, Any], prompts: Any, new_tokens: int, repeats: int,
                     device: str, dtype: str, forced: Any = None) -> dict[str, Any]:
-    """Prefill (median of `repeats`, alternating), then decoding with the models taking
-    turns token by token: greedy, or with `forced` (B, new_tokens) as the tokens fed back
-    (the text's continuation). Returns per-model times, KV bytes and kept counts."""
+    """Per model: prefill times (`repeats`, alternating), then decode times with the models
+    taking turns token by token (feeding back the greedy token, or `forced`), KV bytes and
+    kept counts."""
     import torch
 
     names = list(models)
@@ -588,34 +552,29 @@ def run_infer(args: argparse.Namespace) -> int:
 
     keeps = common.keep_ratios(config_b)
     shift = args.calibrate_shift and config_b.is_subllm
-    if shift and config_b.threshold == "rank":
-        # a rank does not move when every score does: nothing to calibrate
-        print("note: --calibrate-shift skipped: B keeps tokens by the rank rule (threshold: "
-              "rank), whose kept share no score shift changes; it applies to the calibrated "
-              "and zero thresholds", flush=True)
+    if shift and config_b.threshold == "rank":  # a rank does not move when every score does
+        print("note: --calibrate-shift skipped: B keeps tokens by the rank rule, which keeps "
+              "its keep ratios without it", flush=True)
         shift = False
     if shift:
         b_state += " + scores shifted onto the keep ratios on each case's prompts"
-        scorer_weights = [sub.score.weight.detach().clone() for sub in model_b.subsamplers]
+        scorers = [sub.score.weight.detach().clone() for sub in model_b.subsamplers]
     g = torch.Generator().manual_seed(args.seed)
     cases = []
     with tempfile.TemporaryDirectory(prefix="subllm-bench-infer-") as tmp:
         files = {"b": Path(tmp) / "b.pt", "prompts": Path(tmp) / "prompts.pt"}
         for plen in prompt_lens:
             for bs in batch_sizes:
-                if held_out is not None:
-                    text = _windows(held_out, bs, plen + args.new_tokens, g)
-                else:
-                    text = torch.randint(0, vocab, (bs, plen + args.new_tokens), generator=g)
-                text = text.to(device)
+                shape = (bs, plen + args.new_tokens)
+                text = (_windows(held_out, *shape, g) if held_out is not None
+                        else torch.randint(0, vocab, shape, generator=g)).to(device)
                 prompts = text[:, :plen]
                 forced = text[:, plen:-1] if args.decode_input == "text" else None
                 shifts = None
-                if shift:
-                    with torch.no_grad():
-                        for sub, w in zip(model_b.subsamplers, scorer_weights, strict=True):
+                if shift:  # from the calibrated weights, on this case's prompts
+                    with torch.no_grad(), common.autocast(device, args.dtype):
+                        for sub, w in zip(model_b.subsamplers, scorers, strict=True):
                             sub.score.weight.copy_(w)
-                    with common.autocast(device, args.dtype):
                         shifts = shift_scores_to_keep(model_b, prompts)
                 if not args.skip_memory and b_state != "random init":
                     torch.save(model_b.state_dict(), files["b"])
@@ -655,8 +614,8 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def _infer_memory(case: dict[str, Any], args: argparse.Namespace, configs: dict[str, Any],
                   files: dict[str, Path]) -> None:
-    """Each model's peak memory on the case's prompts (saved in files["prompts"]), in a
-    fresh interpreter; B with the weights in files["b"] when they were saved."""
+    """Each model's peak memory on the case's prompts (files["prompts"]), in a fresh
+    interpreter; B with the weights in files["b"] when they were saved."""
     for key, config in configs.items():
         weights = files["b"] if key == "b" and files["b"].is_file() else None
         case[key]["memory"] = measure_memory(
@@ -684,10 +643,9 @@ def segment_parents(config: Any) -> list[int | None]:
 
 def decode_at_keep(times: list[float], step_kept: list[list[float]], keeps: list[float],
                    parents: list[int | None]) -> float | None:
-    """Batch 1: B's expected decode time per token had its subsamplers kept exactly the keep
-    ratios. Each decode step took one path (which segments kept the token); weight the
-    median time of each path by its probability under the keep ratios. None when a path of
-    non-zero probability was never seen."""
+    """B's decode time per token had it kept exactly its keep ratios (batch 1): the median
+    time of each path a token took (which segments kept it) weighted by the path's
+    probability under the keep ratios; None when a likely path was never seen."""
     by_path: dict[tuple[bool, ...], list[float]] = {}
     for t, kept in zip(times, step_kept, strict=True):
         by_path.setdefault(tuple(k > 0 for k in kept), []).append(t)
@@ -716,12 +674,10 @@ def _infer_case(plen: int, bs: int, res: dict[str, Any], keeps: list[float],
         r = res[key]
         case[key] = {
             "prefill_times_s": r["prefill_s"], "prefill_s": median(r["prefill_s"]),
-            "decode_times_s": r["decode_s"],
-            "decode_per_token_s": median(r["decode_s"]),
+            "decode_times_s": r["decode_s"], "decode_per_token_s": median(r["decode_s"]),
             "decode_mean_per_token_s": fmean(r["decode_s"]),
-            "kv_bytes": r["kv_bytes"], "prompt_kv_bytes": r["prompt_kv_bytes"],
-            "prompt_kept_fractions": r["prompt_kept_fractions"],
-            "decode_kept_fractions": r["decode_kept_fractions"],
+            **{k: r[k] for k in ("kv_bytes", "prompt_kv_bytes", "prompt_kept_fractions",
+                                 "decode_kept_fractions")},
         }
     a, b = case["a"], case["b"]
     case["ratios"] = {
@@ -763,22 +719,27 @@ def _print_infer_case(c: dict[str, Any]) -> None:
           + "".join("\n    <-- " + w.upper() for w in c["warnings"]), flush=True)
 
 
+INFER_COLUMNS = [
+    Col("prompt", "prompt_len"), Col("batch", "batch_size"),
+    Col("A prefill s", "a.prefill_s", "{:.3f}"), Col("B prefill s", "b.prefill_s", "{:.3f}"),
+    Col("prefill B/A", "ratios.prefill", "{:.3f}"),
+    Col("A ms/token", lambda c: 1e3 * c["a"]["decode_per_token_s"], "{:.2f}"),
+    Col("B ms/token", lambda c: 1e3 * c["b"]["decode_per_token_s"], "{:.2f}"),
+    Col("decode B/A", "ratios.decode_per_token", "**{:.3f}**"),
+    Col("paired", "ratios.decode_paired", "{:.3f}"),
+    Col("mean", "ratios.decode_mean_per_token", "{:.3f}"),
+    Col("at keep", "ratios.decode_at_keep", "{:.3f}"),
+    Col("KV B/A", "ratios.kv_bytes", "{:.3f}"), Col("mem B/A", "ratios.peak_mem", "{:.3f}"),
+    Col("B kept (prompt)", "b.prompt_kept_fractions", common.slashed, "l"),
+    Col("B kept (decode)", "b.decode_kept_fractions", common.slashed, "l"),
+]
+
+
 def render_infer_markdown(report: dict[str, Any]) -> str:
-    cal, fmt, slashed = report.get("calibration"), common.fmt, common.slashed
+    cal, slashed = report.get("calibration"), common.slashed
     lines = _header(report)
     for w in report["warnings"]:
         lines += [f"**WARNING: {w}** (tolerance {report['kept_tolerance']}).", ""]
-    rows = []
-    for c in report["cases"]:
-        a, b, r = c["a"], c["b"], c["ratios"]
-        rows.append([c["prompt_len"], c["batch_size"], f"{a['prefill_s']:.3f}",
-                     f"{b['prefill_s']:.3f}", fmt(r["prefill"]),
-                     f"{1e3 * a['decode_per_token_s']:.2f}",
-                     f"{1e3 * b['decode_per_token_s']:.2f}",
-                     f"**{fmt(r['decode_per_token'])}**", fmt(r["decode_paired"]),
-                     fmt(r["decode_mean_per_token"]), fmt(r["decode_at_keep"]),
-                     fmt(r["kv_bytes"]), fmt(r["peak_mem"]),
-                     slashed(b["prompt_kept_fractions"]), slashed(b["decode_kept_fractions"])])
     lines += [
         f"B: {report['b']['state']}"
         + (f", {cal['steps']} calibration steps (seq {cal['seq_len']} x batch "
@@ -793,12 +754,9 @@ def render_infer_markdown(report: dict[str, Any]) -> str:
         "SUBLLM's per-token time is bimodal: a token its subsampler drops skips the segment), "
         "`at keep` = B's median time of each path a decoded token can take (which segments "
         "kept it) weighted by that path's probability under the keep ratios, over A's median "
-        "(batch 1). "
-        "Keep ratios " + slashed(report["keep_ratios"], "g") + ".",
+        "(batch 1). Keep ratios " + slashed(report["keep_ratios"], "g") + ".",
         "",
-        *common.table("prompt | batch | A prefill s | B prefill s | prefill B/A | A ms/token "
-                      "| B ms/token | decode B/A | paired | mean | at keep | KV B/A | mem B/A "
-                      "| B kept (prompt) | B kept (decode)", "r" * 13 + "ll", rows),
+        *common.columns(INFER_COLUMNS, report["cases"]),
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,24 +1,15 @@
 """`subllm bench quality`: model A and model B trained alike, validation loss at equal tokens.
 
-Both models are trained by `subllm.train.train` (the same recipe as `subllm train`) on one
+Both models are trained by `subllm.train.train` (the recipe of `subllm train`) on one
 prepared data directory with the same settings: token budget, sequence length, batch size,
-seed (so the same training batches in the same order, and the same validation batches),
-AdamW and learning-rate schedule. Each model gets its own run directory, `OUT/runs/A` and
-`OUT/runs/B`, with the usual metrics.jsonl, TensorBoard events and checkpoints.
-
-The two trainings are interleaved so that whatever else the machine does hits both alike:
-training is cut at the evaluation points; at each point A trains up to it (`stop_at`),
-evaluates and saves, then B does the same (then B first, then A, ...), each segment
-continuing from the previous one with `resume` (which is exact: the losses are those of an
-uninterrupted run). Validation loss is therefore measured at the same token counts on the
-same validation batches for both.
-
-Time: `train_s` is the sum of the step times the training loop measures (batch loading,
-forward, backward, clipping and the optimizer step; metrics.jsonl logs every step), so it
-excludes evaluation, checkpointing and building the model at each segment. `wall_s` is
-the wall time of all of a model's segments, those included; the median step time is
-reported beside them, as it is less sensitive to other load on a shared machine. Ratios are
-B / A.
+seed (so the same training and validation batches in the same order), AdamW and
+learning-rate schedule; each in its own run directory, OUT/runs/A and OUT/runs/B. The
+trainings are interleaved at the evaluation points (A up to the point, then B, then B
+first, ...; an exact resume each time), so validation loss is measured at the same token
+counts on the same batches for both. `train_s` is the sum of the training loop's step
+times (no evaluation, checkpoints or model building); `wall_s` includes them; the median
+step time is given too. Ratios are B / A. Writes quality.json, quality.md and
+quality_curves.png; with --seeds N, one such folder per seed and quality_seeds.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -33,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from subllm.bench import common
+from subllm.bench.common import Col
 from subllm.errors import SubLLMError
 from subllm.flags import non_negative_float, non_negative_int, positive_float, positive_int
 from subllm.model.config import PRESETS, ModelConfig
@@ -49,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the vocabulary follows the data")
     p.add_argument("--data", default=str(DEFAULT_DATA_DIR), metavar="DATA_DIR",
                    help=f"prepared data directory (default {DEFAULT_DATA_DIR}, prepared from the "
-                        "Python standard library on first use, as `subllm train` does)")
+                        "Python standard library on first use)")
     p.add_argument("--tokens", type=positive_int, required=True, metavar="N",
                    help="training tokens per model (rounded down to whole steps)")
     p.add_argument("--seq-len", type=positive_int, default=256, metavar="N")
@@ -69,18 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     when.add_argument("--eval-every-tokens", type=positive_int, default=None, metavar="N",
                       help="validate every N training tokens (and at the end)")
     p.add_argument("--eval-batches", type=positive_int, default=20, metavar="N",
-                   help="validation batches of --batch-size x --seq-len tokens (default 20; "
-                        "fewer when val.bin is shorter)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+                   help="validation batches of --batch-size x --seq-len tokens (default 20)")
+    common.add_flags(p, seed={"help": "seed of the weights and the data order (default 0)"})
     p.add_argument("--seeds", type=positive_int, default=1, metavar="N",
-                   help="repeat the comparison with seeds SEED, SEED+1, ... (each in "
-                   "OUT/seed-S/) and summarise the mean and spread over them in "
-                   "OUT/quality_seeds.{json,md,png} (default 1: one run in OUT)")
+                   help="repeat with seeds SEED, SEED+1, ... (in OUT/seed-S/) and summarise "
+                        "them (default 1: one run in OUT)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: torch's default)")
+    common.add_flags(p, threads={"type": positive_int, "help": "torch CPU threads (default: "
+                                                              "torch's)"})
     common.add_out_argument(p, "quality", "; runs go to OUT/runs/A, B")
 
 
@@ -88,11 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_settings(spec: str, seq_len: int) -> tuple[str, dict[str, Any], Any]:
-    """A preset or config file as (TrainConfig.preset, TrainConfig.model, ModelConfig).
-
-    A file becomes a full override of a preset's fields; its vocab_size is dropped so that
-    both models get the data's vocabulary. The context is raised to --seq-len if needed.
-    """
+    """A preset or config file as (TrainConfig.preset, TrainConfig.model, ModelConfig): a
+    file becomes a full override of a preset's fields, without its vocab_size (both models
+    get the data's); the context is raised to --seq-len if needed."""
     config = ModelConfig.load(spec)  # ConfigError (a SubLLMError) naming the problem
     if spec in PRESETS:
         preset, overrides = spec, {}
@@ -114,8 +102,8 @@ def eval_steps(steps: int, tokens_per_step: int, evals: int | None,
                 f"--eval-every-tokens {every_tokens} is less than one step ({tokens_per_step} "
                 "tokens = batch size x sequence length); raise it"
             )
-        every = every_tokens // tokens_per_step
-        points = list(range(every, steps + 1, every))
+        points = list(range(every_tokens // tokens_per_step, steps + 1,
+                            every_tokens // tokens_per_step))
     else:
         n = 10 if evals is None else evals
         points = [round(i * steps / n) for i in range(1, n + 1)]
@@ -123,8 +111,8 @@ def eval_steps(steps: int, tokens_per_step: int, evals: int | None,
 
 
 def _plan(args: argparse.Namespace) -> dict[str, Any]:
-    """The training settings both models get, the flags' defaults filled in (min_lr: lr / 10,
-    warmup: 10 % of the steps); `--seeds` reuses a seed's report only if these match."""
+    """The training settings both models get, with the flags' defaults filled in; `--seeds`
+    reuses a seed's report only if these match."""
     tokens_per_step = args.batch_size * args.seq_len
     steps = args.tokens // tokens_per_step
     if steps < 1:
@@ -165,12 +153,12 @@ def run(args: argparse.Namespace) -> int:
         if done is not None:  # a stopped study, or seeds run side by side, pick up here
             print(f"bench quality: seed {seed} already measured with these settings in "
                   f"{one.out}; reusing it", flush=True)
-            reports.append(done)
-            continue
-        code = _run_one(one)
-        if code:
-            return code
-        reports.append(json.loads((out / f"seed-{seed}" / "quality.json").read_text()))
+        else:
+            code = _run_one(one)
+            if code:
+                return code
+            done = json.loads((Path(one.out) / "quality.json").read_text())
+        reports.append(done)
     summary = seeds_summary(reports)
     print(seeds_line(summary))
     common.write_outputs(out, "quality_seeds", summary, render_seeds_markdown(summary), plot_seeds)
@@ -178,10 +166,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _finished_seed(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The report in `args.out` when one seed's comparison there is complete and was run
-    with the settings `args` asks for (so `--seeds N` can reuse seeds measured by an
-    earlier or a parallel `--seed S --out OUT/seed-S`); None when there is none. A report
-    with other settings is an error, not silently mixed in."""
+    """The complete report in `args.out` when it was measured with the settings `args`
+    asks for (an earlier or parallel `--seed S --out OUT/seed-S`), None when there is none;
+    one with other settings is an error, not silently mixed in."""
     path = Path(args.out) / "quality.json"
     if not path.is_file():
         return None
@@ -202,14 +189,15 @@ def _finished_seed(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _run_one(args: argparse.Namespace) -> int:
+    """One comparison (one seed) into args.out; returns the exit code."""
     import torch
 
     from subllm.train import checkpoint as ckpt
     from subllm.train.loop import train
     from subllm.train.runtime import Dist, autocast_dtype, pick_device
 
-    spec_a, spec_b = common.parse_pair(args.pair, DEFAULT_PAIR)
-    models = {"a": model_settings(spec_a, args.seq_len), "b": model_settings(spec_b, args.seq_len)}
+    specs = common.parse_pair(args.pair, DEFAULT_PAIR)
+    models = {k: model_settings(spec, args.seq_len) for k, spec in zip("ab", specs, strict=True)}
     settings = _plan(args)
     steps, stops = settings["steps"], settings["eval_steps"]
     tokens_per_step = args.batch_size * args.seq_len
@@ -238,8 +226,7 @@ def _run_one(args: argparse.Namespace) -> int:
             eval_batches=args.eval_batches, save_every=0, keep_checkpoints=1, log_every=1,
             seed=args.seed, device=args.device, dtype=args.dtype, resume=resume)
 
-    # every check that can fail before anything trains
-    configs = {}
+    configs = {}  # every check that can fail before anything trains
     for key in models:
         cfg = train_config(key)
         check_config(cfg)
@@ -252,7 +239,7 @@ def _run_one(args: argparse.Namespace) -> int:
         raise SubLLMError(f"cannot create --out {out} ({e.strerror}); choose a writable "
                           "folder") from None
 
-    print(f"bench quality: A = {spec_a}, B = {spec_b}; {steps} steps of {args.batch_size} x "
+    print(f"bench quality: A = {specs[0]}, B = {specs[1]}; {steps} steps of {args.batch_size} x "
           f"{args.seq_len} = {steps * tokens_per_step:,} tokens each, validation after steps "
           f"{', '.join(map(str, stops))}; runs in {out / 'runs'}", flush=True)
     wall: dict[str, list[float]] = {"a": [], "b": []}
@@ -395,22 +382,38 @@ def _kept(fractions: list[float]) -> str:
 
 def summary_line(r: dict[str, Any]) -> str:
     a, b, q, t = r["final"]["a"], r["final"]["b"], r["ratios"], r["target"]
-    verdict = "MET" if t["met"] else "MISSED"
     return (f"val loss A {a['val_loss']:.4f}, B {b['val_loss']:.4f} (B/A {q['val_loss']:.4f}); "
             f"train time A {a['train_s']:.1f} s, B {b['train_s']:.1f} s (B/A "
             f"{q['train_time']:.3f}); B eval kept {_kept(b['eval_kept_fractions'])}; "
-            f"target (loss within {t['loss_tolerance']:.0%}, less time): {verdict}")
+            f"target (loss within {t['loss_tolerance']:.0%}, less time): "
+            + ("MET" if t["met"] else "MISSED"))
+
+
+MODEL_COLUMNS = [
+    Col("model", lambda m: f"{m['name']} {m['spec']}", align="l"),
+    Col("structure", "structure", "`{}`", "l"),
+    Col("parameters", "parameters", "{:,}"), Col("val loss", "val_loss", "{:.4f}"),
+    Col("perplexity", "val_perplexity", "{:.2f}"),
+    Col("train s", "train_s", "{:.1f}"), Col("wall s", "wall_s", "{:.1f}"),
+    Col("median step s", "median_step_s", "{:.3f}"),
+    Col("tokens/s", "tokens_per_s", "{:,.0f}"),
+    Col("eval kept", lambda m: _kept(m["eval_kept_fractions"]) + (
+        f" (keep {common.slashed(m['keep'], 'g')})" if m["keep"] else ""), align="l"),
+]
+POINT_COLUMNS = [
+    Col("tokens", "a.tokens", "{:,}"),
+    Col("A val loss", "a.val_loss", "{:.4f}"), Col("B val loss", "b.val_loss", "{:.4f}"),
+    Col("B/A", "ratio", "{:.4f}"),
+    Col("A ppl", "a.val_perplexity", "{:.2f}"), Col("B ppl", "b.val_perplexity", "{:.2f}"),
+    Col("A train s", "a.train_s", "{:.1f}"), Col("B train s", "b.train_s", "{:.1f}"),
+]
 
 
 def render_markdown(r: dict[str, Any]) -> str:
-    s, a, b = r["settings"], r["final"]["a"], r["final"]["b"]
-    q, t, eq = r["ratios"], r["target"], r["equal_time"]
+    s, q, t, eq = r["settings"], r["ratios"], r["target"], r["equal_time"]
     lines = [
-        f"# subllm bench quality — A = {r['a']['spec']}, B = {r['b']['spec']}",
-        "",
-        common.machine_line(r),
-        f"Command: `{r['command']}`",
-        "",
+        *common.markdown_head(f"subllm bench quality — A = {r['a']['spec']}, "
+                              f"B = {r['b']['spec']}", r),
         f"Data: {s['data']} ({s['data_train_tokens']:,} train / {s['data_val_tokens']:,} val "
         f"tokens, vocab {s['vocab_size']}). Each model: {s['steps']} steps of "
         f"{s['batch_size']} x {s['seq_len']} = {s['tokens']:,} tokens ({s['epochs']:.2f} "
@@ -425,22 +428,11 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     for w in r["warnings"]:
         lines += [f"**WARNING: {w}.**", ""]
-    models = []
-    for k, f in (("a", a), ("b", b)):
-        keep = f" (keep {common.slashed(r[k]['keep'], 'g')})" if r[k]["keep"] else ""
-        models.append([f"{RUN_NAMES[k]} {r[k]['spec']}", f"`{r[k]['structure']}`",
-                       f"{r[k]['parameters']:,}", f"{f['val_loss']:.4f}",
-                       f"{f['val_perplexity']:.2f}", f"{f['train_s']:.1f}", f"{f['wall_s']:.1f}",
-                       f"{f['median_step_s']:.3f}", f"{f['tokens_per_s']:,.0f}",
-                       _kept(f["eval_kept_fractions"]) + keep])
-    points = [[f"{pa['tokens']:,}", f"{pa['val_loss']:.4f}", f"{pb['val_loss']:.4f}",
-               f"{per_point:.4f}", f"{pa['val_perplexity']:.2f}", f"{pb['val_perplexity']:.2f}",
-               f"{pa['train_s']:.1f}", f"{pb['train_s']:.1f}"]
-              for pa, pb, per_point in zip(r["curves"]["a"], r["curves"]["b"],
-                                           q["val_loss_per_point"], strict=True)]
+    models = [{**r[k], **r["final"][k], "name": name} for k, name in RUN_NAMES.items()]
+    points = [{"a": pa, "b": pb, "ratio": x} for pa, pb, x in
+              zip(r["curves"]["a"], r["curves"]["b"], q["val_loss_per_point"], strict=True)]
     lines += [
-        *common.table("model | structure | parameters | val loss | perplexity | train s "
-                      "| wall s | median step s | tokens/s | eval kept", "llrrrrrrrl", models),
+        *common.columns(MODEL_COLUMNS, models),
         "",
         f"**B/A: val loss {q['val_loss']:.4f}, perplexity {q['val_perplexity']:.4f}, training "
         f"time {q['train_time']:.3f} (wall {q['wall_time']:.3f}, median step "
@@ -455,8 +447,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"({q['val_loss'] - 1:+.2%}), time {'met' if t['less_time'] else 'missed'} "
         f"({q['train_time'] - 1:+.1%}): **{'MET' if t['met'] else 'MISSED'}**.",
         "",
-        *common.table("tokens | A val loss | B val loss | B/A | A ppl | B ppl | A train s "
-                      "| B train s", "r" * 8, points),
+        *common.columns(POINT_COLUMNS, points),
     ]
     return "\n".join(lines) + "\n"
 
@@ -490,13 +481,6 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
 # ---- --seeds: the comparison repeated ------------------------------------------------
 
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
 def seeds_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread over the seeds' reports of the final validation loss, training time
     and their B / A ratios."""
@@ -509,9 +493,12 @@ def seeds_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
                  "train_time_ratio": r["ratios"]["train_time"],
                  "b_eval_kept_fractions": r["final"]["b"]["eval_kept_fractions"]}
                 for r in reports]
-    keys = ("a_val_loss", "b_val_loss", "a_train_s", "b_train_s", "val_loss_ratio",
-            "train_time_ratio")
-    stats = {k: _spread([row[k] for row in per_seed]) for k in keys}
+    stats = {}
+    for k in list(per_seed[0])[1:-1]:  # the figures, not the seed and the kept fractions
+        values = [row[k] for row in per_seed]
+        stats[k] = {"mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values)}
     tol = first["target"]["loss_tolerance"]
     return {"bench": "quality_seeds", "machine": first["machine"], "command": first["command"],
             "a": first["a"], "b": first["b"], "settings": first["settings"],
@@ -529,12 +516,18 @@ def seeds_line(r: dict[str, Any]) -> str:
             f"{'yes' if r['within_tolerance'] else 'no'}")
 
 
+SEED_COLUMNS = [
+    Col("seed", "seed"),
+    Col("A val loss", "a_val_loss", "{:.4f}"), Col("B val loss", "b_val_loss", "{:.4f}"),
+    Col("B/A loss", "val_loss_ratio", "{:.4f}"),
+    Col("A train s", "a_train_s", "{:.1f}"), Col("B train s", "b_train_s", "{:.1f}"),
+    Col("B/A time", "train_time_ratio", "{:.3f}"),
+    Col("B eval kept", "b_eval_kept_fractions", _kept, "l"),
+]
+
+
 def render_seeds_markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
-    seeds = [[row["seed"], f"{row['a_val_loss']:.4f}", f"{row['b_val_loss']:.4f}",
-              f"{row['val_loss_ratio']:.4f}", f"{row['a_train_s']:.1f}",
-              f"{row['b_train_s']:.1f}", f"{row['train_time_ratio']:.3f}",
-              _kept(row["b_eval_kept_fractions"])] for row in r["seeds"]]
     stats = [[k, *(f"{v[x]:.4f}" for x in ("mean", "std", "min", "max"))]
              for k, v in r["stats"].items()]
     lines = [f"# subllm bench quality over {len(r['seeds'])} seeds — A = {r['a']['spec']}, "
@@ -542,8 +535,7 @@ def render_seeds_markdown(r: dict[str, Any]) -> str:
              common.machine_line(r),
              f"Each seed: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} = "
              f"{s['tokens']:,} tokens per model (details in seed-S/quality.md).", "",
-             *common.table("seed | A val loss | B val loss | B/A loss | A train s "
-                           "| B train s | B/A time | B eval kept", "rrrrrrrl", seeds), "",
+             *common.columns(SEED_COLUMNS, r["seeds"]), "",
              *common.table("| mean | std | min | max", "lrrrr", stats), "",
              seeds_line(r) + "."]
     return "\n".join(lines) + "\n"

@@ -1,11 +1,10 @@
 """`subllm bench startup`: how long a fresh process takes to start, import and fail.
 
-Every case runs in a new Python process (`sys.executable`), `--repeats` times, the cases
-interleaved so that machine load affects them alike; the report gives the median and the
-minimum wall time of each. The cases: an empty interpreter (the floor), `import torch`
-and `import transformers` (what the CLI avoids), `import subllm`, `subllm --help`, and
-one-line errors of several verbs (a bad flag value, a missing file, an unknown preset).
-A CLI that imports torch for these pays its 2-3 s on a small CPU every time.
+Every case runs in a new Python process, `--repeats` times, the cases interleaved; the
+report gives the median and the minimum wall time of each: an empty interpreter (the
+floor), `import torch` and `import transformers` (what the CLI avoids), `import subllm`,
+`subllm --help`, and one-line errors of several verbs; with --baseline, also with another
+checkout's package, and the ratios. Writes startup.json, startup.md and startup.png.
 """
 
 from __future__ import annotations
@@ -47,6 +46,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str], int]]:
 
 
 def time_once(argv: list[str], expected: int, pythonpath: str | None = None) -> float:
+    """Seconds one run of argv took; raise unless it exited with `expected`."""
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath is not None else {})}
     t0 = time.perf_counter()
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="runs of each case, interleaved (default 5)")
     p.add_argument("--baseline", metavar="SRC_DIR",
-                   help="also time every case with another checkout's package (its src/ "
-                   "directory put first on PYTHONPATH), interleaved, and report the ratios")
+                   help="also time every case with the package in SRC_DIR (another checkout's "
+                        "src/), interleaved, and report the ratios")
     common.add_out_argument(p, "startup")
 
 
