@@ -50,8 +50,6 @@ TINY = dict(vocab_size=64, dim=32, n_layers=3, n_heads=2, ffn_dim=64, structure=
     ("norm_eps", -1e-5, "a finite number > 0"),
     ("init_std", math.nan, "a finite number > 0"),
     ("threshold_decay", 1.0, "in [0, 1)"),
-    ("rank_quota_every", 0, "a positive integer"),
-    ("weight_leak", -0.1, "in [0, 1]"),
 ])
 def test_an_out_of_range_model_value_is_one_line_naming_field_value_and_range(field, value,
                                                                                valid):
@@ -85,8 +83,8 @@ def test_numbers_checked_are_most_of_the_config():
 
 def test_the_edges_of_every_range_and_every_preset_are_accepted():
     ModelConfig(**TINY, balancer_prob_start=0.0, balancer_prob_end=1, bypass_limit_prob=0,
-                balancer_strength=0.0, balancer_margin=0.0, weight_leak=1.0, rank_quota_rate=0,
-                rank_band=None, threshold_decay=0.0, bypass_init=1.0, bypass_min_start=1.0,
+                balancer_strength=0.0, balancer_margin=0.0, rank_band=None,
+                threshold_decay=0.0, bypass_init=1.0, bypass_min_start=1.0,
                 bypass_min_end=1.0, balancer_prob_steps=1, bypass_min_steps=1, head_dim=16,
                 sliding_window=None, balancer_rms_min=5.0, balancer_rms_max=5.0)
     for name in PRESETS:

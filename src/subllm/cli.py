@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import types
+import warnings
 
 from subllm import interrupt
 
@@ -155,7 +156,7 @@ def _untraced(frame: types.FrameType, event: str, arg: object) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    from subllm.errors import SubLLMError, os_error_in, os_error_line
+    from subllm.errors import SubLLMError, SubLLMWarning, os_error_in, os_error_line
 
     # transformers' own progress bars ("Writing model shards", "Loading weights") would
     # bury our one-line messages; the CLI prints its own progress
@@ -170,6 +171,14 @@ def _main(argv: list[str]) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    plain = warnings.formatwarning
+
+    def one_line(message, category, *rest, **kw) -> str:  # ours: one line, no source line
+        if issubclass(category, SubLLMWarning):
+            return f"subllm {args.verb}: warning: {message}\n"
+        return plain(message, category, *rest, **kw)
+
+    warnings.formatwarning = one_line
     try:
         with _VerbInterrupts():
             return int(args.func(args) or 0)
@@ -190,6 +199,8 @@ def _main(argv: list[str]) -> int:
               f"({str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})",
               file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":

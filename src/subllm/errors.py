@@ -9,9 +9,9 @@ import errno
 import os
 import re
 
-from subllm.model.errors import ConfigError, SubLLMError
+from subllm.model.errors import ConfigError, SubLLMError, SubLLMWarning
 
-__all__ = ["ConfigError", "SubLLMError", "os_error_in", "os_error_line"]
+__all__ = ["ConfigError", "SubLLMError", "SubLLMWarning", "os_error_in", "os_error_line"]
 
 _OS_HINTS = {
     errno.ENOSPC: "free some space or write elsewhere",

@@ -34,9 +34,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, prepare_corpus, tiny_settings
     """A small corpus prepared once, and the tiny config."""
     root = tmp_path_factory.mktemp("pipeline")
     prepare_corpus(root, 40, lines=40)  # 40 docs of 40 lines of 12 words, seed 0, vocab 300
-    # the rank rule's quota controller every 3 steps: resuming at step 4 crosses updates
-    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(
-        root / "data", model={"rank_quota_every": 3})))
+    (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(root / "data")))
     return root
 
 
@@ -127,32 +125,6 @@ def test_resume_is_exact(work: Path, straight: Path) -> None:
     a = load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
     b = load_file(str(ckpt.latest_checkpoint(straight) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    shifts = [float(a[k]) for k in a if k.endswith("quota_shift")]
-    assert len(shifts) == 2 and any(x != 0 for x in shifts)  # the controller ran, and resumed
-
-
-def test_the_quota_controller_is_logged(straight: Path) -> None:
-    """Every training record carries each subsampler's quota shift, and the record of a
-    step with an update the share inference kept on that training micro-batch; each update
-    moves the shift by rate * (keep - share), and the last shifts are the checkpoint's
-    buffers."""
-    from subllm.train import checkpoint as ckpt
-
-    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    train_rows = {r["step"]: r for r in rows if "train_loss" in r}
-    assert sorted(train_rows) == list(range(1, 9))
-    model = ckpt.load_model(ckpt.resolve_checkpoint(straight))
-    keep = [sub.keep for sub in model.subsamplers]
-    rate = model.config.rank_quota_rate
-    shift = [0.0, 0.0]
-    for step, r in train_rows.items():
-        if step % 3 == 0:  # an update after this step (rank_quota_every 3)
-            shift = [s + rate * (k - f) for s, k, f in
-                     zip(shift, keep, r["quota_kept_fractions"], strict=True)]
-        assert ("quota_kept_fractions" in r) == (step % 3 == 0), step
-        assert r["quota_shifts"] == pytest.approx(shift, abs=1e-6), step
-    assert train_rows[8]["quota_shifts"] == [float(s.quota_shift) for s in model.subsamplers]
-    assert any(s != 0 for s in shift)
 
 
 KILL_DURING_SAVE = """

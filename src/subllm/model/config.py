@@ -6,12 +6,13 @@ import dataclasses
 import difflib
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SubLLMWarning
 
 # --------------------------------------------------------------------------------------
 # Structure strings: "T" is a block, "(" a subsampling module, ")" upsampling + bypass.
@@ -152,11 +153,36 @@ VALUE_RANGES: dict[str, tuple[str, bool]] = {
     "balancer_prob_steps": ("[1, inf)", True), "balancer_strength": ("[0, inf)", False),
     "balancer_margin": ("[0, 1]", False),  # half-width of a band of kept fractions
     "balancer_rms_min": ("(0, inf)", False), "balancer_rms_max": ("(0, inf)", False),
-    "threshold_decay": ("[0, 1)", False), "rank_quota_rate": ("[0, 1]", False),
-    "rank_quota_every": ("[1, inf)", True), "rank_band": ("[0, 1]", False),
-    "weight_leak": ("[0, 1]", False),
+    "threshold_decay": ("[0, 1)", False), "rank_band": ("[0, 1]", False),
 }
 OPTIONAL_VALUES = ("head_dim", "sliding_window", "rank_band")  # null: none
+# Fields of older versions, removed because measurement showed they no longer paid for
+# themselves (design.md §3.8): a saved config that has them still loads; they are dropped
+# with one line of warning (`drop_retired`).
+RETIRED = {
+    "rank_quota_rate": "the quota controller: the budget band (rank_band) bounds the kept "
+                       "share",
+    "rank_quota_every": "the quota controller: the budget band (rank_band) bounds the kept "
+                        "share",
+    "weight_leak": "the leaky clamp: it bought nothing with the rank rule",
+}
+
+
+def drop_retired(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` without the retired fields, warning once (one line) about those it had."""
+    old = [k for k in RETIRED if k in d]
+    if not old:
+        return d
+    why = "; ".join(dict.fromkeys(RETIRED[k] for k in old))
+    message = (f"ignoring model setting{'s' * (len(old) > 1)} {', '.join(old)} of an older "
+               f"subllm, no longer used ({why}; docs/design.md §3.8)")
+    if message not in _WARNED:  # a model is read in several places: say it once
+        _WARNED.add(message)
+        warnings.warn(message, SubLLMWarning, stacklevel=3)
+    return {k: v for k, v in d.items() if k not in RETIRED}
+
+
+_WARNED: set[str] = set()
 
 
 def check_value(name: str, v: Any, interval: str, integer: bool = False,
@@ -260,22 +286,11 @@ class ModelConfig:
     # score > 0 (models converted from the authors' release use it).
     threshold: str = "rank"
     threshold_decay: float = 0.99  # of the cut-off's running mean (about 100 steps)
-    # The rank rule's quota controller (design.md §3.8): every `rank_quota_every` optimizer
-    # steps `subllm train` runs inference's selection on the step's last micro-batch and
-    # moves each subsampler's quota shift by this rate times (keep - the share it kept), so
-    # inference keeps `keep` where the plain rule is biased (a nested level's rows are
-    # what the causal rule above kept). 0: the plain rank rule.
-    rank_quota_rate: float = 0.3
-    rank_quota_every: int = 10
     # The rank rule's budget band (design.md §3.8): inference keeps the rank rule's choice
     # while a row's kept count stays within (keep +- rank_band) x the tokens so far, and is
     # overruled (a token kept, or dropped) where it would leave that band, so every row keeps
     # keep +- rank_band (+ one token) of its tokens on any text. None: the plain rank rule.
     rank_band: float | None = 0.02
-    # Share of the gradient the upsampling weight clamp(score, 0, 1) passes below 0 in
-    # training (0: the paper's plain clamp, under which dropped tokens' scores pile up at
-    # the cut-off and make any threshold keep an unpredictable fraction; design.md §3.8).
-    weight_leak: float = 0.0
 
     def __post_init__(self) -> None:
         if self.structure is None and isinstance(self.n_layers, int):
@@ -435,6 +450,7 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"a model config must be a mapping of keys to values, got {d!r}")
+        d = drop_retired(d)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in names:

@@ -1,4 +1,5 @@
-"""The one exception type for mistakes a user can make (bad config, file, flag)."""
+"""The one exception type for mistakes a user can make (bad config, file, flag), and the
+warning type for what still works but is worth a line."""
 
 
 class SubLLMError(ValueError):
@@ -10,3 +11,8 @@ class SubLLMError(ValueError):
 
 class ConfigError(SubLLMError):
     """An invalid model or training configuration."""
+
+
+class SubLLMWarning(UserWarning):
+    """Something works but the user should know (a retired setting ignored): the CLI prints
+    it as one line, `subllm VERB: warning: ...`."""

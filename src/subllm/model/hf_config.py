@@ -15,7 +15,12 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from .config import SAVED_WITHOUT_RANK_BAND, SAVED_WITHOUT_THRESHOLD, ModelConfig
+from .config import (
+    SAVED_WITHOUT_RANK_BAND,
+    SAVED_WITHOUT_THRESHOLD,
+    ModelConfig,
+    drop_retired,
+)
 
 # SubLLMConfig field -> ModelConfig field, where the names differ.
 HF_TO_OURS = {
@@ -38,7 +43,7 @@ SAME_NAME = (
     "bypass_init", "bypass_min_start", "bypass_min_end", "bypass_min_steps", "bypass_limit_prob",
     "balancer_prob_start", "balancer_prob_end", "balancer_prob_steps", "balancer_strength",
     "balancer_margin", "balancer_rms_min", "balancer_rms_max", "balancer", "threshold",
-    "threshold_decay", "rank_quota_rate", "rank_quota_every", "rank_band", "weight_leak",
+    "threshold_decay", "rank_band",
     "rope_positions",
     "qkv_bias", "o_bias", "qk_norm", "sliding_window", "hf_family",
 )
@@ -89,10 +94,7 @@ class SubLLMConfig(PretrainedConfig):
     balancer: str = _default("balancer")
     threshold: str = _default("threshold")
     threshold_decay: float = _default("threshold_decay")
-    rank_quota_rate: float = _default("rank_quota_rate")
-    rank_quota_every: int = _default("rank_quota_every")
     rank_band: float | None = _default("rank_band")
-    weight_leak: float = _default("weight_leak")
     rope_positions: str = _default("rope_positions")
     rope_scaling_params: dict | None = None
     qkv_bias: bool = _default("qkv_bias")
@@ -123,6 +125,7 @@ class SubLLMConfig(PretrainedConfig):
             config_dict = {**config_dict, "threshold": SAVED_WITHOUT_THRESHOLD}
         if "rank_band" not in config_dict and "rank_band" not in kwargs:  # exported before it
             config_dict = {**config_dict, "rank_band": SAVED_WITHOUT_RANK_BAND}
+        config_dict = drop_retired(config_dict)
         return super().from_dict(config_dict, **kwargs)
 
     def model_config_kwargs(self) -> dict:

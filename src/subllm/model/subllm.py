@@ -196,32 +196,6 @@ class SubLLM(nn.Module):
                 sub.apply_pending()
         self.step = int(step)
 
-    # ---- the rank rule's quota controller (design.md §3.8) -----------------------------
-    def quota_due(self, step: int) -> bool:
-        """Whether `subllm train` updates the quota shifts after optimizer step `step`."""
-        return (step % self.config.rank_quota_every == 0
-                and any(sub.quota_rate > 0 for sub in self.subsamplers))
-
-    @torch.no_grad()
-    def quota_counts(self, input_ids: Tensor) -> Tensor:
-        """(n_subsamplers, 2) float64: the tokens kept and the tokens entering at each
-        subsampler when inference's selection runs on `input_ids` (eval mode: no training
-        randomness is drawn; the mode is restored)."""
-        was = self.training
-        self.eval()
-        try:
-            out = self(input_ids)
-        finally:
-            self.train(was)
-        return torch.stack([torch.stack([k.sum(), e.sum()]).double()
-                            for k, e in zip(out.kept, out.entered, strict=True)])
-
-    def update_quotas(self, counts: Tensor) -> None:
-        """Feed `quota_counts` (summed over the ranks of a distributed run) to every
-        subsampler's controller."""
-        for sub, (kept, entered) in zip(self.subsamplers, counts, strict=True):
-            sub.update_quota(kept, entered)
-
     def new_cache(self) -> KVCache:
         return KVCache.empty(self.config.n_layers, len(self.subsamplers) + 1)
 

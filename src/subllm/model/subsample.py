@@ -210,9 +210,10 @@ class Selection:
 
 
 # the calibrated cut-off's running mean and the batch cut-offs recorded since its last
-# update; the rank rule's quota shift (all zero in a state dict from before them: exactly
-# the rule it was trained with)
-CUTOFF_BUFFERS = ("cutoff", "cutoff_updates", "pending_sum", "pending_count", "quota_shift")
+# update (all zero in a state dict from before them: exactly the rule it was trained with)
+CUTOFF_BUFFERS = ("cutoff", "cutoff_updates", "pending_sum", "pending_count")
+# buffers of retired mechanisms (config.RETIRED), dropped when an old state dict loads
+RETIRED_BUFFERS = ("quota_shift",)
 
 
 def _keep_count(keep: float, n: Tensor) -> Tensor:
@@ -226,7 +227,7 @@ def keep_count(keep: float, n: int) -> int:
     return math.ceil(round(n * keep, 6))
 
 
-def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float | Tensor,
+def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
                      past: Tensor | None = None, past_valid: Tensor | None = None) -> Tensor:
     """The rank rule (design.md §3.8): keep token t of a row iff fewer than
     round(keep * n_t) of the row's real tokens before t score higher, n_t counting those
@@ -236,9 +237,7 @@ def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float | Tensor,
     token-by-token decoding agree.
 
     s: (B, L) scores; valid: (B, L) bool or None (all real); past / past_valid: (B, P) the
-    row's earlier scores and their validity (KV-cached decoding). keep: a float, or a 0-dim
-    float64 tensor (the keep ratio plus a subsampler's quota shift: no host sync). Returns
-    (B, L) bool.
+    row's earlier scores and their validity (KV-cached decoding). Returns (B, L) bool.
     """
     v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
     n = v.long().cumsum(1)  # (B, L) real tokens up to and including t
@@ -359,10 +358,8 @@ class Subsampler(nn.Module):
         self.keep = keep
         self.calibrated = config.threshold in ("calibrated", "rank")
         self.ranked = config.threshold == "rank"
-        self.quota_rate = getattr(config, "rank_quota_rate", 0.0) if self.ranked else 0.0
         self.band = getattr(config, "rank_band", None) if self.ranked else None
         self.decay = config.threshold_decay
-        self.leak = config.weight_leak
         self.score = nn.Linear(config.dim, 1, bias=False)
         self.balancer = ScoreBalancer(keep, config)
         for name in CUTOFF_BUFFERS:
@@ -375,6 +372,8 @@ class Subsampler(nn.Module):
         # checkpoints from before the calibrated threshold: cut-off 0 is exactly the old rule
         for name in CUTOFF_BUFFERS:
             state_dict.setdefault(prefix + name, torch.zeros(()))
+        for name in RETIRED_BUFFERS:
+            state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def train(self, mode: bool = True) -> Subsampler:
@@ -399,27 +398,6 @@ class Subsampler(nn.Module):
         self.pending_sum.zero_()
         self.pending_count.zero_()
 
-    @torch.no_grad()
-    def update_quota(self, kept: Tensor, entered: Tensor) -> None:
-        """One step of the rank rule's quota controller (design.md §3.8): `kept` of
-        `entered` tokens were kept by inference's selection on training text; move the
-        quota shift by rate * (keep - kept / entered). Integral control: the shift settles
-        where inference keeps `keep`."""
-        if self.quota_rate == 0:
-            return
-        share = kept.double() / entered.double().clamp(min=1)
-        move = torch.where(entered > 0, self.quota_rate * (self.keep - share),
-                           torch.zeros_like(share))
-        self.quota_shift.add_(move.to(self.quota_shift.dtype))
-        self.quota_shift.clamp_(-self.keep, 1.0 - self.keep)
-
-    def effective_keep(self) -> Tensor | float:
-        """The share the rank rule's quota is computed from: keep plus the quota shift, in
-        float64 (a bf16 model's 0.64 would otherwise round to 0.6406)."""
-        if self.quota_rate == 0:  # the plain rank rule (a shift a run left is not used)
-            return self.keep
-        return self.quota_shift.double() + self.keep
-
     def forward(self, x: Tensor, valid: Tensor | None, step: int = 0,
                 past: tuple[Tensor, Tensor | None, Tensor | None] | None = None
                 ) -> Selection:
@@ -443,7 +421,7 @@ class Subsampler(nn.Module):
         kept = None
         if self.ranked:
             scores, past_valid, past_kept = past or (None, None, None)
-            kept = causal_rank_keep(s, valid, self.effective_keep(), scores, past_valid)
+            kept = causal_rank_keep(s, valid, self.keep, scores, past_valid)
             if self.band is not None:
                 kept = keep_within_band(kept, valid, self.keep, self.band, past_kept,
                                         past_valid)
@@ -482,11 +460,6 @@ class Subsampler(nn.Module):
             s = s.masked_fill(~valid, float("-inf"))  # padding sorts last, clamps to 0
         s_sorted, order = s.sort(dim=1, descending=True)
         c = s_sorted.clamp(0.0, 1.0)
-        if self.leak > 0 and c.requires_grad:
-            # forward unchanged; below 0 the clamp passes `leak` of the gradient, so scores
-            # pushed down keep moving instead of piling up at 0 (design.md §3.8)
-            below = (s_sorted < 0).to(s_sorted.dtype)
-            c = c + self.leak * below * (s_sorted - s_sorted.detach()).nan_to_num(0.0)
         if valid is None:  # every row keeps the same count, known on the host: no sync
             K = keep_count(self.keep, L)
             k = torch.full((B,), K, dtype=torch.long, device=s.device)

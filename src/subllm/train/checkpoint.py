@@ -59,7 +59,12 @@ from safetensors.torch import load_file, save_file
 
 from subllm.errors import SubLLMError, os_error_in, os_error_line
 from subllm.interop.tokenizer import model_token_ids
-from subllm.model.config import SAVED_WITHOUT_RANK_BAND, SAVED_WITHOUT_THRESHOLD, ModelConfig
+from subllm.model.config import (
+    RETIRED,
+    SAVED_WITHOUT_RANK_BAND,
+    SAVED_WITHOUT_THRESHOLD,
+    ModelConfig,
+)
 from subllm.model.subllm import SubLLM
 from subllm.train.parallel import gate, say, sharded
 
@@ -575,6 +580,8 @@ def run_config(cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     for per_call in ("resume", "stop_at", "init_from", "skip_damaged"):
         d.pop(per_call, None)
+    if isinstance(d["model"], dict):  # an older run's retired settings are not carried on
+        d["model"] = {k: v for k, v in d["model"].items() if k not in RETIRED}
     # stored resolved, so eval and --resume work from any working directory
     d["data"] = str(Path(cfg.data).resolve())
     d["out"] = str(Path(cfg.out).resolve())

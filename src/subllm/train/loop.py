@@ -49,7 +49,7 @@ from subllm.interop.tokenizer import same_vocab
 from subllm.model.config import ModelConfig
 from subllm.model.mst import apply_mst, compile_blocks
 from subllm.model.subllm import SubLLM, assign_full
-from subllm.model.subsample import CUTOFF_BUFFERS
+from subllm.model.subsample import CUTOFF_BUFFERS, RETIRED_BUFFERS
 from subllm.train import checkpoint as ckpt
 from subllm.train import parallel
 
@@ -161,9 +161,6 @@ class TrainState:
     saving: Any = None  # a sharded checkpoint written in the background (ckpt._ShardedSave)
     async_group: Any = None  # the process group of background saves
     last_eval: dict[str, Any] | None = None
-    # the quota controller's last measurement (n_subsamplers, 2): inference's kept and
-    # entering tokens on a training micro-batch, summed over the ranks (until logged)
-    quota_counts: Tensor | None = None
     log: RunLog | None = None  # rank 0 only
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
 
@@ -459,13 +456,15 @@ def _load_weights(model: SubLLM, weights: Mapping[str, Tensor], cfg: TrainConfig
     """Fill every parameter and buffer from `weights`, one full tensor read at a time, each
     rank keeping its own shard (`assign_full`). Weights saved by an older subllm, before
     the subsamplers' cut-off buffers existed, get them as `SubLLM.load_state_dict` does:
-    zeros (cut-off 0 is exactly the rule such a model was trained and decided with)."""
+    zeros (cut-off 0 is exactly the rule such a model was trained and decided with); the
+    buffers of retired mechanisms are left out, as there."""
     where = f"--init-from {cfg.init_from}" if cfg.init_from else "the checkpoint"
     targets = model.state_dict(keep_vars=True)  # tied weights under both names
     added = {k for k in targets if k not in weights and k.startswith("subsamplers.")
              and k.rsplit(".", 1)[-1] in CUTOFF_BUFFERS}
     missing = [k for k in targets if k not in weights and k not in added]
-    unexpected = [k for k in weights if k not in targets]
+    unexpected = [k for k in weights if k not in targets and not (
+        k.startswith("subsamplers.") and k.rsplit(".", 1)[-1] in RETIRED_BUFFERS)]
     if missing or unexpected:
         what = (f"missing {', '.join(missing[:3])}" if missing else
                 f"unexpected {', '.join(unexpected[:3])}")
@@ -680,9 +679,6 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                                     amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
                                     no_sync=no_sync, frozen=frozen)
                 _sync_cutoffs(state.raw_model, dd)
-                if state.raw_model.quota_due(state.step + 1):
-                    state.phase = "the rank-quota update"
-                    _update_quotas(state, micro[-1], dd)
                 state.step += 1
                 pending.add(state.step, lr, result)
                 bar.update(1)
@@ -753,14 +749,8 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
     n = len(steps)
     last = steps[-1][2]
     kept_sums = [t.sum() for t in last.kept] + [t.sum() for t in last.entered]
-    # the quota controller's shifts and its last unlogged measurement ride the same sync
-    subs = state.raw_model.subsamplers if state.config.is_subllm else []
-    shifts = [sub.quota_shift for sub in subs] if any(s.quota_rate > 0 for s in subs) else []
-    counts = [] if state.quota_counts is None else list(state.quota_counts.flatten())
-    state.quota_counts = None
     values = read_sums([r.loss for _, _, r in steps], dd, state.device,
-                       local=[r.grad_norm for _, _, r in steps] + kept_sums + shifts + counts)
-    values, extra = values[:2 * n + len(kept_sums)], values[2 * n + len(kept_sums):]
+                       local=[r.grad_norm for _, _, r in steps] + kept_sums)
     losses = [v / dd.world_size for v in values[:n]]
     norms = values[n : 2 * n]
     for (step, _, _), loss, norm in zip(steps, losses, norms, strict=True):
@@ -776,12 +766,6 @@ def _read(pending: _Pending, state: TrainState, dd: Dist) -> dict[str, Any] | No
               "memory_gib": peak_memory_gib(state.device)}
     if kept:
         record["kept_fractions"] = kept
-    if shifts:  # where the quota controller has moved
-        record["quota_shifts"] = extra[:len(shifts)]
-    if counts:  # what it saw at its last update (kept, entered per subsampler), logged once
-        seen = extra[len(shifts):]
-        record["quota_kept_fractions"] = [k / max(e, 1.0) for k, e in zip(seen[::2], seen[1::2],
-                                                                          strict=True)]
     return record
 
 
@@ -797,18 +781,6 @@ def _sync_cutoffs(model: SubLLM, dd: Dist) -> None:
     for i, sub in enumerate(subs):
         sub.pending_sum.copy_(t[2 * i])
         sub.pending_count.copy_(t[2 * i + 1])
-
-
-def _update_quotas(state: TrainState, batch: Tensor, dd: Dist) -> None:
-    """The rank rule's quota controller (design.md §3.8): inference's kept counts on the
-    step's last micro-batch (every rank's, summed) move each subsampler's quota shift."""
-    model = state.raw_model
-    with autocast(state.device, state.amp):
-        counts = model.quota_counts(batch.to(state.device, non_blocking=True))
-    if dd.enabled:
-        dist.all_reduce(counts)
-    model.update_quotas(counts)
-    state.quota_counts = counts
 
 
 def _check_finite(loss: float, grad_norm: float, step: int, last_saved: Path | None) -> None:

@@ -242,8 +242,7 @@ def plot_loss(run_dir: Path) -> Path | None:
 def plot_routing(run_dir: Path, keep_per_depth: list[float], depths: list[int],
                  band: float | None = None) -> Path | None:
     """routing.png: each subsampling module's kept fraction against the step, in training
-    (top-k: the keep ratio by construction, a check; inference's selection on a training
-    batch, as the quota controller last measured it), in evaluation with inference's
+    (top-k: the keep ratio by construction, a check), in evaluation with inference's
     selection and with training's, the keep ratio it should match and, shaded, `band`:
     keep +- the rank rule's budget band (`rank_band`), the share inference is held in."""
     import matplotlib
@@ -253,15 +252,12 @@ def plot_routing(run_dir: Path, keep_per_depth: list[float], depths: list[int],
 
     records = read_metrics(run_dir / "metrics.jsonl")
     series = {key: [(r["step"], r[key]) for r in records if key in r]
-              for key in ("kept_fractions", "quota_kept_fractions", "val_kept_fractions",
-                          "val_top_k_kept_fractions")}
+              for key in ("kept_fractions", "val_kept_fractions", "val_top_k_kept_fractions")}
     if not series["val_kept_fractions"]:
         return None
     n = len(depths)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False, sharey=True)
     styles = {"kept_fractions": ("training batches (top-k)", "-", 1.0),
-              "quota_kept_fractions": ("training batch, inference selection (quota "
-                                       "controller)", ".", 0.8),
               "val_kept_fractions": ("validation, inference selection", "o-", 1.6),
               "val_top_k_kept_fractions": ("validation, training selection", "x--", 1.0)}
     for j, ax in enumerate(axes[0]):
