@@ -12,7 +12,7 @@ loss gap. Writes routing_study.json and routing_study.md into --out.
 with one mechanism changed (`VARIANTS`), and the table adds the mean step time.
 
     python examples/routing_study.py --setups toy,tiny --lrs 3e-3 --seeds 0,1 \
-        --variants full,no-quota,no-cutoff,leak,paper,bare
+        --variants full,no-cutoff,paper
 """
 
 from __future__ import annotations
@@ -35,17 +35,15 @@ SETUPS = {  # the routing issue's setups
     "small": {"preset": "subllm-small", "seq-len": 256, "batch-size": 8},
 }
 KEEP = {"toy": 0.6, "tiny": 0.64, "small": 0.64}
-# The routing ablation: model-config overrides per variant; "no_cutoff" is not a config field
-# but runs the training with the rank rule's calibrated cut-off switched off (the scores,
-# and so the upsampling weights, unshifted), see `_worker`.
+# The routing ablation (design.md §3.8): model-config overrides per variant; "no_cutoff" is
+# not a config field but runs the training with the calibrated cut-off switched off (the
+# scores, and so the upsampling weights, unshifted), see `_worker`. The published ablation
+# ran at commit af17813, which also had the variants no-quota ({"rank_quota_rate": 0}),
+# leak ({"weight_leak": 0.1}) and bare (no-quota and no-cutoff), since retired.
 VARIANTS = {
     "full": {},
-    "no-quota": {"rank_quota_rate": 0.0},
     "no-cutoff": {"no_cutoff": True},
-    "leak": {"weight_leak": 0.1},
     "paper": {"balancer": "paper"},
-    "bare": {"rank_quota_rate": 0.0, "no_cutoff": True},
-    "bare-paper": {"rank_quota_rate": 0.0, "no_cutoff": True, "balancer": "paper"},
 }
 
 

@@ -239,14 +239,18 @@ def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
     s: (B, L) scores; valid: (B, L) bool or None (all real); past / past_valid: (B, P) the
     row's earlier scores and their validity (KV-cached decoding). Returns (B, L) bool.
     """
+    L = s.shape[1]
     v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
     n = v.long().cumsum(1)  # (B, L) real tokens up to and including t
     above = _earlier_above(s.masked_fill(~v, float("-inf")), s)
     if past is not None and past.shape[1] > 0:
         pv = torch.ones_like(past, dtype=torch.bool) if past_valid is None else past_valid
         n = n + pv.sum(1, keepdim=True)
-        ordered = past.to(s.dtype).masked_fill(~pv, float("-inf")).sort(dim=1).values
-        above += past.shape[1] - torch.searchsorted(ordered, s.contiguous(), right=True)
+        if L <= 16:  # decoding: comparing with each cached score is cheaper than sorting them
+            above += ((past[:, None, :] > s[:, :, None]) & pv[:, None, :]).sum(-1)
+        else:
+            ordered = past.to(s.dtype).masked_fill(~pv, float("-inf")).sort(dim=1).values
+            above += past.shape[1] - torch.searchsorted(ordered, s.contiguous(), right=True)
     quota = torch.floor(n.double() * keep + 0.5).long()  # round(keep * n_t), halves up
     return (above < quota) & v
 
