@@ -298,17 +298,17 @@ def test_eval_and_generate_read_old_runs_and_exports(
 @pytest.mark.parametrize("source", ["hf", "run"])
 def test_an_old_models_retired_settings_are_one_line_of_warning(
         source: str, tmp_path: Path, fixtures_before: dict[str, str]) -> None:
-    """c9dc9fa saved the quota controller's settings (rank_quota_rate / _every), retired
-    since: eval reads the model all the same, and says so in one line, once."""
+    """c9dc9fa saved the quota controller's and the leaky clamp's settings, retired since:
+    eval reads the model all the same, and says so in one line, once."""
     r = cli("eval", "--checkpoint", str(FIXTURES / "c9dc9fa" / source), "--data",
             str(FIXTURES / "data"), "--json", "--device", "cpu", "--batches", "1",
             "--seq-len", "32", "--batch-size", "2", cwd=tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     said = [ln for ln in r.stderr.splitlines() if "warning" in ln]
-    assert said == ["subllm eval: warning: ignoring model settings rank_quota_rate, "
-                    "rank_quota_every of an older subllm, no longer used (the quota "
-                    "controller: the budget band (rank_band) bounds the kept share; "
-                    "docs/design.md §3.8)"], r.stderr
+    assert said == ["subllm eval: warning: ignoring rank_quota_rate, rank_quota_every, "
+                    "weight_leak: settings of an older subllm for the quota controller and "
+                    "the leaky clamp, retired because they no longer paid for themselves "
+                    "(docs/design.md §3.8)"], r.stderr
     assert json.loads(r.stdout)["val_loss"] > 0
     _check_fixtures_unchanged(fixtures_before)
 
@@ -320,7 +320,7 @@ def test_a_retired_setting_is_dropped_with_a_warning_and_a_new_one_is_still_refu
 
     monkeypatch.setattr(config, "_WARNED", set())  # said once per process: not yet here
     d = {**ModelConfig.preset("subllm-tiny").to_dict(), "rank_quota_rate": 0.3}
-    with pytest.warns(SubLLMWarning, match="rank_quota_rate of an older subllm"):
+    with pytest.warns(SubLLMWarning, match="ignoring rank_quota_rate: settings of an older"):
         assert ModelConfig.from_dict(d) == ModelConfig.preset("subllm-tiny")
     with pytest.raises(ConfigError, match="unknown model config key 'rank_quota_rte'"):
         ModelConfig.from_dict({**ModelConfig.preset("subllm-tiny").to_dict(), "rank_quota_rte": 0})

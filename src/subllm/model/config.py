@@ -159,13 +159,8 @@ OPTIONAL_VALUES = ("head_dim", "sliding_window", "rank_band")  # null: none
 # Fields of older versions, removed because measurement showed they no longer paid for
 # themselves (design.md §3.8): a saved config that has them still loads; they are dropped
 # with one line of warning (`drop_retired`).
-RETIRED = {
-    "rank_quota_rate": "the quota controller: the budget band (rank_band) bounds the kept "
-                       "share",
-    "rank_quota_every": "the quota controller: the budget band (rank_band) bounds the kept "
-                        "share",
-    "weight_leak": "the leaky clamp: it bought nothing with the rank rule",
-}
+RETIRED = {"rank_quota_rate": "the quota controller", "rank_quota_every": "the quota controller",
+           "weight_leak": "the leaky clamp"}
 
 
 def drop_retired(d: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +168,9 @@ def drop_retired(d: dict[str, Any]) -> dict[str, Any]:
     old = [k for k in RETIRED if k in d]
     if not old:
         return d
-    why = "; ".join(dict.fromkeys(RETIRED[k] for k in old))
-    message = (f"ignoring model setting{'s' * (len(old) > 1)} {', '.join(old)} of an older "
-               f"subllm, no longer used ({why}; docs/design.md §3.8)")
+    what = " and ".join(dict.fromkeys(RETIRED[k] for k in old))
+    message = (f"ignoring {', '.join(old)}: settings of an older subllm for {what}, retired "
+               "because they no longer paid for themselves (docs/design.md §3.8)")
     if message not in _WARNED:  # a model is read in several places: say it once
         _WARNED.add(message)
         warnings.warn(message, SubLLMWarning, stacklevel=3)
