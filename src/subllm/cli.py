@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize a corpus for training"),
     "train": ("train", "train a SUBLLM or LLaMA model (no arguments: the built-in demo)"),
     "generate": ("generate", "stream text from a trained checkpoint"),
+    "serve": ("serve", "an OpenAI-compatible server for a checkpoint, batching requests"),
     "eval": ("eval", "validation loss and perplexity of a checkpoint"),
     "export": ("export", "write a checkpoint as a Hugging Face model directory"),
     "convert": ("convert", "turn a Llama or a SUBLLM-release checkpoint into a Hugging Face "

@@ -130,12 +130,20 @@ def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: st
                   ctx: int, token_ids: dict[str, Any] | None = None
                   ) -> tuple[Any, list[int], list[int]]:
     """(tokenizer, the ids generation stops at, the prompt's ids) for `checkpoint`, as
-    transformers' AutoTokenizer + generate() see them for a Hugging Face directory (subllm
-    export / convert): the prompt encoded with the tokenizer's post-processor (a Llama-3's
-    BOS first), stopping at any id of the model's eos_token_id list. A `subllm train`
-    checkpoint's tokenizer.json encodes with its own post-processor and stops at its
-    end-of-text token, and at the eos ids of the model it was initialised from (`token_ids`,
-    which the run recorded at `--init-from`)."""
+    `model_text` and `encode_prompt` give them."""
+    tokenizer, stop = model_text(checkpoint, tokenizer_path, token_ids)
+    return tokenizer, stop, encode_prompt(tokenizer, prompt, stop, ctx)
+
+
+def model_text(checkpoint: str | Path, tokenizer_path: str | Path,
+               token_ids: dict[str, Any] | None = None) -> tuple[Any, list[int]]:
+    """(tokenizer, the ids generation stops at) of `checkpoint`, as transformers'
+    AutoTokenizer + generate() see them for a Hugging Face directory (subllm export /
+    convert): its tokenizer with its post-processor (a Llama-3's BOS first), stopping at any
+    id of the model's eos_token_id list. A `subllm train` checkpoint's tokenizer.json
+    encodes with its own post-processor and stops at its end-of-text token, and at the eos
+    ids of the model it was initialised from (`token_ids`, which the run recorded at
+    `--init-from`)."""
     directory = Path(checkpoint)
     hf_dir = (directory / "config.json").is_file()
     if hf_dir and (directory / "tokenizer_config.json").is_file():
@@ -148,8 +156,15 @@ def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: st
     else:
         stop = [eot_id_of(tokenizer, tokenizer_path)]
         stop += [i for i in eos_ids(token_ids or {}, directory) if i not in stop]
-    ids = tokenizer.encode(prompt, add_special_tokens=True).ids
-    if not ids:  # an empty prompt starts a new document: after an end-of-text token
+    return tokenizer, stop
+
+
+def encode_prompt(tokenizer: Any, prompt: str, stop: list[int], ctx: int,
+                  add_special_tokens: bool = True) -> list[int]:
+    """The prompt's ids (an empty prompt starts a new document: after an end-of-text
+    token), or a one-line error when they do not fit in the context `ctx`."""
+    ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens).ids
+    if not ids:
         try:
             ids = [eot_id_of(tokenizer)]
         except SubLLMError:
@@ -157,4 +172,4 @@ def text_pipeline(checkpoint: str | Path, tokenizer_path: str | Path, prompt: st
     if len(ids) > ctx:
         raise SubLLMError(f"the prompt has {len(ids)} tokens, more than the model's context of "
                           f"{ctx}; shorten the prompt")
-    return tokenizer, stop, ids
+    return ids

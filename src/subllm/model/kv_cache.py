@@ -131,12 +131,18 @@ class KVCache:
     levels: list[LevelState]
     next_pos: Tensor | None = None  # (B,)
     scores: list[ScoreHistory] = field(default_factory=list)  # per subsampling module
+    # the level of each block, and the level each subsampling module reads from (its
+    # parent's): what `select` and `stack` need to keep every buffer's slots aligned
+    block_levels: list[int] | None = None
+    score_levels: list[int] | None = None
 
     @classmethod
-    def empty(cls, n_layers: int, n_levels: int) -> KVCache:
+    def empty(cls, n_layers: int, n_levels: int, block_levels: list[int] | None = None,
+              score_levels: list[int] | None = None) -> KVCache:
         """n_levels: 1 + the number of subsampling modules (one level inside each)."""
         return cls([LayerKV() for _ in range(n_layers)], [LevelState() for _ in range(n_levels)],
-                   scores=[ScoreHistory() for _ in range(n_levels - 1)])
+                   scores=[ScoreHistory() for _ in range(n_levels - 1)],
+                   block_levels=block_levels, score_levels=score_levels)
 
     @property
     def seen(self) -> int:
@@ -171,3 +177,82 @@ class KVCache:
             for kv, lvl in zip(self.layers, block_levels, strict=True)
         )
 
+
+    # ---- continuous batching (subllm serve): rows leave and join between decoding steps --
+    # A row's slots need not be contiguous nor aligned with other rows': attention, the rank
+    # rule and its band read a row's cached slots through their validity only, and positions
+    # are per row (`next_pos`, `LevelState.pos`). So rows can be stacked with empty slots
+    # padding the shorter levels, and slots no row holds can be dropped.
+
+    def _slot_buffers(self) -> dict[tuple[str, int], tuple[Tensor, int, int]]:
+        """{(kind, index): (tensor, its slot dimension, its level)} of every buffer indexed
+        by slot: keys and values, the rank rule's scores and decisions, validity, positions."""
+        if self.block_levels is None or self.score_levels is None:
+            raise ValueError("this KVCache has no level map; make it with model.new_cache()")
+        out = {}
+        for i, (kv, lvl) in enumerate(zip(self.layers, self.block_levels, strict=True)):
+            if kv.k is not None:
+                out["k", i], out["v", i] = (kv.k, 2, lvl), (kv.v, 2, lvl)
+        for i, (h, lvl) in enumerate(zip(self.scores, self.score_levels, strict=True)):
+            if h.scores is not None:
+                out["scores", i], out["kept", i] = (h.scores, 1, lvl), (h.kept, 1, lvl)
+        for lvl, state in enumerate(self.levels):
+            if state.valid is not None:
+                out["valid", lvl] = (state.valid, 1, lvl)
+            if state.pos is not None:
+                out["pos", lvl] = (state.pos, 1, lvl)
+        return out
+
+    def _set_slot_buffer(self, key: tuple[str, int], t: Tensor) -> None:
+        kind, i = key
+        owner = {"k": self.layers, "v": self.layers, "scores": self.scores,
+                 "kept": self.scores, "valid": self.levels, "pos": self.levels}[kind][i]
+        setattr(owner, kind, t)
+
+    def _refresh_levels(self, lengths: list[int]) -> None:
+        for state, n in zip(self.levels, lengths, strict=True):
+            state.length = n
+            state.all_valid = state.valid is None or bool(state.valid[:, :n].all())
+
+    @torch.no_grad()
+    def select(self, rows: Tensor) -> None:
+        """Keep only the batch rows `rows` (in that order) and drop the slots none of them
+        holds, so that a finished request frees its memory."""
+        lengths = [state.length for state in self.levels]
+        held = []
+        for state, n in zip(self.levels, lengths, strict=True):
+            if state.valid is None:
+                held.append(None)
+                continue
+            rows_valid = state.valid[:, :n].index_select(0, rows.to(state.valid.device))
+            held.append(rows_valid.any(0).nonzero().squeeze(1))
+        for key, (t, dim, lvl) in self._slot_buffers().items():
+            picked = t.narrow(dim, 0, lengths[lvl]).index_select(0, rows.to(t.device))
+            self._set_slot_buffer(key, picked.index_select(dim, held[lvl].to(t.device)))
+        self._refresh_levels([n if h is None else len(h)
+                              for n, h in zip(lengths, held, strict=True)])
+        if self.next_pos is not None:
+            self.next_pos = self.next_pos.index_select(0, rows.to(self.next_pos.device))
+
+    @classmethod
+    @torch.no_grad()
+    def stack(cls, a: KVCache, b: KVCache) -> KVCache:
+        """One cache holding a's rows then b's (two caches of one model, each after a
+        forward pass), each level as long as the longer of the two, with empty slots."""
+        rows_a, rows_b = a.next_pos.shape[0], b.next_pos.shape[0]
+        out = cls.empty(len(a.layers), len(a.levels), a.block_levels, a.score_levels)
+        lengths = [max(x.length, y.length) for x, y in zip(a.levels, b.levels, strict=True)]
+        bufs_a, bufs_b = a._slot_buffers(), b._slot_buffers()
+        for key in bufs_a.keys() | bufs_b.keys():
+            ref, dim, lvl = bufs_a.get(key) or bufs_b[key]
+            shape = list(ref.shape)
+            shape[0], shape[dim] = rows_a + rows_b, lengths[lvl]
+            new = ref.new_zeros(shape)  # zero: empty slots, never kept, position 0
+            for src, bufs, first, n in ((a, bufs_a, 0, rows_a), (b, bufs_b, rows_a, rows_b)):
+                if key in bufs:
+                    m = src.levels[lvl].length
+                    new.narrow(0, first, n).narrow(dim, 0, m).copy_(bufs[key][0].narrow(dim, 0, m))
+            out._set_slot_buffer(key, new)
+        out._refresh_levels(lengths)
+        out.next_pos = torch.cat([a.next_pos, b.next_pos])
+        return out

@@ -113,11 +113,15 @@ class SubLLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Level of each block for the KV cache: 0 = top, j + 1 = directly inside segment j.
+        # And the level each subsampling module scores (its parent's).
         self.block_levels = [0] * config.n_layers
+        self.score_levels = [0] * len(segments)
         for seg in segments:
             for c in seg.children:
                 if isinstance(c, int):
                     self.block_levels[c] = seg.index + 1
+                else:
+                    self.score_levels[c.index] = seg.index + 1
         self.step = 0
         self.gradient_checkpointing = False
         self._parent_positions = config.rope_positions == "parent"
@@ -197,7 +201,8 @@ class SubLLM(nn.Module):
         self.step = int(step)
 
     def new_cache(self) -> KVCache:
-        return KVCache.empty(self.config.n_layers, len(self.subsamplers) + 1)
+        return KVCache.empty(self.config.n_layers, len(self.subsamplers) + 1,
+                             self.block_levels, self.score_levels)
 
     # ---- forward ----------------------------------------------------------------------
     def forward(
