@@ -50,7 +50,7 @@ def test_rows_joining_and_leaving_decode_as_each_prompt_alone(structure, kw):
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     prompts = [torch.randint(1, 61, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
     feeds = [torch.randint(1, 61, (24,), generator=g).tolist() for _ in prompts]
-    want = [alone(m, p, f) for p, f in zip(prompts, feeds)]
+    want = [alone(m, p, f) for p, f in zip(prompts, feeds, strict=True)]
 
     # rows 0 and 1 start together; 2 joins after 3 steps, 3 after 6; 1 leaves after 8, 0 after 12
     joins = {0: [0, 1], 3: [2], 6: [3]}
@@ -60,19 +60,18 @@ def test_rows_joining_and_leaving_decode_as_each_prompt_alone(structure, kw):
     cache = None
     for t in range(20):
         if t in leaves:
+            cache.select(torch.tensor([i for i, r in enumerate(rows) if r != leaves[t]]))
             rows.remove(leaves[t])
-            cache.select(torch.tensor([i for i, r in enumerate(old_rows) if r in rows]))
         if t in joins:
             new, logits = prefill(m, [prompts[r] for r in joins[t]])
-            for r, lg in zip(joins[t], logits):
+            for r, lg in zip(joins[t], logits, strict=True):
                 torch.testing.assert_close(lg, want[r][0], rtol=0, atol=1e-9)
                 step_of[r] = 0
             cache = new if cache is None else KVCache.stack(cache, new)
             rows += joins[t]
-        old_rows = list(rows)
         tok = torch.tensor([[feeds[r][step_of[r]]] for r in rows])
         logits = m(tok, cache=cache).logits[:, -1]
-        for r, lg in zip(rows, logits):
+        for r, lg in zip(rows, logits, strict=True):
             step_of[r] += 1
             torch.testing.assert_close(lg, want[r][step_of[r]], rtol=0, atol=1e-9)
     assert cache.next_pos.shape[0] == 2

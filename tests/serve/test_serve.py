@@ -9,10 +9,9 @@ import os
 import random
 import threading
 import time
-from pathlib import Path
-
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,7 +311,7 @@ def test_load_32_streaming_clients_x_8_requests_with_some_leaving(served: Served
     before = _rss()
     results = asyncio.run(load())
     for i, rows in enumerate(results):
-        for j, (text, reason) in enumerate(rows):
+        for j, (_, reason) in enumerate(rows):
             left = i % 8 == 7 and j % 2
             assert reason in (("left",) if left else ("stop", "length")), (i, j, reason)
     deadline = time.monotonic() + 10
