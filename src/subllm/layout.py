@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "subllm.interop": 2,
     "subllm.hf": 2,
     "subllm.train": 3,
+    "subllm.serve": 3,
     "subllm.bench": 4,
     "subllm.layout": 4,
     "subllm.commands": 5,

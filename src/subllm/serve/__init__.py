@@ -1,4 +1,4 @@
-"""`subllm serve`: an OpenAI-compatible server with continuous batching (docs/design.md §5)."""
+"""`subllm serve`: an OpenAI-compatible server with continuous batching (docs/design.md §3.9)."""
 
 from subllm.serve.engine import Engine, Sampling
 

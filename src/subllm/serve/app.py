@@ -3,7 +3,7 @@
 Routes: /v1/completions, /v1/chat/completions (streamed as server-sent events with
 `stream: true`), /v1/models, /health. Errors use OpenAI's shape, {"error": {"message",
 "type", "param", "code"}}, with 400 (bad request), 401 (API key), 404 (model or route),
-413 (body too large), 503 (shutting down). Why FastAPI + uvicorn: docs/design.md §5.
+413 (body too large), 503 (shutting down). Why FastAPI + uvicorn: docs/design.md §3.9.
 """
 
 from __future__ import annotations
