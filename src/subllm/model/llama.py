@@ -165,6 +165,8 @@ class Span:
     prior: (B,) real tokens of this level already in the cache, per row (None: none); the
            `parent` RoPE convention numbers a nested segment's tokens after them.
     level: the nesting level (0 = top, j + 1 = directly inside segment j; KV cache).
+    docs:  (B, L) document ids of packed rows (design.md §3.10): attention, positions and
+           subsampling stay within each document; None: one document per row.
     """
 
     pos: Tensor
@@ -176,23 +178,29 @@ class Span:
     causal: bool = True
     prior: Tensor | None = None
     level: int = 0
+    docs: Tensor | None = None
 
 
 def attention_mask_for(
     valid: Tensor | None, past_valid: Tensor | None, length: int, device: torch.device,
     window: int | None = None, pos: Tensor | None = None, past_pos: Tensor | None = None,
+    docs: Tensor | None = None,
 ) -> Tensor | None:
-    """Boolean (B, 1, L, P + L) mask: causal among the new tokens, valid keys only, and with
+    """Boolean (B, 1, L, P + L) mask: causal among the new tokens, valid keys only, with
     a sliding `window` only keys whose position is within `window - 1` of the query's
-    (`pos`: (B, L), `past_pos`: (B, P); design.md §2.1).
+    (`pos`: (B, L), `past_pos`: (B, P); design.md §2.1), and with `docs` (B, L) only keys
+    of the query's own document (block-causal, packed rows; no cache; design.md §3.10).
 
-    Returns None when plain causal attention is exact (no cache, no padding, no window).
-    Every query may attend to itself, so rows of padding never see an empty key set (NaN).
+    Returns None when plain causal attention is exact (no cache, no padding, no window, one
+    document per row). Every query may attend to itself, so rows of padding never see an
+    empty key set (NaN).
     """
-    if valid is None and past_valid is None and window is None:
+    if valid is None and past_valid is None and window is None and docs is None:
         return None
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     new = causal[None] if valid is None else causal[None] & valid[:, None, :]  # (B, L, L)
+    if docs is not None:
+        new = new & (docs[:, :, None] == docs[:, None, :])
     if past_valid is not None and past_valid.shape[1] > 0:
         b = max(new.shape[0], past_valid.shape[0])
         past = past_valid[:, None, :].expand(b, length, -1)

@@ -32,7 +32,7 @@ from .llama import (
     rope_cos_sin,
 )
 from .mst import chunked_cross_entropy
-from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler
+from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler, document_starts
 
 # --------------------------------------------------------------------------------------
 # The model
@@ -216,13 +216,16 @@ class SubLLM(nn.Module):
         inputs_embeds: Tensor | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> ModelOutput:
         """input_ids: (B, L), or inputs_embeds: (B, L, dim) instead. labels: (B, L) aligned
         with the inputs (shifted inside; -100 ignored). attention_mask: (B, L) or
         (B, cached + L), 1 for real tokens (left padding for generation). cache: a KVCache
         to extend (eval mode only). logits_to_keep > 0: logits of the last positions only.
         num_items_in_batch: divide the summed loss by this (gradient accumulation) instead
-        of by the number of targets."""
+        of by the number of targets. document_ids: (B, L) ids of the documents packed into
+        each row, non-decreasing along it: attention, RoPE positions and subsampling stay
+        within each document, so each gets the logits it gets alone (design.md §3.10)."""
         B, L = self._check_inputs(input_ids, inputs_embeds, labels, logits_to_keep)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if use_cache and cache is None:
@@ -248,9 +251,21 @@ class SubLLM(nn.Module):
             valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
             if bool(valid.all()):
                 valid = None
+        if document_ids is not None:
+            if (not isinstance(document_ids, Tensor) or tuple(document_ids.shape) != (B, L)
+                    or document_ids.is_floating_point()):
+                raise SubLLMError(f"document_ids must be integer ids of the inputs' shape "
+                                  f"({B}, {L}), got {_describe(document_ids)}")
+            if cache is not None or valid is not None:
+                raise SubLLMError("document_ids (packed rows) take neither a KV cache nor an "
+                                  "attention_mask: pass one document per row for those")
+            document_ids = document_ids.to(device)
         # Positions count real tokens only, so a left-padded prompt starts at 0.
         start = cache.next_pos if cache is not None and cache.next_pos is not None else None
-        if valid is None:
+        if document_ids is not None:  # positions restart at each document
+            pos = torch.arange(L, device=device) - document_starts(document_ids)
+            n_new = torch.full((B,), L, device=device, dtype=torch.long)
+        elif valid is None:
             pos = torch.arange(L, device=device).expand(B, L)
             n_new = torch.full((B,), L, device=device, dtype=torch.long)
         else:
@@ -269,7 +284,7 @@ class SubLLM(nn.Module):
                               "model") from None
         kept: list[Tensor | None] = [None] * len(self.subsamplers)
         entered: list[Tensor | None] = [None] * len(self.subsamplers)
-        span = self._span(0, pos, valid, cache, h.dtype)
+        span = self._span(0, pos, valid, cache, h.dtype, document_ids)
         with (cached_attention_backends(h.device) if cache is not None
               else contextlib.nullcontext()):
             h = self._run(self.tree, h, span, cache, kept, entered)
@@ -338,7 +353,7 @@ class SubLLM(nn.Module):
         return B, L
 
     def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
-              dtype: torch.dtype) -> Span:
+              dtype: torch.dtype, docs: Tensor | None = None) -> Span:
         c = self.config
         cos, sin = rope_cos_sin(pos, c.resolved_head_dim, c.rope_theta, dtype, c.rope_scaling)
         B, L = pos.shape
@@ -349,7 +364,8 @@ class SubLLM(nn.Module):
         if cache is None:
             window = window if window is not None and (level > 0 or L > window) else None
             return Span(pos, valid, cos, sin,
-                        attention_mask_for(valid, None, L, pos.device, window, pos), level=level)
+                        attention_mask_for(valid, None, L, pos.device, window, pos, docs=docs),
+                        level=level, docs=docs)
         state = cache.levels[level]
         past_all_valid = state.all_valid
         start, past, past_pos = state.append(valid, B, L, pos.device,
@@ -384,7 +400,7 @@ class SubLLM(nn.Module):
         if cache is not None and span.cache_start:  # the rank rule ranks against these
             scores, decisions = cache.scores[seg.index].past(span.cache_start)
             past = (scores, cache.levels[span.level].valid[:, :span.cache_start], decisions)
-        sel = self.subsamplers[seg.index](x_out, span.valid, self.step, past)
+        sel = self.subsamplers[seg.index](x_out, span.valid, self.step, past, span.docs)
         if cache is not None and sel.scores is not None:
             cache.scores[seg.index].update(sel.scores, sel.decisions, span.cache_start)
         kept[seg.index], entered[seg.index] = sel.count, sel.entered
@@ -394,13 +410,17 @@ class SubLLM(nn.Module):
             sel = sel.placeholder()
         idx = sel.idx[..., None].expand(-1, -1, x_out.shape[-1])
         x_in = x_out.gather(1, idx)  # (B, K, d)
+        docs = None if span.docs is None else span.docs.gather(1, sel.idx)
         if self._parent_positions and seg.depth >= 2:
-            # `parent` (design.md §3.3): the index among the enclosing segment's kept tokens,
-            # counted on from those already cached, so decoding numbers them as prefill does
+            # `parent` (design.md §3.3): the index among the enclosing segment's kept tokens
+            # (of its document), counted on from those already cached, so decoding numbers
+            # them as prefill does
             pos_in = sel.idx if span.prior is None else sel.idx + span.prior[:, None]
+            if span.docs is not None:
+                pos_in = pos_in - document_starts(span.docs).gather(1, sel.idx)
         else:
             pos_in = span.pos.gather(1, sel.idx)  # original positions (design.md §3.3)
-        inner = self._span(seg.index + 1, pos_in, sel.valid, cache, x_out.dtype)
+        inner = self._span(seg.index + 1, pos_in, sel.valid, cache, x_out.dtype, docs)
         y = self._run(seg.children, x_in, inner, cache, kept, entered)
         return self.bypasses[seg.index](x_out, y, sel, self.step)
 

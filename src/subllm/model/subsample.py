@@ -227,8 +227,28 @@ def keep_count(keep: float, n: int) -> int:
     return math.ceil(round(n * keep, 6))
 
 
+def document_starts(docs: Tensor) -> Tensor:
+    """(B, L): the index of the first token of each token's document, for rows whose
+    documents are contiguous runs of equal ids (packed rows, design.md §3.10)."""
+    t = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return torch.where(first, t, 0).cummax(1).values
+
+
+def _real_in_document(v: Tensor, docs: Tensor | None) -> Tensor:
+    """(B, L): real tokens up to and including t, counted from the start of t's document
+    (of its row without `docs`)."""
+    n = v.long().cumsum(1)
+    if docs is None:
+        return n
+    start = document_starts(docs)
+    return n - (n.gather(1, start) - v.long().gather(1, start))
+
+
 def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
-                     past: Tensor | None = None, past_valid: Tensor | None = None) -> Tensor:
+                     past: Tensor | None = None, past_valid: Tensor | None = None,
+                     docs: Tensor | None = None) -> Tensor:
     """The rank rule (design.md §3.8): keep token t of a row iff fewer than
     round(keep * n_t) of the row's real tokens before t score higher, n_t counting those
     and t itself. It is training's top-k made causal: it keeps the share `keep` of a row
@@ -237,12 +257,19 @@ def causal_rank_keep(s: Tensor, valid: Tensor | None, keep: float,
     token-by-token decoding agree.
 
     s: (B, L) scores; valid: (B, L) bool or None (all real); past / past_valid: (B, P) the
-    row's earlier scores and their validity (KV-cached decoding). Returns (B, L) bool.
+    row's earlier scores and their validity (KV-cached decoding); docs: (B, L) document
+    ids of packed rows (no past): each token is ranked within its document's prefix.
+    Returns (B, L) bool.
     """
     L = s.shape[1]
     v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
-    n = v.long().cumsum(1)  # (B, L) real tokens up to and including t
-    above = _earlier_above(s.masked_fill(~v, float("-inf")), s)
+    n = _real_in_document(v, docs)  # (B, L) real tokens up to and including t
+    if docs is None:
+        above = _earlier_above(s.masked_fill(~v, float("-inf")), s)
+    else:  # rank by (document, score): an earlier document's tokens rank below t's
+        rank = s.masked_fill(~v, float("-inf")).argsort(dim=1, stable=True).argsort(dim=1)
+        key = (docs.double() - docs[:, :1].double()) * L + rank.double()
+        above = _earlier_above(key.masked_fill(~v, float("-inf")), key)
     if past is not None and past.shape[1] > 0:
         pv = torch.ones_like(past, dtype=torch.bool) if past_valid is None else past_valid
         n = n + pv.sum(1, keepdim=True)
@@ -291,8 +318,8 @@ def _clamp(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: float,
-                     past_kept: Tensor | None = None, past_valid: Tensor | None = None
-                     ) -> Tensor:
+                     past_kept: Tensor | None = None, past_valid: Tensor | None = None,
+                     docs: Tensor | None = None) -> Tensor:
     """The rank rule's budget band (design.md §3.8): token t keeps the decision `rank[t]`
     while the row's kept count c_t stays in [lo_t, hi_t] = [floor((keep - band) n_t),
     min(n_t, ceil((keep + band) n_t))], n_t the row's real tokens up to t; a token that would
@@ -302,7 +329,8 @@ def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: floa
 
     rank: (B, L) bool, the rank rule's decisions; valid: (B, L) bool or None; past_kept /
     past_valid: (B, P) the row's earlier final decisions and their validity (KV-cached
-    decoding). Returns (B, L) bool.
+    decoding); docs: (B, L) document ids of packed rows (no past): the count restarts at
+    each document. Returns (B, L) bool.
 
     The count follows c_t = f_t(c_{t-1}) with f_t(c) = min(c + 1, hi_t) where the rank rule
     keeps t, max(c, lo_t) where it drops it (lo and hi grow by at most one token per token,
@@ -313,7 +341,7 @@ def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: floa
     """
     B, L = rank.shape
     v = torch.ones_like(rank) if valid is None else valid
-    n = v.long().cumsum(1)
+    n = _real_in_document(v, docs)
     c0 = torch.zeros(B, dtype=torch.long, device=rank.device)
     if past_kept is not None and past_kept.shape[1] > 0:
         pv = torch.ones_like(past_kept) if past_valid is None else past_valid
@@ -326,6 +354,10 @@ def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: floa
     a = r.long()
     low = torch.where(v & ~r, lo, -_FREE)
     high = torch.where(r, hi, _FREE)
+    start = None
+    if docs is not None:  # a document's first token starts its count afresh: a constant map
+        start = torch.arange(L, device=rank.device) == document_starts(docs)
+        low, high = torch.where(start, a, low), torch.where(start, a, high)
     d = 1
     while d < L:  # Hillis-Steele: position t comes to hold f_t o f_{t-1} o ... o f_0
         ga, gl, gh = a[:, d:], low[:, d:], high[:, d:]  # the later map g, after f = [t - d]
@@ -335,6 +367,8 @@ def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: floa
         d *= 2
     c = _clamp(c0[:, None] + a, low, high)
     before = torch.cat([c0[:, None], c[:, :-1]], 1)
+    if start is not None:
+        before = before.masked_fill(start, 0)
     return (c > before) & v
 
 
@@ -403,11 +437,12 @@ class Subsampler(nn.Module):
         self.pending_count.zero_()
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int = 0,
-                past: tuple[Tensor, Tensor | None, Tensor | None] | None = None
-                ) -> Selection:
+                past: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+                docs: Tensor | None = None) -> Selection:
         """x: (B, L, dim); valid: (B, L) or None; past: the scores (B, P) this module gave
         the row's earlier tokens, their validity and whether it kept them (KV-cached
-        decoding, rank rule)."""
+        decoding, rank rule); docs: (B, L) document ids of packed rows: each document keeps
+        its own share (design.md §3.10)."""
         B, L, _ = x.shape
         s = self.score(x).squeeze(-1).float()  # (B, L)
         if self.calibrated:
@@ -421,14 +456,16 @@ class Subsampler(nn.Module):
                 self._record_cutoff(s.detach(), valid, entered)
             s = self.balancer(s, valid, step)
         if (self.training and self.rule != "threshold") or self.rule == "top_k":
+            if docs is not None:
+                return self._top_k_documents(s, valid, entered, docs)
             return self._top_k(s, valid, entered)
         kept = None
         if self.ranked:
             scores, past_valid, past_kept = past or (None, None, None)
-            kept = causal_rank_keep(s, valid, self.keep, scores, past_valid)
+            kept = causal_rank_keep(s, valid, self.keep, scores, past_valid, docs)
             if self.band is not None:
                 kept = keep_within_band(kept, valid, self.keep, self.band, past_kept,
-                                        past_valid)
+                                        past_valid, docs)
         return self._threshold(s, valid, entered, kept)
 
     @torch.no_grad()
@@ -485,6 +522,35 @@ class Subsampler(nn.Module):
         key, perm = key.sort(dim=1)
         idx, w, used = idx.gather(1, perm), w.gather(1, perm), used.gather(1, perm)
         return Selection(idx, w, None if valid is None else used, k, entered)
+
+    def _top_k_documents(self, s: Tensor, valid: Tensor | None, entered: Tensor,
+                         docs: Tensor) -> Selection:
+        """Training on packed rows: `_top_k` within each document, k_d = ceil(keep * n_d)
+        of its real tokens, each kept token paired with one its document dropped, so a
+        document keeps the tokens, and gets the weights, it gets alone (design.md §3.10)."""
+        B, L = s.shape
+        none = torch.iinfo(torch.long).max  # padding: a group of its own that keeps nothing
+        d = docs.long() if valid is None else torch.where(valid, docs.long(), none)
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
+        by_score = s.argsort(dim=1, descending=True, stable=True)
+        order = by_score.gather(1, d.gather(1, by_score).argsort(dim=1, stable=True))
+        sd, c = d.gather(1, order), s.gather(1, order).clamp(0.0, 1.0)  # (document, -score)
+        first = torch.searchsorted(sd, sd)  # where each token's document starts in `order`
+        n = torch.searchsorted(sd, sd, right=True) - first
+        r = torch.arange(L, device=s.device) - first  # rank within the document
+        k = _keep_count(self.keep, n).masked_fill(sd == none, 0)
+        used = r < k
+        reverse = self.training and coin(0.5)  # the pairing of `_top_k`, per document
+        partner = 2 * k - 1 - r if reverse else k + r
+        c_partner = c.gather(1, (first + partner).clamp(max=L - 1)) * (partner < n)
+        w = (c - c_partner) * used
+        count = used.sum(1)
+        least, K = torch.stack(torch.aminmax(count)).tolist()  # one host sync
+        perm = torch.where(used, order, L + order).argsort(dim=1)[:, :K]  # kept, in order
+        used = used.gather(1, perm)
+        return Selection(order.gather(1, perm), w.gather(1, perm), None if least == K else used,
+                         count, entered)
 
     def _threshold(self, s: Tensor, valid: Tensor | None, entered: Tensor,
                    kept: Tensor | None = None) -> Selection:

@@ -1,0 +1,92 @@
+"""Packed rows (`document_ids`, design.md §3.10): each document of a packed row gets the
+logits it gets alone, in training (top-k per document) and eval (rank rule per document)."""
+
+import math
+
+import pytest
+import torch
+
+from subllm import ModelConfig, SubLLM, SubLLMError
+from subllm.model.llama import attention_mask_for
+
+
+def model(structure, **kw):
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=structure.count("T"), n_heads=4,
+                      n_kv_heads=2, ffn_dim=64, max_seq_len=128, structure=structure, **kw)
+    m = SubLLM(cfg)
+    with torch.no_grad():  # spread scores around 0 and into (0, 1): the weights matter
+        for s in m.subsamplers:
+            s.score.weight.normal_(0, 0.5)
+    return m
+
+
+def packed_batch(g, rows=3, length=48):
+    """(ids, document ids, [(row, start, end)]) of rows packed with 1-5 documents each."""
+    ids = torch.randint(1, 61, (rows, length), generator=g)
+    docs = torch.zeros(rows, length, dtype=torch.long)
+    spans = []
+    for r in range(rows):
+        n_cuts = int(torch.randint(0, 5, (), generator=g))
+        cuts = sorted((torch.randperm(length - 1, generator=g)[:n_cuts] + 1).tolist())
+        bounds = [0, *cuts, length]
+        for d, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            docs[r, a:b] = d
+            spans.append((r, a, b))
+    return ids, docs, spans
+
+
+@pytest.mark.parametrize("structure,kw", [
+    ("TTTT", {}),
+    ("T(TT(T)T)T", {}),
+    ("T(TT(T)T)T", {"rope_positions": "parent"}),
+    ("TT(TT)T", {"sliding_window": 5}),
+])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_each_packed_document_gets_the_logits_it_gets_alone(structure, kw, mode):
+    seed = int(torch.randint(0, 10**6, ()))
+    torch.manual_seed(seed)
+    m = model(structure, **kw).train(mode == "train")
+    g = torch.Generator().manual_seed(seed)
+    ids, docs, spans = packed_batch(g)
+    torch.manual_seed(seed + 1)  # the same draws (top-k pairing, balancer) in both runs
+    packed = m(ids, document_ids=docs).logits
+    for r, a, b in spans:
+        torch.manual_seed(seed + 1)
+        alone = m(ids[r:r + 1, a:b]).logits[0]
+        torch.testing.assert_close(packed[r, a:b], alone, rtol=1e-5, atol=1e-5,
+                                   msg=f"seed {seed}, row {r}, document [{a}, {b})")
+
+
+def test_each_document_keeps_its_own_share_in_training():
+    torch.manual_seed(0)
+    m = model("T(TT)T").train()
+    g = torch.Generator().manual_seed(0)
+    ids, docs, spans = packed_batch(g, rows=4)
+    out = m(ids, document_ids=docs)
+    keep = m.subsamplers[0].keep
+    want = torch.zeros(4, dtype=torch.long)
+    for r, a, b in spans:
+        want[r] += math.ceil(round(keep * (b - a), 6))  # ceil(keep * n) per document
+    assert out.kept[0].tolist() == want.tolist()
+
+
+def test_a_mask_that_leaks_across_documents_fails_the_comparison(monkeypatch):
+    """The comparison above sees a leak: attention that ignores document boundaries."""
+    import subllm.model.subllm as sub
+
+    def leaky(valid, past_valid, length, device, window=None, pos=None, past_pos=None,
+              docs=None):
+        return attention_mask_for(valid, past_valid, length, device, window, pos, past_pos)
+
+    monkeypatch.setattr(sub, "attention_mask_for", leaky)
+    with pytest.raises(AssertionError):
+        test_each_packed_document_gets_the_logits_it_gets_alone("TTTT", {}, "eval")
+
+
+def test_document_ids_refuse_a_cache_and_bad_shapes():
+    m = model("T(TT)T").eval()
+    ids = torch.randint(0, 61, (2, 8))
+    with pytest.raises(SubLLMError, match="document_ids"):
+        m(ids, document_ids=torch.zeros(2, 7, dtype=torch.long))
+    with pytest.raises(SubLLMError, match="KV cache"):
+        m(ids, document_ids=torch.zeros(2, 8, dtype=torch.long), use_cache=True)
