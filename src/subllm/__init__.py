@@ -25,6 +25,7 @@ _LAZY = {
     "parse_structure": "subllm.model.config",
     "SubLLM": "subllm.model.subllm",
     "ModelOutput": "subllm.model.subllm",
+    "document_ids": "subllm.model.subllm",
     "KVCache": "subllm.model.kv_cache",
     "apply_mst": "subllm.model.mst",
     "SubLLMConfig": "subllm.hf",
@@ -58,4 +59,4 @@ if TYPE_CHECKING:
     from subllm.model.config import PRESETS, ModelConfig, parse_structure
     from subllm.model.kv_cache import KVCache
     from subllm.model.mst import apply_mst
-    from subllm.model.subllm import ModelOutput, SubLLM
+    from subllm.model.subllm import ModelOutput, SubLLM, document_ids

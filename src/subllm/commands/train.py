@@ -96,6 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"),
                    help="autocast dtype; auto = bf16 on GPUs that have it, else fp32 "
                    "(default auto)")
+    p.add_argument("--packing", choices=("documents", "none"),
+                   help="documents: rows packed from whole documents that neither attend to "
+                   "nor route through each other, positions restarting at each; none: plain "
+                   f"windows of the token stream (default {d.packing}; a run from before "
+                   "this setting resumes with none)")
     p.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="data-parallel engine under torchrun (default ddp)")
     p.add_argument("--replicate", type=positive_int, metavar="R",
@@ -174,6 +179,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser
         saved = Path(given.get("out") or defaults["out"]) / "config.yaml"
         if saved.is_file():
             base = yaml.safe_load(saved.read_text()) or {}
+            base.setdefault("packing", "none")  # a run from before packing: as it trained
     settings, extras = resolve_flags(args, parser, defaults, base=base, from_file=from_file)
     model = extras["model"] if "model" in extras else (base or {}).get("model")
     cfg = TrainConfig(**{**settings, "model": model or {}})

@@ -25,7 +25,7 @@ from .config import PRESETS, ModelConfig, Segment, parse_structure
 from .errors import ConfigError, SubLLMError
 
 _LAZY = {
-    "SubLLM": "subllm", "ModelOutput": "subllm",
+    "SubLLM": "subllm", "ModelOutput": "subllm", "document_ids": "subllm",
     "KVCache": "kv_cache", "LayerKV": "kv_cache", "LevelState": "kv_cache",
     "Bypass": "bypass",
     "Subsampler": "subsample", "ScoreBalancer": "subsample", "Selection": "subsample",
@@ -52,5 +52,5 @@ if TYPE_CHECKING:
     from .kv_cache import KVCache, LayerKV, LevelState
     from .llama import Block, RMSNorm
     from .mst import apply_mst, chunked_cross_entropy, enable_checkpointing
-    from .subllm import ModelOutput, SubLLM
+    from .subllm import ModelOutput, SubLLM, document_ids
     from .subsample import ScoreBalancer, Selection, Subsampler

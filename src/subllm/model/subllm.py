@@ -39,6 +39,15 @@ from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler, document_start
 # --------------------------------------------------------------------------------------
 
 
+def document_ids(input_ids: Tensor, end_id: int) -> Tensor:
+    """(B, L) ids of the documents packed into each row, for `SubLLM.forward(...,
+    document_ids=)`: documents that each end with the token `end_id` (end-of-text), a new
+    one starting after each; the row's first tokens are a document of their own. On the
+    device, no host sync."""
+    ends = (input_ids == end_id).long()
+    return ends.cumsum(1) - ends
+
+
 def _param_seed(seed: int, name: str) -> int:
     """A 63-bit seed from (seed, parameter name), the same in every process."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()

@@ -48,6 +48,9 @@ class TrainConfig:
     structure: str | None = None
     keep: str | None = None  # "0.64" or one ratio per depth, "0.64,0.5"
     seq_len: int = 256
+    # documents: each training row is packed from whole documents that neither attend to
+    # nor route through each other (design.md §3.10); none: plain windows of the stream
+    packing: str = "documents"
     batch_size: int = 16  # sequences per micro-batch on each device
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps; also the length of the lr schedule
@@ -208,6 +211,8 @@ def check_config(cfg: TrainConfig) -> None:
             or cfg.train_only_routers < 0:
         raise SubLLMError(f"--train-only-routers must be a number of steps >= 0, got "
                           f"{cfg.train_only_routers!r}")
+    if cfg.packing not in ("documents", "none"):
+        raise SubLLMError(f"--packing must be documents or none, got {cfg.packing!r}")
     if cfg.distributed not in ("ddp", "fsdp"):
         raise SubLLMError(f"--distributed must be ddp or fsdp, got {cfg.distributed!r}")
     if isinstance(cfg.replicate, bool) or not isinstance(cfg.replicate, int) or cfg.replicate < 1:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from subllm.errors import SubLLMError
 from subllm.interop.tokenizer import same_vocab, sha256_file
-from subllm.model.subllm import longer_context
+from subllm.model.subllm import document_ids, longer_context
 from subllm.model.subsample import selection_rule
 from subllm.train.data import load_data, val_batches
 from subllm.train.load import load_any
@@ -84,9 +84,15 @@ def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
 
 
 @torch.no_grad()
+def packed(x: torch.Tensor, eot_id: int | None) -> dict[str, torch.Tensor]:
+    """The forward's `document_ids` for rows packed from documents that each end with
+    `eot_id` (design.md §3.10); nothing for eot_id None (plain windows)."""
+    return {} if eot_id is None else {"document_ids": document_ids(x, eot_id)}
+
+
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
              amp: torch.dtype | None, dd: Dist, both_modes: bool = True,
-             progress: bool = False) -> dict[str, Any]:
+             progress: bool = False, eot_id: int | None = None) -> dict[str, Any]:
     """Mean next-token loss over the batches in eval mode, with inference's selection (the
     threshold) and, for a SUBLLM and `both_modes`, again with training's (top-k) on the same
     batches: `loss` / `kept_fractions` are inference's, `top_k_loss` /
@@ -96,7 +102,8 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
     depend on the number of ranks; a rank whose slice is empty runs one row with weight 0,
     so every rank makes the same forward calls (FSDP gathers weights in each). The sums
     stay on the device (fp64) and are read once, at the end. `progress`: a bar of the
-    batches on stderr (`subllm eval`), gone when done.
+    batches on stderr (`subllm eval`), gone when done. `eot_id`: the rows are packed
+    documents, each ending with this token (a run of --packing documents).
     """
     was_training = model.training
     model.eval()
@@ -105,10 +112,10 @@ def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.
         with torch.random.fork_rng(devices=[]), selection_rule(model, "threshold") as subs:
             if bar is not None:
                 bar.reset(total=len(batches) * (2 if subs and both_modes else 1))
-            sums = _pass(model, batches, device, amp, dd, bar)
+            sums = _pass(model, batches, device, amp, dd, bar, eot_id)
         if subs and both_modes:
             with torch.random.fork_rng(devices=[]), selection_rule(model, "top_k"):
-                sums += _pass(model, batches, device, amp, dd, bar)
+                sums += _pass(model, batches, device, amp, dd, bar, eot_id)
     finally:
         model.train(was_training)
         if bar is not None:
@@ -134,7 +141,8 @@ def fmt_perplexity(loss: float) -> str:
 
 
 def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
-          amp: torch.dtype | None, dd: Dist, bar: tqdm | None = None) -> list[torch.Tensor]:
+          amp: torch.dtype | None, dd: Dist, bar: tqdm | None = None,
+          eot_id: int | None = None) -> list[torch.Tensor]:
     """[loss sum, tokens, kept sums..., entered sums...] of this rank's rows, on the device."""
     loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     tokens = torch.zeros_like(loss_sum)
@@ -145,7 +153,7 @@ def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.dev
         weight = 1.0 if len(rows) else 0.0
         x = (rows if len(rows) else batch[:1]).to(device)
         with autocast(device, amp):
-            out = model(x, labels=x)
+            out = model(x, labels=x, **packed(x, eot_id))
         n = x.shape[0] * (x.shape[1] - 1)
         loss_sum = loss_sum + out.loss.to(loss_sum.dtype) * weight * n
         tokens = tokens + weight * n
@@ -197,9 +205,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
         )
     eval_set = val_batches(data.tokens("val"), batch_size or int(run.get("batch_size", 16)),
                            seq_len, batches)
+    eot_id = data.eot_id if run.get("packing", "none") == "documents" else None
     result = evaluate(model, eval_set, dev, autocast_dtype(dtype, dev), Dist(),
-                      progress=progress)
+                      progress=progress, eot_id=eot_id)
     out = {"checkpoint": str(path), "step": step, "data": str(data.path),
+           "packing": "documents" if eot_id is not None else "none",
            "val_loss": result["loss"], "perplexity": result["perplexity"],
            "tokens": result["tokens"], "kept_fractions": result["kept_fractions"],
            "keep": model.config.keep_per_depth if model.config.is_subllm else []}

@@ -71,7 +71,7 @@ from subllm.train.data import (
     print_summary,
     val_batches,
 )
-from subllm.train.evaluate import evaluate, fmt_perplexity, sample_text
+from subllm.train.evaluate import evaluate, fmt_perplexity, packed, sample_text
 from subllm.train.load import load_pretrained
 from subllm.train.parallel import gate, say
 from subllm.train.runtime import (
@@ -163,6 +163,11 @@ class TrainState:
     last_eval: dict[str, Any] | None = None
     log: RunLog | None = None  # rank 0 only
     phase: str = "setup"  # what the loop is doing, for the error a failed collective gives
+
+    @property
+    def eot_id(self) -> int | None:
+        """The end-of-text id ending each packed document; None with --packing none."""
+        return self.data.eot_id if self.cfg.packing == "documents" else None
 
 
 def setup(cfg: TrainConfig, dd: Dist, demo: bool = False,
@@ -562,7 +567,8 @@ def _announce(state: TrainState, dd: Dist) -> None:
     name = f"from {cfg.init_from}" if cfg.init_from else cfg.preset
     say(dd, f"{what} {name} {config.structure} ({state.raw_model.num_params() / 1e6:.2f}M "
         f"params) on {state.device}{mode}, {'bf16' if state.amp else 'fp32'}; global batch "
-        f"{_global_batch(cfg, dd)} x {cfg.seq_len} tokens; "
+        f"{_global_batch(cfg, dd)} x {cfg.seq_len} tokens"
+        f"{' packed from documents' if state.eot_id is not None else ''}; "
         + (f"resuming from {state.resume_from} (step {state.start_step})" if state.resume_from
            else f"run directory {state.run_dir}"))
 
@@ -591,6 +597,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                lr: float | None = None,
                no_sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
                frozen: Sequence[torch.nn.Parameter] = (),
+               eot_id: int | None = None,
                ) -> StepResult:
     """One optimizer step on the (B, L) token batches `micro_batches`, without a host sync.
 
@@ -601,7 +608,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     and the gradients are set to None. `no_sync(last_micro)` gives the context each
     micro-batch runs in (DDP: skip the all-reduce but on the last). The gradients of
     `frozen` are dropped before clipping, so the optimizer leaves those parameters alone
-    (no update, no weight decay, no moments): --train-only-routers.
+    (no update, no weight decay, no moments): --train-only-routers. `eot_id`: the rows are
+    packed documents, each ending with this token (--packing documents).
     """
     if lr is not None:
         for group in optimizer.param_groups:
@@ -614,7 +622,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         x = batch.to(device, non_blocking=True)
         with no_sync(i == n - 1) if no_sync is not None else contextlib.nullcontext():
             with autocast(device, amp):
-                out = model(x, labels=x)
+                out = model(x, labels=x, **packed(x, eot_id))
                 loss = out.loss / n
             kept, entered = _detached(out, "kept"), _detached(out, "entered")
             del out  # the logits go now, not after the optimizer step (peak memory)
@@ -677,7 +685,7 @@ def fit(state: TrainState, cfg: TrainConfig, dd: Dist) -> dict[str, Any]:
                           if state.step < cfg.train_only_routers else ())
                 result = train_step(state.model, state.optimizer, micro, device=state.device,
                                     amp=state.amp, grad_clip=cfg.grad_clip, lr=lr,
-                                    no_sync=no_sync, frozen=frozen)
+                                    no_sync=no_sync, frozen=frozen, eot_id=state.eot_id)
                 _sync_cutoffs(state.raw_model, dd)
                 state.step += 1
                 pending.add(state.step, lr, result)
@@ -813,7 +821,8 @@ def _agree(flag: bool, dd: Dist, device: torch.device) -> bool:
 def _eval_and_log(state: TrainState, dd: Dist, log: RunLog | None, aloud: bool = True
                   ) -> dict[str, Any]:
     """Validate at this step; with a `log`, write its record and (`aloud`) its line."""
-    result = evaluate(state.model, state.eval_set, state.device, state.amp, dd)
+    result = evaluate(state.model, state.eval_set, state.device, state.amp, dd,
+                      eot_id=state.eot_id)
     result["step"] = state.step
     if log is not None:
         record = {"step": state.step, "val_loss": result["loss"],
