@@ -90,3 +90,27 @@ def test_document_ids_refuse_a_cache_and_bad_shapes():
         m(ids, document_ids=torch.zeros(2, 7, dtype=torch.long))
     with pytest.raises(SubLLMError, match="KV cache"):
         m(ids, document_ids=torch.zeros(2, 8, dtype=torch.long), use_cache=True)
+
+
+def test_hf_padding_free_collator_keeps_the_documents_apart():
+    """transformers' DataCollatorWithFlattening packs documents into one row with position_ids
+    restarting at each: SubLLMForCausalLM gives each the logits it gets alone."""
+    from transformers import DataCollatorWithFlattening
+
+    from subllm.hf import SubLLMConfig, SubLLMForCausalLM
+
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    m = model("T(TT(T)T)T").eval()
+    hf = SubLLMForCausalLM(SubLLMConfig.from_model_config(m.config)).eval()
+    hf.model.load_state_dict(m.state_dict())
+    docs = [torch.randint(1, 61, (n,)).tolist() for n in (7, 19, 3, 12)]
+    batch = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs])
+    with torch.no_grad():
+        packed = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        at = 0
+        for d in docs:
+            alone = hf(input_ids=torch.tensor([d])).logits[0]
+            torch.testing.assert_close(packed[at:at + len(d)], alone, rtol=1e-5, atol=1e-5)
+            at += len(d)
+    with pytest.raises(ValueError, match="position_ids"):  # not a packing: still refused
+        hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"] + 1)

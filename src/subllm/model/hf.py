@@ -121,7 +121,10 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> SubLLMCausalLMOutput | tuple:
         """Causal LM forward. Positions come from `attention_mask` (left padding: a row's
-        first real token is position 0), so `position_ids` must be None or equal those.
+        first real token is position 0), so `position_ids` must be None or equal those, or
+        restart at 0 at each document of a packed row (transformers' padding-free
+        collator, DataCollatorWithFlattening): then the documents are kept apart
+        (`document_ids`, design.md §3.10).
         With `labels` (aligned with the inputs, -100 ignored) the loss is returned; with
         `use_cache` (eval mode) the KV cache comes back as `past_key_values` (`cache`)."""
         if cache is not None:
@@ -129,9 +132,12 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         for name in ("output_attentions", "output_hidden_states"):
             if kwargs.pop(name, None):
                 raise ValueError(f"SubLLMForCausalLM does not return {name[len('output_'):]}")
+        docs = None
         if position_ids is not None:
-            self._check_positions(position_ids, attention_mask, past_key_values,
-                                  input_ids if input_ids is not None else inputs_embeds)
+            docs = self._packed_documents(position_ids, attention_mask, past_key_values)
+            if docs is None:
+                self._check_positions(position_ids, attention_mask, past_key_values,
+                                      input_ids if input_ids is not None else inputs_embeds)
         if past_key_values is not None and not isinstance(past_key_values, KVCache):
             raise ValueError(
                 f"past_key_values must be the KV cache this model returned, got "
@@ -139,7 +145,7 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
             )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and labels is None
-        if self.training:
+        if self.training or docs is not None:  # packed documents: a full forward only
             use_cache = False
         out = self.model(
             input_ids,
@@ -150,6 +156,7 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             logits_to_keep=int(logits_to_keep),
             num_items_in_batch=num_items_in_batch,
+            document_ids=docs,
         )
         result = SubLLMCausalLMOutput(
             loss=out.loss,
@@ -161,6 +168,20 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
         if return_dict is False:
             return result.to_tuple()
         return result
+
+    @staticmethod
+    def _packed_documents(position_ids, attention_mask, cache) -> torch.Tensor | None:
+        """Document ids of packed rows given as transformers' padding-free convention
+        (DataCollatorWithFlattening): no mask, no cache, position_ids restarting at 0 at
+        each document and counting up within it; None for any other position_ids."""
+        if attention_mask is not None or cache is not None or position_ids.dim() != 2:
+            return None
+        starts = position_ids == 0
+        if not bool(starts[:, 1:].any()):
+            return None  # one document per row: the plain positions, checked as usual
+        docs = starts.long().cumsum(1) - 1
+        steps = position_ids[:, 1:] == position_ids[:, :-1] + 1
+        return docs if bool((steps | starts[:, 1:]).all() & starts[:, 0].all()) else None
 
     @staticmethod
     def _check_positions(position_ids, attention_mask, cache, inputs) -> None:
@@ -175,8 +196,9 @@ class SubLLMForCausalLM(SubLLMPreTrainedModel, GenerationMixin):
             position_ids = torch.where(real, position_ids, expected)
         if position_ids.shape != expected.shape or not torch.equal(position_ids, expected):
             raise ValueError(
-                "SubLLMForCausalLM derives positions from attention_mask; custom position_ids "
-                "(e.g. packed sequences) are not supported - pass position_ids=None"
+                "SubLLMForCausalLM derives positions from attention_mask; other position_ids "
+                "than those, or than 0, 1, ... restarting at each packed document (without "
+                "an attention_mask), are not supported - pass position_ids=None"
             )
 
     # ---- generation ---------------------------------------------------------------------
