@@ -57,3 +57,21 @@ def test_a_bad_packing_value_is_one_line(short_docs: Path, capsys) -> None:
     assert main(["train", "--config", str(short_docs / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "`packing` must be one of documents, none" in err
+
+
+def test_a_mixture_resumes_exactly_mid_epoch(tmp_path: Path, write_corpus, tiny_settings) -> None:
+    """Two sources mixed 0.7 / 0.3 (the mixture is train.bin itself): stopped mid-epoch and
+    resumed, the run gives the losses of one that never stopped, packed by document."""
+    write_corpus(tmp_path / "a", 12, seed=1, lines=3)
+    write_corpus(tmp_path / "b", 12, seed=2, lines=3, words=["x", "y", "z", "w"])
+    data = tmp_path / "data"
+    assert main(["prepare", "--input", f"{tmp_path / 'a'}:0.7", "--input",
+                 f"{tmp_path / 'b'}:0.3", "--out", str(data), "--vocab-size", "300"]) == 0
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_settings(data)))
+    straight = train(tmp_path, "straight", "--max-steps", "8")
+    assert json.loads((data / "meta.json").read_text())["tokens"]["train"] < 8 * 4 * 64
+    run = tmp_path / "stopped"  # several epochs in 8 steps: step 3 lies inside one
+    train(tmp_path, "stopped", "--max-steps", "8", "--stop-at", "3")
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [r["train_loss"] for r in map(json.loads, rows) if "train_loss" in r] == straight

@@ -238,11 +238,42 @@ def test_a_bad_record_is_one_error_naming_file_and_record(corpus: dict, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("kept")
-    for inputs in ([good, bad], [tmp_path / "in"]):  # named, and found in a directory
+    named, walked = [good, bad], [tmp_path / "in"]
+    # found in a directory, a .json that is no array of records is skipped (next test)
+    for inputs in [named] if case == "json not an array" else [named, walked]:
         with pytest.raises(SubLLMError, match=message) as e:
             prepare(out, inputs=inputs, tokenizer=corpus["tokenizer"], progress=False)
         assert str(bad) in str(e.value) and "\n" not in str(e.value)
         assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_a_json_that_is_no_array_of_records_is_skipped_only_in_a_directory(
+        corpus: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A code repository holds package.json and the like: walked, they are skipped and
+    counted; named as an input, each is still an error."""
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    others = {"package.json": '{"name": "x", "version": "1.0.0"}',
+              "src/names.json": '["ant", "bee"]',
+              "tsconfig.json": '{\n  // comments: not JSON\n  "strict": true\n}',
+              "src/number.json": "7"}
+    for name, text in others.items():
+        (repo / name).write_text(text)
+    (repo / "records.json").write_text(json.dumps([{"text": "a document"}, {"text": "more"}]))
+    (repo / "src" / "main.py").write_text("print('a third document')\n")
+    assert main(["prepare", "--input", str(repo), "--out", str(tmp_path / "out"),
+                 "--tokenizer", str(corpus["tokenizer"])]) == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped"]["json files that are not arrays of records"] == len(others)
+    assert sum(meta["documents"].values()) == 3 and meta["files"] == len(others) + 2
+    assert "4 json files that are not arrays of records skipped" in capsys.readouterr().out
+    messages = {"package.json": "holds a JSON object, not an array of records",
+                "src/names.json": "record 0 is a JSON string, not an object",
+                "tsconfig.json": "is not valid JSON", "src/number.json": "holds a JSON number"}
+    for name, message in messages.items():
+        with pytest.raises(SubLLMError, match=message):
+            prepare(tmp_path / "named", inputs=[repo / name], tokenizer=corpus["tokenizer"],
+                    progress=False)
 
 
 # 3. Mixing ------------------------------------------------------------------------------------

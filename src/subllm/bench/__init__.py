@@ -24,6 +24,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "start-up time of fresh processes: import subllm, subllm --help, errors"),
     "estimate": ("subllm.bench.estimate",
                  "the memory planner (subllm estimate) against measured training peaks"),
+    "prepare": ("subllm.bench.prepare",
+                "tokens/s of subllm prepare (--workers 1, 2, ...) vs a plain tokenizer loop"),
     "gpu": ("subllm.bench.gpu",
             "one CUDA device, one command: cuda tests, 1.3B train + decode, MsT, the planner"),
 }

@@ -1,8 +1,9 @@
 """`subllm prepare`: tokenize a corpus into a data directory for training.
 
-Its inputs (text, JSON lines, JSON, Parquet, Hugging Face datasets), their mixing by weight
-(`--input PATH:WEIGHT`, or a config file's `sources:` list) and the passes are
-`subllm.train.data.prepare`'s; this module reads the flags."""
+Its inputs (text, JSON lines, JSON, Parquet, Hugging Face datasets) and their mixing by
+weight (`--input PATH:WEIGHT`, or a config file's `sources:` list) live in
+`subllm.train.sources`; the passes, the worker processes and the shards in
+`subllm.train.data.prepare`; this module reads the flags."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 from subllm.errors import SubLLMError
 from subllm.flags import fraction, non_empty_path, positive_int, resolve_flags
 from subllm.train.config import DEFAULT_DATA_DIR, DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
+
+DEFAULT_SHARD_TOKENS = 1 << 30  # subllm.train.data's, here so that --help needs no numpy
 
 DESCRIPTION = ("Train a byte-level BPE tokenizer (or use yours) and tokenize a corpus into "
                "train.bin / val.bin / meta.json.")
@@ -56,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"fraction of documents for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--seed", type=int, metavar="S",
                    help="seed of the train/val split and of a mixture's draw (default 0)")
+    p.add_argument("--workers", type=positive_int, metavar="N",
+                   help="processes that tokenize (default: one per core, fewer for a small "
+                   "corpus; 1: in this process); the output is the same for any N")
+    p.add_argument("--shard-tokens", type=positive_int, metavar="N",
+                   help="write a split of more tokens than this as shards train-00000.bin, "
+                   f"... of N tokens each, listed in meta.json (default {DEFAULT_SHARD_TOKENS})")
 
 
 PREPARE_DEFAULTS: dict[str, Any] = {
@@ -69,17 +78,14 @@ PREPARE_DEFAULTS: dict[str, Any] = {
     "tokenizer": None,
     "val_fraction": DEFAULT_VAL_FRACTION,
     "seed": 0,
+    "workers": None,  # one per core (fewer for a small corpus)
+    "shard_tokens": DEFAULT_SHARD_TOKENS,
 }
 
 
 def run(args: argparse.Namespace) -> int:
-    from subllm.train.data import (
-        Terminated,
-        input_paths,
-        prepare,
-        print_summary,
-        terminate_raises,
-    )
+    from subllm.train.data import Terminated, prepare, print_summary, terminate_raises
+    from subllm.train.sources import input_paths
 
     s, extras = resolve_flags(args, args._parser, PREPARE_DEFAULTS, extra_keys=("sources",))
     if s["tokenizer"] is not None and s["vocab_size"] is not None:
@@ -103,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                 s["out"], inputs=inputs or None, text_field=s["text_field"],
                 vocab_size=s["vocab_size"] or DEFAULT_VOCAB_SIZE, tokenizer=tok,
                 val_fraction=s["val_fraction"], seed=s["seed"], hf_dataset=s["hf_dataset"],
-                hf_config=s["hf_config"], hf_split=s["hf_split"],
+                hf_config=s["hf_config"], hf_split=s["hf_split"], workers=s["workers"],
+                shard_tokens=s["shard_tokens"],
             )
     except Terminated as e:
         print(f"subllm prepare: terminated by {e}; its temporary files are removed",
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def _inputs(s: dict[str, Any], sources: Any, args: argparse.Namespace) -> list[Any]:
     """The inputs (`PATH[:WEIGHT]` parsed): --input, or the config file's `sources:` list
     unless --input or --hf-dataset was typed (flags win)."""
-    from subllm.train.data import parse_input
+    from subllm.train.sources import parse_input
 
     inputs = [parse_input(raw) for raw in s["input"] or ()]
     if sources is None or args.input is not None or args.hf_dataset is not None:
@@ -129,7 +136,7 @@ def _inputs(s: dict[str, Any], sources: Any, args: argparse.Namespace) -> list[A
 def _yaml_sources(raw: Any, config: str) -> list[Any]:
     """A config file's `sources:` list, each `{path: P, weight: W}` or `{hf-dataset: NAME,
     weight: W}`, as prepare's inputs."""
-    from subllm.train.data import InputSpec, check_weight
+    from subllm.train.sources import InputSpec, check_weight
 
     usage = "{path: PATH, weight: W} or {hf-dataset: NAME, weight: W}"
     if not isinstance(raw, list) or not raw:

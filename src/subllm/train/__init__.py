@@ -3,6 +3,8 @@
     config.py      TrainConfig (the one declaration of training settings), the model
                    config they make; no torch, so the CLI checks settings fast
     data.py        corpus preparation (`subllm prepare`) and the token batches
+    sources.py     prepare's inputs: the file formats, the skipped files, mixing by weight
+    encode.py      prepare's pass 3: parallel tokenization in worker processes, token files
     loop.py        the recipe: setup -> state, train_step, evaluate, fit
     parallel.py    DDP, FSDP2 / HSDP and their device meshes; the ranks' agreement
     checkpoint.py  atomic, exactly resumable checkpoints: saving (gathered, or sharded and

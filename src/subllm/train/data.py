@@ -1,20 +1,13 @@
 """Corpus preparation (`subllm prepare`) and the token batches that training reads.
 
-Inputs (`prepare(inputs=..., hf_dataset=...)`): files, directories (walked recursively,
-sorted) and globs, each file read as its name says:
-    *.txt and any other UTF-8 text      one document per file (also .txt.gz, .txt.zst)
-    *.jsonl, *.jsonl.gz, *.jsonl.zst    one record per line
-    *.json                              a JSON array of records
-    *.parquet                           one record per row, streamed a batch at a time
-    a `datasets` save_to_disk directory one record per row of its --hf-split
-and a dataset by name, streamed through `datasets.load_dataset`. A record's document is
-its text field, or a chat (`messages`, a list of {role, content}) rendered with the
-tokenizer's chat template or as `role: content` lines. A bad record fails the first pass,
-before anything is written, naming the file and the record.
-
-Mixing: inputs given weights (`a.jsonl:0.7`) are sources, each weight its share of the
-training tokens. Mixing happens here, so train.bin is the mixed stream (whole documents,
-small sources repeated; `mixture_plan`) and training, whose exact resume depends only on
+`prepare` reads its inputs (`subllm.train.sources`: the formats, the skipped files, the
+mixing by weight) in three passes: pass 1 reads every document once, so bad input fails
+before anything is written, and counts them; pass 2 trains the tokenizer on the training
+documents (or takes the given one); pass 3 tokenizes, in `--workers` processes, writing
+the documents in reading order (so train.bin is the same for any number of workers;
+`subllm.train.encode` holds the encoding, its worker processes and the token files).
+Mixed sources are mixed here, so train.bin is the mixed stream (whole documents, small
+sources repeated; `mixture_plan`) and training, whose exact resume depends only on
 train.bin and its seed, needs nothing more. Validation documents are drawn per source
 before mixing and stay unmixed.
 
@@ -25,36 +18,36 @@ A prepared data directory holds
     val.bin          the same for the validation documents (split by document)
     meta.json        token counts, dtype, vocab size, eot id, tokenizer sha256, sources
                      (and with weights, `mixture`: the shares each source got)
-`meta.json` is written last, so a directory without it is incomplete.
-The .bin files are flat arrays (uint16 when the vocabulary fits, else uint32) read through
-`numpy.memmap`, so corpora larger than memory train fine.
+`meta.json` is written last, so a directory without it is incomplete. A split of more than
+`--shard-tokens` tokens is written as shards instead (train-00000.bin, train-00001.bin,
+...; meta.json's `shards` lists each file and its tokens), read as one array
+(`ShardedTokens`). The .bin files are flat arrays (uint16 when the vocabulary fits, else
+uint32) read through `numpy.memmap`, so corpora larger than memory train fine.
+
+torch is imported inside the functions that make batches, not here: `subllm prepare`
+needs none of it (it would cost 2 s and 200 MB).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-import glob
-import gzip
+import itertools
 import json
-import math
 import os
 import random
 import re
 import shutil
 import signal
 import sys
-import sysconfig
 import threading
 import warnings
-import zlib
-from array import array
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
@@ -68,569 +61,33 @@ from subllm.interop.tokenizer import (
     sha256_file,
 )
 from subllm.train.config import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
+from subllm.train.encode import (  # pass 3; tests set _BATCH_DOCS, _Sink and available_cores here
+    _BATCH_DOCS,
+    Encoder,
+    SplitFile,
+    _batches,
+    _encode_batches,
+    _Sink,
+    available_cores,  # bench.prepare imports it here too
+)
+from subllm.train.sources import (
+    ChatRenderer,
+    CorpusStats,
+    InputSpec,
+    ReadOptions,
+    Source,
+    default_corpus_files,  # noqa: F401  (re-exported: tests and bench.pair import it here)
+    iter_documents,
+    mixture_plan,
+    resolve_sources,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 META_FORMAT = 1
-_BINARY_SNIFF_BYTES = 8192
-_ENCODE_BATCH_DOCS = 256
-
-
-# ---------------------------------------------------------------------------------------------
-# Naming the inputs
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One input as given: a file, directory or glob (or, with `hub`, a dataset name for
-    `datasets.load_dataset`), and its mixing weight (None: not mixed)."""
-
-    target: str
-    weight: float | None = None
-    hub: bool = False
-
-    def describe(self) -> str:
-        """How meta.json names it: an absolute path, or `hf:NAME`."""
-        return f"hf:{self.target}" if self.hub else str(Path(self.target).resolve())
-
-
-def check_weight(value: Any, what: str) -> float:
-    """A mixing weight: a finite number > 0 (weights are normalised to shares later)."""
-    try:
-        weight = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        weight = math.nan
-    if not (weight > 0 and math.isfinite(weight)):
-        raise SubLLMError(f"the weight of {what} must be a positive number, got {value}")
-    return weight
-
-
-def parse_input(raw: str | Path | InputSpec, hub: bool = False) -> InputSpec:
-    """`PATH` or `PATH:WEIGHT` (`shards/*.parquet:0.3`). The part after the last colon is a
-    weight only when it reads as a number and the whole string names no existing path (so
-    a file called `notes:2` is still read as itself). A Path is taken as it is."""
-    if isinstance(raw, InputSpec):
-        return raw
-    if isinstance(raw, Path):
-        return InputSpec(str(raw), hub=hub)
-    head, colon, tail = raw.rpartition(":")
-    if not colon or os.path.exists(raw):
-        return InputSpec(raw, hub=hub)
-    try:
-        float(tail)
-    except ValueError:
-        return InputSpec(raw, hub=hub)  # a colon inside a name, e.g. a URL or a drive
-    if not head.strip():
-        raise SubLLMError(f"input {raw!r} has a weight but no path; write PATH:WEIGHT")
-    return InputSpec(head, check_weight(tail, head), hub=hub)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One thing documents are read from. `kind` says how: text (one document per file,
-    .txt.gz / .txt.zst decompressed), jsonl (also .gz / .zst), json (an array of records),
-    parquet, hf-disk (a `save_to_disk` directory), hf-hub (`location` is a dataset name)."""
-
-    kind: str
-    location: str
-
-
-@dataclass(frozen=True)
-class Source:
-    """Units read one after another as one stream of documents; `weight` is its target
-    share of the training tokens when sources are mixed (None: not mixed)."""
-
-    name: str
-    units: tuple[Unit, ...]
-    weight: float | None = None
-
-
-_SUFFIX_KINDS = ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".jsonl.zst", "jsonl"),
-                 (".json", "json"), (".parquet", "parquet"), (".txt.gz", "text"),
-                 (".txt.zst", "text"))
-
-
-def is_saved_dataset(directory: Path) -> bool:
-    """Whether `datasets`' save_to_disk wrote this directory (a Dataset or a DatasetDict)."""
-    return (directory / "dataset_dict.json").is_file() or (
-        (directory / "state.json").is_file() and (directory / "dataset_info.json").is_file())
-
-
-def _unit_of(path: Path) -> Unit:
-    if path.is_dir():
-        return Unit("hf-disk", str(path))
-    kind = next((k for suffix, k in _SUFFIX_KINDS if path.name.endswith(suffix)), "text")
-    return Unit(kind, str(path))
-
-
-def default_corpus_files() -> list[Path]:
-    """The running Python's standard-library source: *.py outside site-packages and tests.
-
-    About 15 MB of code for CPython 3.11, in a fixed (sorted) order.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip_dirs = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
-        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _walk(directory: Path) -> list[Path]:
-    """Files under a directory, recursively, hidden entries and caches skipped, sorted; a
-    `save_to_disk` directory inside is one entry (its Arrow files are not text)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        here = Path(dirpath)
-        saved = {d for d in dirnames if is_saved_dataset(here / d)}
-        found += [here / d for d in saved if not d.startswith(".")]
-        dirnames[:] = sorted(d for d in dirnames
-                             if not d.startswith(".") and d != "__pycache__" and d not in saved)
-        found += [here / f for f in sorted(filenames) if not f.startswith(".")]
-    return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
-
-
-def input_paths(spec: InputSpec) -> list[Path]:
-    """The paths an input names: itself, or a glob's matches in sorted order."""
-    if spec.hub:
-        return []
-    if not os.path.exists(spec.target) and any(c in spec.target for c in "*?["):
-        return [Path(p) for p in sorted(glob.glob(spec.target, recursive=True))]
-    return [Path(spec.target)]
-
-
-def _units_of(spec: InputSpec) -> list[Unit]:
-    """What an input reads, in order; a missing path or an empty directory is an error."""
-    if spec.hub:
-        return [Unit("hf-hub", spec.target)]
-    paths = input_paths(spec)
-    if not paths:
-        raise SubLLMError(f"input {spec.target} matches no files; check the --input pattern")
-    units = []
-    for path in paths:
-        if not path.exists():
-            raise SubLLMError(f"input {path} does not exist; check the --input path")
-        if path.is_dir() and not is_saved_dataset(path):
-            found = _walk(path)
-            if not found:
-                hidden = any(p.name.startswith(".") for p in path.iterdir())
-                raise SubLLMError(
-                    f"input directory {path} holds no files to read" + (
-                        " (hidden files and folders are skipped)" if hidden else " (it is empty)")
-                    + "; point --input at your text")
-            units += [_unit_of(p) for p in found]
-        elif not path.is_dir() and not path.is_file():
-            raise SubLLMError(f"input {path} is not a regular file (a FIFO, socket or device); "
-                              "pass a text file or a directory")
-        else:
-            units.append(_unit_of(path))
-    return units
-
-
-def resolve_sources(
-    inputs: list[str | Path | InputSpec] | None, hf_dataset: str | None = None
-) -> tuple[list[Source], list[str]]:
-    """Inputs -> (sources to read, descriptions for meta.json). Without weights all inputs
-    are one source, read in the order given; with weights each input is a source."""
-    specs = [parse_input(raw) for raw in inputs or ()]
-    if hf_dataset is not None:
-        specs.append(parse_input(hf_dataset, hub=True))
-    if not specs:
-        files = default_corpus_files()
-        stdlib = sysconfig.get_paths()["stdlib"]
-        version = ".".join(map(str, sys.version_info[:3]))
-        name = f"python-stdlib {version}: {stdlib}"
-        return [Source(name, tuple(Unit("text", str(f)) for f in files))], [name]
-    weighted = [spec.weight is not None for spec in specs]
-    if any(weighted) and not all(weighted):
-        raise SubLLMError("some inputs have a weight and some do not; give every input a "
-                          "weight (PATH:WEIGHT) to mix them, or none")
-    names = [spec.describe() for spec in specs]
-    if not any(weighted):
-        return [Source(", ".join(names), tuple(u for s in specs for u in _units_of(s)))], names
-    return [Source(name, tuple(_units_of(spec)), spec.weight)
-            for name, spec in zip(names, specs, strict=True)], names
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading documents
-
-
-@dataclass
-class CorpusStats:
-    """What the reader saw; skipped files are counted, never silently lost."""
-
-    files: int = 0
-    documents: int = 0
-    bytes: int = 0
-    skipped: dict[str, int] = field(
-        default_factory=lambda: {"binary": 0, "undecodable": 0, "empty": 0}
-    )
-
-
-class ChatRenderer:
-    """A chat (a list of {role, content}) as one document's text: through the chat template
-    of the --tokenizer model directory when its tokenizer has one (transformers'
-    `apply_chat_template(messages, tokenize=False)`), else as `role: content` lines."""
-
-    def __init__(self, tokenizer: str | Path | None = None) -> None:
-        self.tokenizer = tokenizer
-        self._loaded = False
-        self._hf: Any = None  # the AutoTokenizer with a chat template, or None
-        self._bos: str | None = None  # a BOS the template writes and the encoding adds too
-
-    def __call__(self, messages: list[dict], where: str) -> str:
-        for i, message in enumerate(messages):
-            if not (isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                raise SubLLMError(f"{where}: chat message {i} needs a string `role` and "
-                                  "`content`; fix the record or pass --text-field")
-        hf = self._template()
-        if hf is None:
-            return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        try:
-            text = hf.apply_chat_template(messages, tokenize=False)
-        except Exception as e:  # jinja raises what the template says (roles out of order...)
-            raise SubLLMError(f"{where}: the tokenizer's chat template cannot render this "
-                              f"chat ({_first_line(e)})") from None
-        if self._bos and text.startswith(self._bos):
-            text = text[len(self._bos):]
-        return text
-
-    def _template(self) -> Any:
-        if not self._loaded:
-            self._loaded = True
-            directory = Path(self.tokenizer) if self.tokenizer is not None else None
-            if directory is not None and (directory / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
-
-                try:
-                    hf = AutoTokenizer.from_pretrained(str(directory))
-                except Exception as e:
-                    raise SubLLMError(f"transformers cannot load the tokenizer in {directory} "
-                                      f"({_first_line(e)}); pass its tokenizer.json") from None
-                if getattr(hf, "chat_template", None):
-                    self._hf = hf
-                    # prepare encodes with the tokenizer's special tokens: a BOS the
-                    # template writes as text would come out twice
-                    if hf.bos_token_id is not None and hf("")["input_ids"][:1] == [
-                            hf.bos_token_id]:
-                        self._bos = hf.bos_token
-        return self._hf
-
-
-@dataclass
-class ReadOptions:
-    """How records become documents: the text field, the split of a `datasets` dataset
-    (and the configuration of one loaded by name), the renderer of chats."""
-
-    text_field: str = "text"
-    hf_split: str = "train"
-    hf_config: str | None = None
-    chat: ChatRenderer = field(default_factory=ChatRenderer)
-
-
-_CHUNK_BYTES = 1 << 16  # compressed bytes per step: a broken stream is found near its line
-_BATCH_ROWS = 1024  # Parquet / Arrow rows per batch: documents can be long
-
-
-class _BrokenStream(Exception):
-    """A compressed stream that does not decompress (zstandard's error, or a cut frame)."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _zstandard() -> Any:
-    try:
-        import zstandard
-    except ImportError:
-        raise SubLLMError("reading .zst files needs the zstandard package: "
-                          "pip install zstandard") from None
-    return zstandard
-
-
-def _zstd_chunks(path: Path) -> Iterator[bytes]:
-    """The decompressed bytes of a .zst file, frame after frame. A file that ends inside
-    a frame is an error (zstandard's stream reader would end quietly, a document short)."""
-    zstd = _zstandard()
-    new = zstd.ZstdDecompressor().decompressobj
-    state = new()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-            while chunk:
-                if state.eof:
-                    state = new()
-                try:
-                    yield state.decompress(chunk)
-                except zstd.ZstdError as e:
-                    raise _BrokenStream(str(e)) from None
-                chunk = state.unused_data if state.eof else b""
-    if not state.eof:
-        raise _BrokenStream("the file ends inside a zstd frame")
-
-
-def _raw_lines(path: Path) -> Iterator[bytes]:
-    """A file's lines as bytes, decompressed when its name ends in .gz or .zst."""
-    if path.name.endswith(".zst"):
-        yield from _lines(_zstd_chunks(path))
-        return
-    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as f:
-        yield from f
-
-
-_READ_ERRORS = (OSError, EOFError, zlib.error, _BrokenStream)  # gzip says EOFError when cut
-
-
-def _read_failure(path: Path, lines: int | None, e: BaseException) -> SubLLMError:
-    """A file that cannot be opened, or (`lines` read before it broke) decompressed."""
-    if lines is None or (isinstance(e, OSError) and e.errno is not None):
-        return SubLLMError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
-    return SubLLMError(f"{path}: reading stops after line {lines} ({_first_line(e)}); the "
-                       "file is truncated or corrupt")
-
-
-def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    rest = b""
-    for chunk in chunks:
-        *lines, rest = (rest + chunk).split(b"\n")
-        yield from lines
-    if rest:
-        yield rest
-
-
-def _text_of(data: bytes, stats: CorpusStats) -> str | None:
-    """A file's text, or None (counted) when it is binary, not UTF-8, or empty."""
-    if b"\x00" in data[:_BINARY_SNIFF_BYTES]:
-        stats.skipped["binary"] += 1
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.skipped["undecodable"] += 1
-        return None
-    if not text.strip():
-        stats.skipped["empty"] += 1
-        return None
-    return text
-
-
-def _text_document(path: Path, stats: CorpusStats) -> str | None:
-    """A text file's document; only .txt.gz / .txt.zst are decompressed (any other .gz is
-    skipped as binary, as it always was: it may be a large archive)."""
-    try:
-        if path.name.endswith(".txt.zst"):
-            data = b"".join(_zstd_chunks(path))
-        elif path.name.endswith(".txt.gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except _READ_ERRORS as e:
-        raise _read_failure(path, None, e) from None
-    return _text_of(data, stats)
-
-
-# Record readers: (where, record) pairs, `where` naming the file and the record in messages
-# (`file:LINE` for JSON lines, `file record I` / `file row I` counted from 0 for the rest).
-
-
-def _jsonl_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
-    lineno = 0
-    try:
-        for lineno, raw in enumerate(_raw_lines(path), 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SubLLMError(f"{path}:{lineno} is not UTF-8 text; convert the file to "
-                                  "UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SubLLMError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}); "
-                    "a .jsonl file needs one JSON object per line"
-                ) from None
-            yield f"{path}:{lineno}", record
-    except _READ_ERRORS as e:
-        raise _read_failure(path, lineno, e) from None
-
-
-def _json_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as e:
-        raise _read_failure(path, None, e) from None
-    except UnicodeDecodeError:
-        raise SubLLMError(f"{path} is not UTF-8 text; convert it to UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise SubLLMError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); a .json "
-            "input is one JSON array of records (name a file of one object per line .jsonl)"
-        ) from None
-    if not isinstance(data, list):
-        raise SubLLMError(f"{path} holds a JSON {_json_type(data)}, not an array of records; "
-                          "a .json input is a JSON array of objects with a text field")
-    for i, record in enumerate(data):
-        yield f"{path} record {i}", record
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number" if isinstance(value, (int, float)) else
-                     type(value).__name__)
-
-
-def _text_column(columns: list[str], options: ReadOptions, where: str) -> str:
-    """The column to read: the text field, else a chat's `messages`."""
-    for name in (options.text_field, "messages"):
-        if name in columns:
-            return name
-    raise _missing_field(where, options.text_field, columns)
-
-
-def _missing_field(where: str, name: str, fields: list[str]) -> SubLLMError:
-    return SubLLMError(f"{where} has no field `{name}` (its fields: "
-                       f"{', '.join(map(str, fields)) or 'none'}); pass --text-field NAME")
-
-
-def _parquet_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
-    """Rows of the text column, a batch at a time (never the whole file)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    row = 0
-    try:
-        with pq.ParquetFile(path) as parquet:
-            column = _text_column(parquet.schema_arrow.names, options, f"{path} row 0")
-            for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[column]):
-                for value in batch.column(0).to_pylist():
-                    yield f"{path} row {row}", {column: value}
-                    row += 1
-    except (pa.ArrowException, OSError) as e:
-        raise SubLLMError(f"{path} row {row}: cannot read it as Parquet ({_first_line(e)}); "
-                          "the file is truncated or corrupt") from None
-
-
-def _datasets() -> Any:
-    try:
-        import datasets
-    except ImportError:
-        raise SubLLMError("reading a Hugging Face dataset needs the datasets package: "
-                          "pip install datasets") from None
-    return datasets
-
-
-def _saved_dataset_records(path: Path, options: ReadOptions) -> Iterator[tuple[str, Any]]:
-    """Rows of a `save_to_disk` directory (its --hf-split, for a DatasetDict), a batch at a
-    time from the memory-mapped Arrow files."""
-    datasets = _datasets()
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except Exception as e:  # datasets raises many kinds; say which and where
-        raise SubLLMError(f"cannot load the saved dataset {path} ({_first_line(e)})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        if options.hf_split not in dataset:
-            raise SubLLMError(f"{path} has no split `{options.hf_split}` (its splits: "
-                              f"{', '.join(dataset)}); pass --hf-split NAME")
-        dataset = dataset[options.hf_split]
-    column = _text_column(dataset.column_names, options, f"{path} row 0")
-    row = 0
-    try:
-        for batch in dataset.select_columns([column]).iter(batch_size=_BATCH_ROWS):
-            for value in batch[column]:
-                yield f"{path} row {row}", {column: value}
-                row += 1
-    except Exception as e:
-        raise SubLLMError(f"{path} row {row}: cannot read the saved dataset "
-                          f"({_first_line(e)}); it is damaged") from None
-
-
-def _hub_records(name: str, options: ReadOptions) -> Iterator[tuple[str, Any]]:
-    """Rows of `datasets.load_dataset(name, config, split=..., streaming=True)`."""
-    datasets = _datasets()
-    try:
-        dataset = datasets.load_dataset(name, options.hf_config, split=options.hf_split,
-                                        streaming=True)
-        if dataset.column_names:  # known up front for most formats: read only that column
-            dataset = dataset.select_columns(
-                [_text_column(dataset.column_names, options, f"{name} row 0")])
-    except SubLLMError:
-        raise
-    except Exception as e:
-        raise SubLLMError(f"cannot load the dataset {name} ({_first_line(e)}); check "
-                          "--hf-dataset, --hf-config and --hf-split") from None
-    row = 0
-    try:
-        for record in dataset:
-            yield f"{name} row {row}", record
-            row += 1
-    except Exception as e:
-        raise SubLLMError(f"{name} row {row}: cannot read the dataset "
-                          f"({_first_line(e)})") from None
-
-
-_RECORD_READERS = {"jsonl": _jsonl_records, "json": _json_records,
-                   "parquet": _parquet_records, "hf-disk": _saved_dataset_records}
-
-
-def _record_text(where: str, record: Any, options: ReadOptions) -> str:
-    """The document of a record: its text field, or its chat (`messages`, or a text field
-    holding one) rendered by `options.chat`."""
-    name = options.text_field
-    if not isinstance(record, dict):
-        raise SubLLMError(f"{where} is a JSON {_json_type(record)}, not an object with a "
-                          f"`{name}` field")
-    if name not in record and isinstance(record.get("messages"), list):
-        name = "messages"
-    if name not in record:
-        raise _missing_field(where, options.text_field, list(record))
-    value = record[name]
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        return options.chat(value, where)
-    if not isinstance(value, str):
-        raise SubLLMError(
-            f"{where}: field `{name}` is {_json_type(value)}, not a string; pass "
-            "--text-field naming a text field"
-        )
-    return value
-
-
-def _unit_documents(unit: Unit, options: ReadOptions, stats: CorpusStats) -> Iterator[str]:
-    if unit.kind == "hf-hub":
-        records = _hub_records(unit.location, options)
-    else:
-        path = Path(unit.location)
-        if unit.kind != "hf-disk" and not path.is_file():  # a FIFO would block or never end
-            stats.skipped["not regular files"] = stats.skipped.get("not regular files", 0) + 1
-            return
-        if unit.kind == "text":
-            text = _text_document(path, stats)
-            if text is not None:
-                yield text
-            return
-        records = _RECORD_READERS[unit.kind](path, options)
-    for where, record in records:
-        text = _record_text(where, record, options)
-        if not text.strip():
-            stats.skipped["empty"] += 1
-            continue
-        yield text
-
-
-def iter_documents(
-    units: Iterable[Unit], options: ReadOptions, stats: CorpusStats
-) -> Iterator[str]:
-    """Documents in a fixed order: one per text file, one per record of the rest."""
-    for unit in units:
-        stats.files += 1
-        for text in _unit_documents(unit, options, stats):
-            stats.documents += 1
-            stats.bytes += len(text)
-            yield text
+DEFAULT_SHARD_TOKENS = 1 << 30  # tokens per .bin file at most: 2 GiB of uint16, 4 of uint32
+_AUTO_CHARS_PER_WORKER = 4 << 20  # by default, a worker process for each 4 M characters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,10 +118,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 OUTPUTS = ("tokenizer.json", "train.bin", "val.bin", "meta.json")
-# prepare's temporaries in the output directory: `.train.bin.tmp-PID` (and the training
-# documents before mixing, `.pool.bin.tmp-PID`), `.write-test-PID`
-_TEMPORARY = re.compile(r"^\.(?:(?:tokenizer\.json|train\.bin|val\.bin|meta\.json|pool\.bin)"
+# prepare's temporaries in the output directory: `.train.bin.tmp-PID` (`.train-00000.bin...`
+# when sharded; the training documents before mixing, `.pool.bin.tmp-PID`), `.write-test-PID`
+_TEMPORARY = re.compile(r"^\.(?:(?:tokenizer\.json|(?:train|val|pool)(?:-\d{5})?\.bin|meta\.json)"
                         r"\.tmp|write-test)-(?P<pid>\d+)$")
+_TOKEN_FILE = re.compile(r"^(?:train|val)(?:-\d{5})?\.bin$")  # what a prepare writes
 
 
 class Terminated(BaseException):
@@ -754,15 +212,23 @@ def prepare(
     hf_dataset: str | None = None,
     hf_config: str | None = None,
     hf_split: str = "train",
+    workers: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> dict[str, Any]:
     """Tokenize a corpus into `out_dir`; returns the contents of its meta.json.
 
     `inputs`: files, directories and globs (a str may end in `:WEIGHT`, see `parse_input`);
     `hf_dataset`: a dataset name for `datasets.load_dataset`, streamed, read after them.
-    Deterministic for a given input, tokenizer settings and seed: documents are read in
-    sorted order and the validation documents are drawn by `random.Random(seed)`. With
-    weights, train.bin is the mixture `mixture_plan` draws, and meta.json's `mixture` says
-    what each source got.
+    Deterministic for a given input, tokenizer settings and seed, whatever `workers`
+    (processes that tokenize; default: one per core, fewer for a small corpus; 1: in this
+    process): documents are read in sorted order and the validation documents are drawn
+    by `random.Random(seed)`. With weights, train.bin is the mixture `mixture_plan` draws,
+    and meta.json's `mixture` says what each source got. A split of more than
+    `shard_tokens` tokens is written as shards.
+
+    The workers are started by `spawn`, which imports the calling script again in each:
+    a script that calls this with more than one worker needs the usual
+    `if __name__ == "__main__":` guard around its work.
     """
     out_dir = Path(out_dir)
     if not 0.0 < val_fraction < 1.0:
@@ -771,6 +237,9 @@ def prepare(
         raise SubLLMError(
             f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}"
         )
+    for name, value in (("workers", workers), ("shard-tokens", shard_tokens)):
+        if value is not None and value < 1:
+            raise SubLLMError(f"--{name} must be at least 1, got {value}")
     sources, descriptions = resolve_sources(inputs, hf_dataset)
     options = ReadOptions(text_field, hf_split, hf_config, ChatRenderer(tokenizer))
     mixed = sources[0].weight is not None
@@ -787,45 +256,51 @@ def prepare(
             "(.jsonl, .json, .parquet, a Hugging Face dataset)"
         )
     n_docs = stats.documents
-    val_docs = (_split_per_source(sources, per_source, val_fraction, seed) if mixed
-                else _split_documents(n_docs, val_fraction, seed))
-    n_val = len(val_docs)
+    is_val = (_split_per_source(sources, per_source, val_fraction, seed) if mixed
+              else _split_documents(n_docs, val_fraction, seed))
 
     def texts(split: str | None = None) -> Iterator[str]:
         docs = (text for source in sources
                 for text in iter_documents(source.units, options, CorpusStats()))
         for i, text in enumerate(docs):
-            if split is None or (i in val_docs) == (split == "val"):
+            if split is None or is_val[i] == (split == "val"):
                 yield text
 
     created = _make_out_dir(out_dir)
-    tmp = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in OUTPUTS}
-    pool = out_dir / f".pool.bin.tmp-{os.getpid()}"  # mixing: the training documents, once
+    tmp = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in ("tokenizer.json",
+                                                                     "meta.json")}
+    files: dict[str, SplitFile] = {}
     try:
         # Pass 2: the tokenizer, trained on the training documents only (each once).
-        tok, eot_id = _make_tokenizer(tokenizer, vocab_size, texts("train" if n_val else None),
-                                      n_docs - n_val, tmp["tokenizer.json"], progress)
+        n_train = n_docs - int(is_val.sum())
+        tok, eot_id = _make_tokenizer(tokenizer, vocab_size,
+                                      texts("train" if n_train < n_docs else None), n_train,
+                                      tmp["tokenizer.json"], progress)
         vocab = tok.get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(vocab)
 
         # Pass 3: encode; mixing writes the training documents to the pool, then draws.
-        with open(pool if mixed else tmp["train.bin"], "wb") as f_train, \
-                open(tmp["val.bin"], "wb") as f_val:
-            counts, doc_counts, sizes = _encode(
-                tok, eot_id, dtype, texts(), val_docs, {"train": f_train, "val": f_val},
-                tqdm(total=n_docs, desc="tokenizing", unit=" docs", disable=not bars),
-                keep_sizes=mixed)
+        for split in ("pool", "train", "val") if mixed else ("train", "val"):
+            files[split] = SplitFile(out_dir, split, None if split == "pool" else shard_tokens)
+        sink = _Sink({"train": files["pool" if mixed else "train"], "val": files["val"]},
+                     is_val, val_fraction, _token_bar(stats.bytes, bars), keep_lengths=mixed)
+        with sink.bar:
+            # data._BATCH_DOCS passed on, so that setting it here (tests: small batches) works
+            _encode_batches(_batches(texts(), _BATCH_DOCS), Encoder(tok, eot_id, dtype),
+                            _workers(workers, stats), sink, tmp["tokenizer.json"])
+        doc_counts = sink.documents
         mixture = None
         if mixed:
-            mixture = _mix(sources, per_source, sizes, val_docs, pool, tmp["train.bin"],
-                           dtype, seed)
-            pool.unlink()
-            counts["train"] = sum(entry["tokens"] for entry in mixture)
+            files["pool"].close()
+            mixture = _mix(sources, per_source, np.concatenate(sink.lengths), is_val,
+                           files["pool"].temps[0], files["train"], dtype, seed)
+            files.pop("pool").temps[0].unlink()
             doc_counts["train"] = sum(entry["documents"] for entry in mixture)
-        split_by = "documents"
-        if n_val == 0:
-            split_by = "tokens"
-            counts = _split_single_document(tmp["train.bin"], tmp["val.bin"], dtype, val_fraction)
+        for f in files.values():
+            f.close()
+        counts = {split: files[split].tokens for split in ("train", "val")}
+        if n_docs == 1:
+            doc_counts = {"train": 1, "val": 0}
         if min(counts.values()) < 2:
             raise SubLLMError(
                 f"the corpus is too small to split ({counts['train']} train / {counts['val']} "
@@ -837,8 +312,8 @@ def prepare(
             "eot_id": eot_id,
             "dtype": dtype.name,
             "tokens": counts,
-            "documents": doc_counts if split_by == "documents" else {"train": 1, "val": 0},
-            "split": split_by,
+            "documents": doc_counts,
+            "split": "tokens" if n_docs == 1 else "documents",
             "val_fraction": val_fraction,
             "seed": seed,
             "tokenizer_sha256": sha256_file(tmp["tokenizer.json"]),
@@ -853,18 +328,51 @@ def prepare(
             meta["hf_split"], meta["hf_config"] = hf_split, hf_config
         if mixture is not None:
             meta["mixture"] = mixture
+        shards = {split: f.index() for split, f in files.items() if len(f.counts) > 1}
+        if shards:
+            meta["shards"] = shards
         tmp["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
-        # meta.json goes last: its presence marks a complete data directory.
-        with _signals_deferred():
-            for name in OUTPUTS:
-                os.replace(tmp[name], out_dir / name)
+        _publish(out_dir, tmp, files)
     except BaseException:
-        for path in (*tmp.values(), pool):
+        for f in files.values():
+            f.close()
+        for path in (*tmp.values(), *(p for f in files.values() for p in f.temps)):
             path.unlink(missing_ok=True)
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()
         raise
     return meta
+
+
+def _publish(out_dir: Path, tmp: dict[str, Path], files: dict[str, SplitFile]) -> None:
+    """Rename the outputs into place, meta.json last (its presence marks a complete data
+    directory), then remove the token files of an earlier prepare that this one did not
+    write (shards where there is now one file, or more shards than now)."""
+    renames = [(tmp["tokenizer.json"], "tokenizer.json"),
+               *((t, n) for f in files.values() for t, n in zip(f.temps, f.names(), strict=True)),
+               (tmp["meta.json"], "meta.json")]
+    with _signals_deferred():
+        for temp, name in renames:
+            os.replace(temp, out_dir / name)
+        for p in out_dir.iterdir():
+            if _TOKEN_FILE.match(p.name) and p.name not in {n for _, n in renames}:
+                p.unlink(missing_ok=True)
+
+
+def _token_bar(chars: int, enabled: bool) -> Any:
+    """Pass 3's progress: the share of the text (pass 1 counted it) for the ETA, and the
+    tokens so far with their rate."""
+    return tqdm(total=chars, desc="tokenizing", unit=" chars", unit_scale=True,
+                disable=not enabled, bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+
+
+def _workers(requested: int | None, stats: CorpusStats) -> int:
+    """The processes to tokenize with: as asked, or by default one per core, but fewer
+    for a small corpus (starting one takes about half a second; and one process
+    tokenizes with every core already, only not its own reading and writing)."""
+    if requested is not None:
+        return requested
+    return max(1, min(available_cores(), stats.bytes // _AUTO_CHARS_PER_WORKER))
 
 
 def _count_documents(sources: list[Source], options: ReadOptions, stats: CorpusStats,
@@ -880,28 +388,32 @@ def _count_documents(sources: list[Source], options: ReadOptions, stats: CorpusS
     return per_source
 
 
-def _split_documents(n_docs: int, val_fraction: float, seed: int) -> set[int]:
-    """The validation documents; a single document (one big .txt) is split by tokens
-    instead (none here)."""
+def _split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Whether each document is a validation document; a single document (one big .txt)
+    is split by tokens instead (none here)."""
     n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1) if n_docs > 1 else 0
-    return set(random.Random(seed).sample(range(n_docs), n_val))
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[random.Random(seed).sample(range(n_docs), n_val)] = True
+    return is_val
 
 
 def _split_per_source(sources: list[Source], per_source: list[int], val_fraction: float,
-                      seed: int) -> set[int]:
+                      seed: int) -> np.ndarray:
     """The validation documents of mixed sources, drawn from each source alike (before
     mixing, so no document is in both splits; validation stays unmixed)."""
     rng = random.Random(seed)
-    val: set[int] = set()
+    val: list[int] = []
     start = 0
     for source, n in zip(sources, per_source, strict=True):
         if n < 2:
             raise SubLLMError(f"source {source.name} has {n} document(s); a mixed source needs "
                               "at least 2 (validation takes whole documents)")
         n_val = min(max(1, round(val_fraction * n)), n - 1)
-        val.update(start + i for i in rng.sample(range(n), n_val))
+        val += [start + i for i in rng.sample(range(n), n_val)]
         start += n
-    return val
+    is_val = np.zeros(start, dtype=bool)
+    is_val[val] = True
+    return is_val
 
 
 def _make_tokenizer(tokenizer: str | Path | None, vocab_size: int, texts: Iterator[str],
@@ -929,88 +441,16 @@ def _make_tokenizer(tokenizer: str | Path | None, vocab_size: int, texts: Iterat
         return tok, eos_id
 
 
-def _encode(tok: Any, eot_id: int, dtype: np.dtype, texts: Iterator[str], val_docs: set[int],
-            outs: dict[str, Any], bar: Any, keep_sizes: bool
-            ) -> tuple[dict[str, int], dict[str, int], array]:
-    """Pass 3: encode in batches (the Rust side uses every core), each document as the
-    tokenizer encodes it (its post-processor: a BOS first where its template adds one),
-    then eot unless the template ended it with eot already; each to its split's file.
-    Returns the token and document counts per split, and each document's token count
-    when `keep_sizes`."""
-    tok.no_truncation()  # whole documents, whatever lengths the tokenizer file sets
-    tok.no_padding()
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    counts = {"train": 0, "val": 0}
-    doc_counts = {"train": 0, "val": 0}
-    sizes = array("q")
-    batch: list[tuple[int, str]] = []
-
-    def flush() -> None:
-        encoded = encode([t for _, t in batch], add_special_tokens=True)
-        for (i, _), enc in zip(batch, encoded, strict=True):
-            split = "val" if i in val_docs else "train"
-            end = [] if enc.ids[-1:] == [eot_id] else [eot_id]
-            ids = np.asarray(enc.ids + end, dtype=dtype)
-            outs[split].write(ids.tobytes())
-            counts[split] += len(ids)
-            doc_counts[split] += 1
-            if keep_sizes:
-                sizes.append(len(ids))
-        bar.update(len(batch))
-        batch.clear()
-
-    with bar:
-        for i, text in enumerate(texts):
-            batch.append((i, text))
-            if len(batch) == _ENCODE_BATCH_DOCS:
-                flush()
-        if batch:
-            flush()
-    return counts, doc_counts, sizes
-
-
 # ---------------------------------------------------------------------------------------------
 # Mixing sources
 
 
-def mixture_plan(lengths: np.ndarray, source: np.ndarray, weights: list[float],
-                 seed: int) -> np.ndarray:
-    """The documents of the mixed training stream (indices into `lengths`, shuffled).
-
-    Source s (its documents: `source == s`, T_s tokens) gets share_s = weight_s / sum of
-    the weights of total = max_s(T_s / share_s) tokens: the source that sets the total is
-    used once, every other one is repeated as its share needs and none is cut short. Each
-    gets all its documents floor(target / T_s) times, then a random subset of them (drawn
-    by `seed`) whose tokens come nearest the rest; so a share misses its weight by at most
-    about one document's tokens.
-    """
-    rng = np.random.default_rng(seed)
-    tokens = np.bincount(source, weights=lengths, minlength=len(weights)).astype(np.int64)
-    shares = np.asarray(weights, dtype=np.float64) / sum(weights)
-    total = float(np.max(tokens / shares))
-    picks = []
-    for s, share in enumerate(shares):
-        docs = np.flatnonzero(source == s)
-        copies, rest = divmod(round(share * total), int(tokens[s]))
-        order = rng.permutation(docs)
-        reached = np.cumsum(lengths[order])
-        n = int(np.searchsorted(reached, rest))  # reached[n - 1] < rest <= reached[n]
-        below = reached[n - 1] if n else 0
-        if n < len(order) and reached[n] - rest < rest - below:
-            n += 1  # one more document comes nearer
-        picks += [np.tile(docs, copies), order[:n]]
-    return rng.permutation(np.concatenate(picks))
-
-
-def _mix(sources: list[Source], per_source: list[int], sizes: array, val_docs: set[int],
-         pool: Path, out: Path, dtype: np.dtype, seed: int) -> list[dict[str, Any]]:
+def _mix(sources: list[Source], per_source: list[int], sizes: np.ndarray, is_val: np.ndarray,
+         pool: Path, out: SplitFile, dtype: np.dtype, seed: int) -> list[dict[str, Any]]:
     """Write the mixed train.bin from the pool (the training documents, each once, in
     reading order); returns meta.json's `mixture` (and prints the shares it reached)."""
-    sizes_np = np.frombuffer(sizes, dtype=np.int64)
     source_of = np.repeat(np.arange(len(sources)), per_source)
-    is_val = np.zeros(len(sizes_np), dtype=bool)
-    is_val[list(val_docs)] = True
-    lengths, source = sizes_np[~is_val], source_of[~is_val]
+    lengths, source = sizes[~is_val], source_of[~is_val]
     order = mixture_plan(lengths, source, [s.weight for s in sources], seed)
     _write_documents(pool, out, dtype, lengths, order)
 
@@ -1018,7 +458,7 @@ def _mix(sources: list[Source], per_source: list[int], sizes: array, val_docs: s
     own = np.bincount(source, weights=lengths, minlength=n)
     got = np.bincount(source[order], weights=lengths[order], minlength=n)
     docs = np.bincount(source[order], minlength=n)
-    val_tokens = np.bincount(source_of[is_val], weights=sizes_np[is_val], minlength=n)
+    val_tokens = np.bincount(source_of[is_val], weights=sizes[is_val], minlength=n)
     val_docs_n = np.bincount(source_of[is_val], minlength=n)
     weight_sum = sum(s.weight for s in sources)
     mixture = [{"source": s.name, "weight": round(s.weight / weight_sum, 6),
@@ -1035,31 +475,52 @@ def _mix(sources: list[Source], per_source: list[int], sizes: array, val_docs: s
     return mixture
 
 
-def _write_documents(pool: Path, out: Path, dtype: np.dtype, lengths: np.ndarray,
+def _write_documents(pool: Path, out: SplitFile, dtype: np.dtype, lengths: np.ndarray,
                      order: np.ndarray) -> None:
     """Copy documents of the pool (back to back, `lengths` tokens each) to `out` in
     `order`, a block of documents at a time."""
     tokens = np.memmap(pool, dtype=dtype, mode="r")
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    with open(out, "wb") as f:
-        for first in range(0, len(order), _ENCODE_BATCH_DOCS * 16):
-            block = order[first:first + _ENCODE_BATCH_DOCS * 16]
-            f.write(b"".join(tokens[starts[d]:starts[d + 1]].tobytes() for d in block))
-
-
-def _split_single_document(
-    train_path: Path, val_path: Path, dtype: np.dtype, val_fraction: float
-) -> dict[str, int]:
-    tokens = np.fromfile(train_path, dtype=dtype)
-    n_val = max(2, int(len(tokens) * val_fraction))
-    cut = len(tokens) - n_val
-    tokens[:cut].tofile(train_path)
-    tokens[cut:].tofile(val_path)
-    return {"train": int(cut), "val": int(n_val)}
+    step = _BATCH_DOCS * 16
+    for first in range(0, len(order), step):
+        block = order[first:first + step]
+        out.write(np.concatenate([tokens[starts[d]:starts[d + 1]] for d in block]))
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading a prepared directory
+
+
+class ShardedTokens:
+    """A split written as shards, read as one array the way batches read a memmap: len(),
+    a slice [a:b] (one that crosses a shard boundary is joined), an index, np.asarray."""
+
+    def __init__(self, shards: list[np.ndarray]) -> None:
+        self.shards = shards
+        self.starts = [0, *itertools.accumulate(len(s) for s in shards)]
+        self.dtype = shards[0].dtype
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if not isinstance(key, slice):
+            i = range(len(self))[key]  # negative indices, and IndexError past the end
+            k = bisect.bisect_right(self.starts, i) - 1
+            return self.shards[k][i - self.starts[k]]
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("sharded tokens are sliced with step 1 only")
+        parts = []
+        k = bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            end = min(stop, self.starts[k + 1])
+            parts.append(self.shards[k][start - self.starts[k]:end - self.starts[k]])
+            start, k = end, k + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts or [self.shards[0][:0]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
 
 
 @dataclass
@@ -1081,10 +542,18 @@ class TokenData:
     def eot_id(self) -> int:
         return int(self.meta["eot_id"])
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's token ids as a read-only memory map."""
-        n = int(self.meta["tokens"][split])
-        return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
+    def files(self, split: str) -> list[tuple[Path, int]]:
+        """The split's token files and their token counts: `{split}.bin`, or its shards."""
+        index = self.meta.get("shards", {}).get(split)
+        if index is None:
+            return [(self.path / f"{split}.bin", int(self.meta["tokens"][split]))]
+        return [(self.path / Path(e["file"]).name, int(e["tokens"])) for e in index]
+
+    def tokens(self, split: str) -> np.ndarray | ShardedTokens:
+        """The split's token ids: a read-only memory map, or `ShardedTokens` of several."""
+        maps = [np.memmap(path, dtype=self.meta["dtype"], mode="r", shape=(n,))
+                for path, n in self.files(split)]
+        return maps[0] if len(maps) == 1 else ShardedTokens(maps)
 
 
 def load_data(data_dir: str | Path) -> TokenData:
@@ -1096,24 +565,28 @@ def load_data(data_dir: str | Path) -> TokenData:
     if not meta_path.is_file():
         raise SubLLMError(f"{path} is not a prepared data directory (no meta.json); {hint}")
     try:
-        meta = json.loads(meta_path.read_text())
-        dtype = np.dtype(meta["dtype"])
+        data = TokenData(path, json.loads(meta_path.read_text()))
+        itemsize = np.dtype(data.meta["dtype"]).itemsize
         for split in ("train", "val"):
-            expected = int(meta["tokens"][split]) * dtype.itemsize
-            actual = (path / f"{split}.bin").stat().st_size
-            if actual != expected:
-                raise SubLLMError(
-                    f"{path / (split + '.bin')} has {actual} bytes, meta.json says {expected}; "
-                    f"the directory is damaged, {hint} again"
-                )
-        int(meta["vocab_size"]), int(meta["eot_id"])
+            files = data.files(split)
+            if sum(n for _, n in files) != int(data.meta["tokens"][split]):
+                raise SubLLMError(f"{meta_path}: the {split} shards do not add up to its "
+                                  f"tokens; the directory is damaged, {hint} again")
+            for file, n in files:
+                actual = file.stat().st_size
+                if actual != n * itemsize:
+                    raise SubLLMError(
+                        f"{file} has {actual} bytes, meta.json says {n * itemsize}; "
+                        f"the directory is damaged, {hint} again"
+                    )
+        int(data.meta["vocab_size"]), int(data.meta["eot_id"])
     except SubLLMError:
         raise  # already says what is wrong (it is a ValueError too)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise SubLLMError(f"{path} is not a valid data directory ({e!r}); {hint} again") from None
     if not (path / "tokenizer.json").is_file():
         raise SubLLMError(f"{path} has no tokenizer.json; {hint} again")
-    return TokenData(path, meta)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1133,7 +606,7 @@ class TrainBatches:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: np.ndarray | ShardedTokens,
         batch_size: int,
         seq_len: int,
         seed: int = 0,
@@ -1160,6 +633,8 @@ class TrainBatches:
         self._offset = 0
 
     def _epoch_order(self, epoch: int) -> tuple[torch.Tensor, int]:
+        import torch
+
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perm = torch.randperm(self.windows_per_epoch, generator=g)
@@ -1183,6 +658,8 @@ class TrainBatches:
 
     def next(self) -> torch.Tensor:
         """This rank's next micro-batch, LongTensor (batch_size, seq_len)."""
+        import torch
+
         first = self.consumed + self.rank * self.batch_size
         starts = self.sample_starts(first, self.batch_size)
         self.consumed += self.batch_size * self.world_size
@@ -1202,12 +679,15 @@ class TrainBatches:
 
 
 def val_batches(
-    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None
+    tokens: np.ndarray | ShardedTokens, batch_size: int, seq_len: int,
+    max_batches: int | None = None
 ) -> list[torch.Tensor]:
     """Deterministic validation batches: consecutive windows from the start of val.bin.
 
     A validation split shorter than one window gives one shorter window.
     """
+    import torch
+
     seq_len = min(seq_len, len(tokens))
     n_windows = len(tokens) // seq_len
     rows_per_batch = min(batch_size, n_windows)
