@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
               "training step time, tokens/s, peak memory and MFU: model A vs model B"),
     "infer": ("subllm.bench.pair:INFER",
               "prefill time, decode time per token, KV-cache bytes, peak memory: A vs B"),
+    "serve": ("subllm.bench.serve",
+              "subllm serve under concurrent streaming clients: tokens/s, TTFT, latency, A vs B"),
     "quality": ("subllm.bench.quality",
                 "validation loss at equal tokens and training time: A and B trained alike"),
     "startup": ("subllm.bench.startup",
