@@ -30,12 +30,36 @@ def run_bounded(cmd: list[str], environ: dict[str, str], timeout: float
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
         time.sleep(3)
+        stray = set(_session_pids(proc.pid)) | set(_descendants(proc.pid))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        for pid in stray:  # a rank in a process group of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:  # bounded: a process that escaped would hold the pipes open for ever
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{' '.join(cmd[:8])} ... timed out, and a process it started still "
+                        "holds its output open after SIGKILL")
         pytest.fail(f"{' '.join(cmd[:8])} ... still running after {timeout:g} s; the stacks "
                     f"of its processes:\n{err[-20000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (a rank may run in a session of its own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # field 4: ppid
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _session_pids(sid: int) -> list[int]:

@@ -197,3 +197,19 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path: Path, argv: list[str
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop", [False, True])
+def test_the_cli_drops_dynamos_exit_report(tmp_path, drop: bool) -> None:
+    """torch._dynamo's exit handler imports `tabulate` at interpreter exit, which deadlocked a
+    finished torchrun rank once; the CLI unregisters it (it only logs at INFO level)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    code = (f"import torch._dynamo.utils as u\n"
+            f"u.compile_times = lambda **kw: open({str(marker)!r}, 'w').write('x')\n"
+            f"from subllm import cli\n" + ("cli._drop_dynamo_exit_report()\n" if drop else ""))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert marker.exists() != drop

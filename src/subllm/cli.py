@@ -14,6 +14,7 @@ and exit code 130 (`subllm.interrupt`).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import faulthandler
 import importlib
@@ -202,6 +203,17 @@ def _main(argv: list[str]) -> int:
         return 1
     finally:
         warnings.formatwarning = plain
+        _drop_dynamo_exit_report()
+
+
+def _drop_dynamo_exit_report() -> None:
+    """torch._dynamo (imported by torch.distributed and others) registers an exit handler
+    that imports `tabulate` to log compile times at INFO level, which we never show. An
+    import at interpreter exit can deadlock with the threads torch.distributed leaves
+    (seen in a torchrun rank that finished its work, then hung at exit): drop it."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is not None and hasattr(utils, "dump_compile_times"):
+        atexit.unregister(utils.dump_compile_times)
 
 
 if __name__ == "__main__":
