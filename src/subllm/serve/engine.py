@@ -15,12 +15,11 @@ dict at a time: {"type": "delta", "choice", "text", "logprobs"}, {"type": "finis
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +56,6 @@ class Request:
     cancelled: bool = False
     rows_left: int = 0
     completion_tokens: int = 0
-    id: int = field(default_factory=itertools.count().__next__)
 
     def cancel(self) -> None:
         """Stop decoding this request (a client went away); its rows leave at the next step."""
