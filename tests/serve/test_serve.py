@@ -80,18 +80,6 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, prepare_corpus, tiny_settings) -> Path:
-    import yaml
-
-    root = tmp_path_factory.mktemp("serve")
-    data = prepare_corpus(root, 12)
-    settings = tiny_settings(data, **{"max-steps": 4, "out": str(root / "run")})
-    (root / "train.yaml").write_text(yaml.safe_dump(settings))
-    assert main(["train", "--config", str(root / "train.yaml")]) == 0
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
 def served(run: Path):
     s = Served(run, max_batch_size=32)
     yield s

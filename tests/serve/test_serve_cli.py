@@ -20,18 +20,6 @@ from subllm.serve.engine import Engine, Sampling
 from subllm.train.load import load_any
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, prepare_corpus, tiny_settings) -> Path:
-    import yaml
-
-    root = tmp_path_factory.mktemp("serve-cli")
-    data = prepare_corpus(root, 12)
-    settings = tiny_settings(data, **{"max-steps": 2, "out": str(root / "run")})
-    (root / "train.yaml").write_text(yaml.safe_dump(settings))
-    assert main(["train", "--config", str(root / "train.yaml")]) == 0
-    return root / "run"
-
-
 @pytest.mark.slow
 def test_sigterm_drains_the_streams_in_flight_then_exits_0(run: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "subllm", "serve", "--checkpoint", str(run),

@@ -176,10 +176,16 @@ def create_app(engine: Engine, model_name: str, chat_format: ChatFormat | None =
         return {"object": "list", "data": [{"id": model_name, "object": "model",
                                             "created": created, "owned_by": "subllm"}]}
 
-    def check_model(name: str | None) -> None:
-        if name not in (None, "", model_name):
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+    async def parse(request: Request, schema: type[_Common]) -> Any:
+        """The request body, checked against `schema` and for the model it names."""
+        try:
+            req = schema.model_validate(await _read_json(request, max_body_bytes))
+        except ValidationError as e:
+            raise _first_error(e) from None
+        if req.model not in (None, "", model_name):
+            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
                            f"{model_name!r}", param="model", code="model_not_found")
+        return req
 
     def sampling(req: _Common, prompts: list[list[int]], max_tokens: int | None,
                  default: int | None, logprobs: int | None) -> Sampling:
@@ -266,12 +272,7 @@ def create_app(engine: Engine, model_name: str, chat_format: ChatFormat | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        data = await _read_json(request, max_body_bytes)
-        try:
-            req = CompletionRequest.model_validate(data)
-        except ValidationError as e:
-            raise _first_error(e) from None
-        check_model(req.model)
+        req = await parse(request, CompletionRequest)
         p = req.prompt
         if isinstance(p, str):
             prompts = [encode(p)]
@@ -292,12 +293,7 @@ def create_app(engine: Engine, model_name: str, chat_format: ChatFormat | None =
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        data = await _read_json(request, max_body_bytes)
-        try:
-            req = ChatRequest.model_validate(data)
-        except ValidationError as e:
-            raise _first_error(e) from None
-        check_model(req.model)
+        req = await parse(request, ChatRequest)
         messages = []
         for m in req.messages:
             content = m.content or ""
