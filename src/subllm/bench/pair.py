@@ -248,6 +248,18 @@ def render_train_markdown(report: dict[str, Any]) -> str:
 # ---- infer --------------------------------------------------------------------------
 
 
+def add_b_arguments(p: argparse.ArgumentParser) -> None:
+    """How B gets its weights: a trained run, or a brief calibration (infer, serve)."""
+    p.add_argument("--checkpoint-b", default=None, metavar="RUN_DIR",
+                   help="B = this trained run (its newest checkpoint); A gets B's shape")
+    p.add_argument("--calibrate-steps", type=int, default=300,
+                   help="without --checkpoint-b: train a SUBLLM B this many AdamW steps first "
+                        "(0: random weights; default 300)")
+    p.add_argument("--calibrate-seq-len", type=int, default=64)
+    p.add_argument("--calibrate-batch-size", type=int, default=4)
+    p.add_argument("--calibrate-lr", type=float, default=2e-3)
+
+
 def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lens", default="512,2048",
                    help="comma-separated prompt lengths (default 512,2048)")
@@ -259,14 +271,7 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
                         "text's continuation")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed prefills per model and case (default 3)")
-    p.add_argument("--checkpoint-b", default=None, metavar="RUN_DIR",
-                   help="B = this trained run (its newest checkpoint); A gets B's shape")
-    p.add_argument("--calibrate-steps", type=int, default=300,
-                   help="without --checkpoint-b: train a SUBLLM B this many AdamW steps first "
-                        "(0: random weights; default 300)")
-    p.add_argument("--calibrate-seq-len", type=int, default=64)
-    p.add_argument("--calibrate-batch-size", type=int, default=4)
-    p.add_argument("--calibrate-lr", type=float, default=2e-3)
+    add_b_arguments(p)
     p.add_argument("--calibrate-balancer-strength", type=float, default=None,
                    help="balancer_strength during calibration only (default: the model's)")
     p.add_argument("--calibrate-shift", action="store_true",

@@ -54,6 +54,8 @@ STOP_WAIT_S = 60.0  # a drained server exits within this after SIGTERM, or it is
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from subllm.bench import pair  # its flags for B, shared with bench infer
+
     p.add_argument("--pair", default=DEFAULT_PAIR,
                    help=f"A,B: presets or YAML/JSON model config files (default {DEFAULT_PAIR})")
     p.add_argument("--concurrency", default="1,8,32",
@@ -68,14 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=(*SCHEDULES, "both"), default="continuous",
                    help="the server's batching schedule; both: measure the two (default "
                         "continuous)")
-    p.add_argument("--checkpoint-b", default=None, metavar="RUN_DIR",
-                   help="B = this trained run (its newest checkpoint); A gets B's shape")
-    p.add_argument("--calibrate-steps", type=int, default=300,
-                   help="without --checkpoint-b: train a SUBLLM B this many AdamW steps first "
-                        "(0: random weights; default 300)")
-    p.add_argument("--calibrate-seq-len", type=int, default=64)
-    p.add_argument("--calibrate-batch-size", type=int, default=4)
-    p.add_argument("--calibrate-lr", type=float, default=2e-3)
+    pair.add_b_arguments(p)
     p.add_argument("--server-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="the server's --dtype (default auto: bfloat16 on CUDA, else float32)")
     common.add_flags(p, "device", "threads", "seed",
