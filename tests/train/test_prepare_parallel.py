@@ -124,9 +124,9 @@ def _gone(pid: int) -> bool:
                                              ("SIGKILL", -9, "")])
 def test_stopping_prepare_stops_its_workers_and_removes_temporaries(
         corpus: dict, tmp_path: Path, how: str, code: int, said: str) -> None:
-    """SIGTERM to prepare, or Ctrl-C to its whole process group (the workers get it too
-    and leave it to prepare): exit 143 / 130, the workers gone, no temporaries, the earlier
-    output as it was. SIGKILL: the workers notice their parent is gone and exit."""
+    """SIGTERM to prepare, or Ctrl-C to it and its workers (they leave it to prepare): exit
+    143 / 130, the workers gone, no temporaries, the earlier output as it was. SIGKILL: the
+    workers notice their parent is gone and exit."""
     data = tmp_path / "data"
     prepare(data, inputs=[corpus["txt"]], tokenizer=corpus["tokenizer"], progress=False)
     before = snapshot(data)
@@ -145,8 +145,11 @@ def test_stopping_prepare_stops_its_workers_and_removes_temporaries(
                 workers = [int(pid) for pid in line.split()[1:]]
                 break
         assert len(workers) == 2 and any(p.name.startswith(".") for p in data.iterdir())
-        if how == "Ctrl-C":
-            os.killpg(proc.pid, signal.SIGINT)
+        if how == "Ctrl-C":  # what a terminal sends to prepare and its workers; not killpg,
+            # which would also hit a helper process multiprocessing may be starting then, and
+            # a process still in Python's start-up can only print Python's own message
+            for pid in (proc.pid, *workers):
+                os.kill(pid, signal.SIGINT)
         else:
             proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
         err = proc.stderr.read()
