@@ -1,7 +1,8 @@
 """What only a CUDA GPU can show (marked `cuda`: skipped without one; `subllm bench gpu`
-runs them): bf16 training, the SDPA flash path, generation on the GPU, and MsT in bf16
-against the unchunked bf16 loss. References: fp32 on the same device, the CPU, and
-`F.cross_entropy` on the unchunked logits."""
+runs them): bf16 training, the SDPA flash path, generation on the GPU, MsT in bf16
+against the unchunked bf16 loss, training and decoding steps without a host sync.
+References: fp32 on the same device, the CPU, and `F.cross_entropy` on the unchunked
+logits."""
 
 from __future__ import annotations
 
@@ -134,3 +135,50 @@ def test_decode_never_runs_cudnn_attention():
     names = {e.name for e in prof.events()}
     assert any("attention" in n or "sdpa" in n.lower() for n in names), sorted(names)[:40]
     assert not [n for n in names if "cudnn_attention" in n], "decode ran cuDNN attention"
+
+
+@pytest.mark.parametrize("structure", ["TTT", "T(T(T)T)T"])
+@pytest.mark.parametrize("eot", [None, 5])
+def test_a_training_step_never_syncs(structure, eot):
+    """Plain and packed rows, bf16, AdamW, gradient norm: nothing read back (the loop counts
+    a packed batch's documents on its CPU copy; tests/model/test_host_syncs.py checks the
+    same on the CPU with the meta device)."""
+    from subllm.train.loop import train_step
+
+    model = SubLLM(tiny(structure)).to(DEV).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 1000, (2, 512))
+    if eot is not None:
+        ids[torch.rand(ids.shape) < 0.01] = eot
+    ids = ids.pin_memory()
+    try:
+        for step in range(2):  # the first sets up cuBLAS and AdamW's state
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if step else "default")
+            model.set_step(step)
+            result = train_step(model, opt, [ids], device=torch.device(DEV),
+                                amp=torch.bfloat16, eot_id=eot)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("structure", ["TTT", "T(T(T)T)T"])
+@pytest.mark.parametrize("rows,sync_free", [(8, False), (1, True)])
+def test_a_decoding_step_never_syncs(structure, rows, sync_free):
+    """From 4 rows by default, and at any batch with sync_free_decoding, a decoding step
+    decides on the device whether each row's token enters a segment."""
+    model = SubLLM(tiny(structure)).to(DEV).eval()
+    model.sync_free_decoding = sync_free
+    ids = torch.randint(0, 1000, (rows, 300), device=DEV)
+    with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16):
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1)[:, None]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(8):
+                tok = model(tok, cache=out.cache).logits[:, -1].argmax(-1)[:, None]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert tok.shape == (rows, 1)

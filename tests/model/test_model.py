@@ -173,6 +173,38 @@ def test_balancer_is_identity_forward_and_pushes_fraction_toward_keep():
     torch.testing.assert_close(s2.grad, g)
 
 
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 8.0])  # rms below, in, and above range
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("rule", ["fraction", "paper"])
+def test_balancer_penalty_gradient_matches_autograd(scale, padded, rule):
+    """The closed-form gradient of the balancers' penalty (`_penalty_grad`) against autograd
+    through the statistics of the real scores, picked out by boolean indexing, in fp64."""
+    from subllm.model.subsample import _penalty_grad
+
+    seed = int(torch.randint(0, 10**6, ()))
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 40, generator=g, dtype=torch.float64) + 1.0) * scale  # m / sd ~ 1
+    valid = torch.rand(3, 40, generator=g) < 0.7 if padded else None
+    lo, hi = 0.45, 0.55  # target band of the fraction of positives / of m / sd
+
+    def weight(ratio, frac):
+        if rule == "paper":
+            return (ratio > hi).double() - (ratio < lo).double()
+        return (frac > hi).double() - (frac < lo).double()
+
+    ref = x.clone().requires_grad_(True)
+    v = ref[valid] if padded else ref.reshape(-1)
+    m, sd = v.mean(), v.std(correction=0).clamp_min(1e-6)
+    r = v.pow(2).mean().sqrt().clamp_min(1e-6)
+    c = weight((m / sd).detach(), (v > 0).double().mean())
+    penalty = c * m / sd + torch.log(r.clamp(1.25, 5.0) / r).abs()
+    (want,) = torch.autograd.grad(penalty, ref)
+    got, n = _penalty_grad(x, valid, 1.25, 5.0, weight)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=f"seed {seed}")
+    assert float(n) == v.numel()
+    assert want.abs().sum() > 0  # m / sd and the positives' share are above the band
+
+
 @pytest.mark.slow
 def test_balancer_brings_eval_kept_fractions_to_keep():
     """A few hundred training steps on real text (standard-library source as bytes):

@@ -41,15 +41,18 @@ def packed_batch(g, rows=3, length=48):
     ("T(TT(T)T)T", {"rope_positions": "parent"}),
     ("TT(TT)T", {"sliding_window": 5}),
 ])
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "eval", "train, bound on the host"])
 def test_each_packed_document_gets_the_logits_it_gets_alone(structure, kw, mode):
+    """`max_documents` (counted on the host) sizes training's selections without a sync;
+    its unused slots must change nothing."""
     seed = int(torch.randint(0, 10**6, ()))
     torch.manual_seed(seed)
-    m = model(structure, **kw).train(mode == "train")
+    m = model(structure, **kw).train(mode.startswith("train"))
     g = torch.Generator().manual_seed(seed)
     ids, docs, spans = packed_batch(g)
+    bound = {"max_documents": int(docs.max()) + 1} if "bound" in mode else {}
     torch.manual_seed(seed + 1)  # the same draws (top-k pairing, balancer) in both runs
-    packed = m(ids, document_ids=docs).logits
+    packed = m(ids, document_ids=docs, **bound).logits
     for r, a, b in spans:
         torch.manual_seed(seed + 1)
         alone = m(ids[r:r + 1, a:b]).logits[0]

@@ -81,7 +81,7 @@ class LevelState:
         self.valid: Tensor | None = None  # (B, capacity) bool
         self.pos: Tensor | None = None  # (B, capacity) positions (the sliding window's)
         self.length = 0
-        self.all_valid = True  # every slot so far holds a real token for every row
+        self.all_valid = True  # every slot so far was appended as real for every row
 
     def append(self, valid: Tensor | None, batch: int, n: int, device: torch.device,
                pos: Tensor | None = None) -> tuple[int, Tensor, Tensor | None]:
@@ -92,8 +92,8 @@ class LevelState:
         """
         if valid is None:
             valid = torch.ones(batch, n, dtype=torch.bool, device=device)
-        else:
-            self.all_valid = self.all_valid and bool(valid.all())
+        else:  # without reading `valid` back from the device: no host sync
+            self.all_valid = False
         start = self.length
         end = start + n
         if self.valid is None or self.valid.shape[1] < end:

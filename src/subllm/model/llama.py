@@ -128,10 +128,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
 
 def rope_cos_sin(
     positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-    scaling: dict | None = None,
+    scaling: dict | None = None, inv_freq: tuple[Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """cos/sin of rotary embedding at explicit positions. positions: (B, L) -> (B, L, hd)."""
-    inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, positions.device)
+    """cos/sin of rotary embedding at explicit positions. positions: (B, L) -> (B, L, hd).
+    inv_freq: `rope_inv_freq`'s result for these settings on this device, if the caller
+    keeps it (a decoding step would otherwise rebuild it at every nesting level)."""
+    inv_freq, attention_factor = inv_freq or rope_inv_freq(head_dim, theta, scaling,
+                                                           positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (B, L, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: (B, L, hd)
     cos, sin = emb.cos(), emb.sin()
@@ -167,6 +170,7 @@ class Span:
     level: the nesting level (0 = top, j + 1 = directly inside segment j; KV cache).
     docs:  (B, L) document ids of packed rows (design.md §3.10): attention, positions and
            subsampling stay within each document; None: one document per row.
+    max_docs: with docs, an upper bound on the documents in any row, known on the host.
     """
 
     pos: Tensor
@@ -179,6 +183,7 @@ class Span:
     prior: Tensor | None = None
     level: int = 0
     docs: Tensor | None = None
+    max_docs: int | None = None
 
 
 def attention_mask_for(

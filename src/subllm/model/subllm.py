@@ -30,6 +30,7 @@ from .llama import (
     attention_mask_for,
     cached_attention_backends,
     rope_cos_sin,
+    rope_inv_freq,
 )
 from .mst import chunked_cross_entropy
 from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler, document_starts
@@ -37,6 +38,10 @@ from .subsample import CUTOFF_BUFFERS, ScoreBalancer, Subsampler, document_start
 # --------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------
+
+# From this many rows, a decoding step runs every segment on one masked slot per row (no
+# host sync): with keep 0.5, a token no row keeps is then 1 step in 16 or rarer.
+SYNC_FREE_ROWS = 4
 
 
 def document_ids(input_ids: Tensor, end_id: int) -> Tensor:
@@ -139,6 +144,13 @@ class SubLLM(nn.Module):
         # every rank must call the same blocks; an empty segment then runs on one unused
         # slot per row instead, with the same result (docs/design.md §3.2).
         self.skip_empty_segments = True
+        # Decoding steps of fewer than SYNC_FREE_ROWS rows ask the host, once per segment,
+        # whether any row kept the token, and skip the segment when none did: in eager mode
+        # the skipped blocks are worth more than the wait. True: never ask (CUDA graphs,
+        # torch.cuda.set_sync_debug_mode), every segment runs on a masked slot per row.
+        self.sync_free_decoding = False
+        # rope_inv_freq's result, and the device and settings it was made for
+        self._inv_freq: tuple[tuple, tuple[Tensor, float]] | None = None
         self.loss_chunks: int | None = None  # set by subllm.mst.apply_mst; 0: default rule
         self.init_weights()
 
@@ -226,6 +238,7 @@ class SubLLM(nn.Module):
         logits_to_keep: int = 0,
         num_items_in_batch: int | Tensor | None = None,
         document_ids: Tensor | None = None,
+        max_documents: int | None = None,
     ) -> ModelOutput:
         """input_ids: (B, L), or inputs_embeds: (B, L, dim) instead. labels: (B, L) aligned
         with the inputs (shifted inside; -100 ignored). attention_mask: (B, L) or
@@ -234,7 +247,10 @@ class SubLLM(nn.Module):
         num_items_in_batch: divide the summed loss by this (gradient accumulation) instead
         of by the number of targets. document_ids: (B, L) ids of the documents packed into
         each row, non-decreasing along it: attention, RoPE positions and subsampling stay
-        within each document, so each gets the logits it gets alone (design.md §3.10)."""
+        within each document, so each gets the logits it gets alone (design.md §3.10).
+        max_documents: with document_ids, an upper bound on the documents in any row, known
+        on the host (`subllm.train.evaluate.packed` counts them on the CPU batch): training
+        then sizes its selections from it instead of reading kept counts from the device."""
         B, L = self._check_inputs(input_ids, inputs_embeds, labels, logits_to_keep)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if use_cache and cache is None:
@@ -256,10 +272,9 @@ class SubLLM(nn.Module):
                               f"match the inputs: pass (batch, length) = ({B}, {L}){cached}, "
                               "1 for real tokens and 0 for padding")
         valid = None
-        if attention_mask is not None:
+        # read where the mask is: a mask on the CPU costs no device sync
+        if attention_mask is not None and not bool(attention_mask[:, -L:].bool().all()):
             valid = attention_mask[:, -L:].to(device=device, dtype=torch.bool)
-            if bool(valid.all()):
-                valid = None
         if document_ids is not None:
             if (not isinstance(document_ids, Tensor) or tuple(document_ids.shape) != (B, L)
                     or document_ids.is_floating_point()):
@@ -269,6 +284,13 @@ class SubLLM(nn.Module):
                 raise SubLLMError("document_ids (packed rows) take neither a KV cache nor an "
                                   "attention_mask: pass one document per row for those")
             document_ids = document_ids.to(device)
+            if max_documents is not None:
+                if isinstance(max_documents, bool) or not isinstance(max_documents, int) or (
+                        max_documents < 1):
+                    raise SubLLMError(f"max_documents must be an integer >= 1, got "
+                                      f"{max_documents!r}")
+                # a power of two: compiled blocks see a few selection sizes, not one per batch
+                max_documents = 1 << (max_documents - 1).bit_length()
         # Positions count real tokens only, so a left-padded prompt starts at 0.
         start = cache.next_pos if cache is not None and cache.next_pos is not None else None
         if document_ids is not None:  # positions restart at each document
@@ -293,7 +315,8 @@ class SubLLM(nn.Module):
                               "model") from None
         kept: list[Tensor | None] = [None] * len(self.subsamplers)
         entered: list[Tensor | None] = [None] * len(self.subsamplers)
-        span = self._span(0, pos, valid, cache, h.dtype, document_ids)
+        span = self._span(0, pos, valid, cache, h.dtype, document_ids,
+                          max_documents if document_ids is not None else None)
         with (cached_attention_backends(h.device) if cache is not None
               else contextlib.nullcontext()):
             h = self._run(self.tree, h, span, cache, kept, entered)
@@ -362,9 +385,15 @@ class SubLLM(nn.Module):
         return B, L
 
     def _span(self, level: int, pos: Tensor, valid: Tensor | None, cache: KVCache | None,
-              dtype: torch.dtype, docs: Tensor | None = None) -> Span:
+              dtype: torch.dtype, docs: Tensor | None = None, max_docs: int | None = None
+              ) -> Span:
         c = self.config
-        cos, sin = rope_cos_sin(pos, c.resolved_head_dim, c.rope_theta, dtype, c.rope_scaling)
+        key = (pos.device, c.resolved_head_dim, c.rope_theta, repr(c.rope_scaling))
+        if self._inv_freq is None or self._inv_freq[0] != key:
+            with torch.inference_mode(False):  # a plain tensor, even if made in inference
+                self._inv_freq = key, rope_inv_freq(*key[1:3], c.rope_scaling, pos.device)
+        cos, sin = rope_cos_sin(pos, c.resolved_head_dim, c.rope_theta, dtype, c.rope_scaling,
+                                self._inv_freq[1])
         B, L = pos.shape
         # A sliding window (design.md §2.1) over this level's positions. At the top level
         # positions are consecutive, so it can only hide a key once the level holds more
@@ -374,7 +403,7 @@ class SubLLM(nn.Module):
             window = window if window is not None and (level > 0 or L > window) else None
             return Span(pos, valid, cos, sin,
                         attention_mask_for(valid, None, L, pos.device, window, pos, docs=docs),
-                        level=level, docs=docs)
+                        level=level, docs=docs, max_docs=max_docs)
         state = cache.levels[level]
         past_all_valid = state.all_valid
         start, past, past_pos = state.append(valid, B, L, pos.device,
@@ -409,7 +438,14 @@ class SubLLM(nn.Module):
         if cache is not None and span.cache_start:  # the rank rule ranks against these
             scores, decisions = cache.scores[seg.index].past(span.cache_start)
             past = (scores, cache.levels[span.level].valid[:, :span.cache_start], decisions)
-        sel = self.subsamplers[seg.index](x_out, span.valid, self.step, past, span.docs)
+        # A decoding step of enough rows (or any, with sync_free_decoding) runs the segment
+        # on one slot per row, masked where the row dropped its token, instead of asking the
+        # host whether any row kept it (design.md §3.7)
+        B, L = x_out.shape[:2]
+        sync = not (cache is not None and L == 1
+                    and (self.sync_free_decoding or B >= SYNC_FREE_ROWS))
+        sel = self.subsamplers[seg.index](x_out, span.valid, self.step, past, span.docs,
+                                          max_docs=span.max_docs, sync=sync)
         if cache is not None and sel.scores is not None:
             cache.scores[seg.index].update(sel.scores, sel.decisions, span.cache_start)
         kept[seg.index], entered[seg.index] = sel.count, sel.entered
@@ -429,7 +465,8 @@ class SubLLM(nn.Module):
                 pos_in = pos_in - document_starts(span.docs).gather(1, sel.idx)
         else:
             pos_in = span.pos.gather(1, sel.idx)  # original positions (design.md §3.3)
-        inner = self._span(seg.index + 1, pos_in, sel.valid, cache, x_out.dtype, docs)
+        inner = self._span(seg.index + 1, pos_in, sel.valid, cache, x_out.dtype, docs,
+                           span.max_docs)
         y = self._run(seg.children, x_in, inner, cache, kept, entered)
         return self.bypasses[seg.index](x_out, y, sel, self.step)
 

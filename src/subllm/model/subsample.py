@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,6 +46,41 @@ def coin(p: float) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+def _penalty_grad(x: Tensor, valid: Tensor | None, rms_min: float, rms_max: float,
+                  ratio_weight: Callable[[Tensor, Tensor], Tensor]
+                  ) -> tuple[Tensor, Tensor | int]:
+    """(d penalty / dx, count of real scores) for a balancer's penalty over the real scores
+    of x (B, L): c * m / sd + |log(clamp(r, rms_min, rms_max) / r)|, with m, sd, r their
+    mean, standard deviation and rms (each clamped to >= 1e-6) and c =
+    ratio_weight(m / sd, fraction of positive scores), a constant of the gradient.
+
+    In closed form, masked sums for padding: autograd through the statistics took some
+    80 small kernels per subsampler per step, and picking the real scores out (x[valid])
+    a host sync. d(m/sd)/dx_i = 1/(n sd) - m (x_i - m) / (n sd^3); dr/dx_i = x_i / (n r);
+    d|log(clamp(r)/r)|/dr = -1/r below the range, 1/r above it. The balancers pass x in
+    fp64: B * L scores are summed, and the kept fraction a few hundred steps later moved by
+    up to 0.05 with the rounding of fp32 sums."""
+    if valid is None:
+        n: Tensor | int = max(x.numel(), 1)
+        w: Tensor | float = 1.0
+        m = x.mean()
+        var, ms = (x - m).pow(2).mean(), x.pow(2).mean()
+        frac = (x > 0).float().mean()
+    else:
+        w = valid.to(x.dtype)
+        n = w.sum().clamp_min(1)
+        m = (x * w).sum() / n
+        var, ms = ((x - m).pow(2) * w).sum() / n, (x.pow(2) * w).sum() / n
+        frac = ((x > 0).to(x.dtype) * w).sum() / n
+    sd, r = var.sqrt(), ms.sqrt()
+    sd_c, r_c = sd.clamp_min(1e-6), r.clamp_min(1e-6)
+    c = ratio_weight(m / sd_c, frac)
+    d_ratio = 1 / (n * sd_c) - (sd >= 1e-6) * m * (x - m) / (n * sd_c.pow(3))
+    g_r = ((r_c > rms_max).to(x.dtype) - (r_c < rms_min).to(x.dtype)) / r_c
+    d_r = (r >= 1e-6) * x / (n * r_c)
+    return (c * d_ratio + g_r * d_r) * w, n
+
+
 class _BalanceScores(torch.autograd.Function):
     """Identity forward; backward adds a gradient pushing the score distribution into range.
 
@@ -63,22 +99,13 @@ class _BalanceScores(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         s, valid = ctx.saved_tensors
         lo, hi, rms_min, rms_max, strength = ctx.consts
-        with torch.enable_grad():
-            x = s.detach().float().requires_grad_(True)
-            v = x[valid] if valid is not None else x.reshape(-1)
-            m = v.mean()
-            sd = v.std(correction=0).clamp_min(1e-6)
-            r = v.pow(2).mean().sqrt().clamp_min(1e-6)
-            ratio = m / sd  # P(s > 0) = Phi(m / sd) for Gaussian scores
-            # Scores are far from Gaussian (skewed), so Phi(m / sd) misjudges the kept
-            # fraction: decide the direction from the measured fraction of positive scores
-            # and move m / sd that way (the target band is [lo, hi] as fractions).
-            frac = (v > 0).float().mean()
-            direction = (frac > hi).float() - (frac < lo).float()
-            penalty = direction * ratio + torch.log(r.clamp(rms_min, rms_max) / r).abs()
-            (dp,) = torch.autograd.grad(penalty, x)
-        n = v.numel()
-        rms = (dp.pow(2).sum() / max(n, 1)).sqrt()
+        # m / sd sets P(s > 0) = Phi(m / sd) for Gaussian scores. Scores are far from
+        # Gaussian (skewed), so Phi(m / sd) misjudges the kept fraction: decide the
+        # direction from the measured fraction of positive scores and move m / sd that way
+        # (the target band is [lo, hi] as fractions).
+        dp, n = _penalty_grad(s.detach().double(), valid, rms_min, rms_max,
+                              lambda ratio, frac: (frac > hi).double() - (frac < lo).double())
+        rms = (dp.pow(2).sum() / n).sqrt()
         # design.md §3.5 scales by |g| elementwise; but scores clamped outside (0, 1) get no task
         # gradient, so that version cannot move them and loses to the task gradient (eval
         # kept fraction stuck near 0.3 for keep 0.64 after 400 steps). Scaling by the rms of
@@ -86,8 +113,8 @@ class _BalanceScores(torch.autograd.Function):
         # When every score has run outside (0, 1) the task gradient is exactly zero and so
         # would be the push that brings them back: fall back to half the running mean of
         # the gradient rms of earlier steps (kept without host syncs).
-        g_valid = g.float()[valid] if valid is not None else g.float()
-        g_rms = g_valid.pow(2).mean().sqrt()
+        g2 = g.float().pow(2)
+        g_rms = (g2.mean() if valid is None else (g2 * valid).sum() / n).sqrt()
         ema = ctx.g_rms_ema
         if ema is not None:
             scale = torch.maximum(g_rms, 0.5 * ema)
@@ -122,16 +149,11 @@ class _PaperBalance(torch.autograd.Function):
         s, valid = ctx.saved_tensors
         lo, hi, rms_min, rms_max, strength = ctx.consts
         q_lo, q_hi = _normal_quantile(lo), _normal_quantile(hi)
-        with torch.enable_grad():
-            x = s.detach().float().requires_grad_(True)
-            v = x[valid] if valid is not None else x.reshape(-1)
-            ratio = v.mean() / v.std(correction=0).clamp_min(1e-6)
-            r = v.pow(2).mean().sqrt().clamp_min(1e-6)
-            penalty = ((ratio - ratio.clamp(q_lo, q_hi)).abs()
-                       + torch.log(r.clamp(rms_min, rms_max) / r).abs())
-            (dp,) = torch.autograd.grad(penalty, x)
-        n = v.numel()
-        rms = (dp.pow(2).sum() / max(n, 1)).sqrt()
+        # penalty |m/sd - clamp(m/sd, q_lo, q_hi)| + |log(clamp(r, rms_min, rms_max) / r)|
+        dp, n = _penalty_grad(s.detach().double(), valid, rms_min, rms_max,
+                              lambda ratio, frac: ((ratio > q_hi).double()
+                                                   - (ratio < q_lo).double()))
+        rms = (dp.pow(2).sum() / n).sqrt()
         extra = dp / (rms + 1e-20) * (strength * g.float().abs())
         return g + extra.to(g.dtype), None, None, None, None, None, None
 
@@ -372,6 +394,37 @@ def keep_within_band(rank: Tensor, valid: Tensor | None, keep: float, band: floa
     return (c > before) & v
 
 
+def rank_rule_table(keep: float, band: float | None, max_len: int) -> Tensor:
+    """(max_len + 2, 3) long: for each count n of real tokens, the rank rule's quota
+    round(keep * n) and the band's [lo, hi] (`causal_rank_keep`, `keep_within_band`), the
+    same arithmetic, for `rank_keep_one` to look up."""
+    n = torch.arange(max_len + 2, dtype=torch.float64)
+    quota = torch.floor(n * keep + 0.5)
+    if band is None:
+        lo, hi = torch.full_like(n, -1), n
+    else:
+        lo = torch.floor(torch.round(n * (keep - band), decimals=6))
+        hi = torch.minimum(torch.ceil(torch.round(n * (keep + band), decimals=6)), n)
+    return torch.stack([quota, lo, hi], 1).long()
+
+
+def rank_keep_one(s: Tensor, valid: Tensor | None, table: Tensor, past: Tensor,
+                  past_valid: Tensor | None, past_kept: Tensor | None) -> Tensor:
+    """`causal_rank_keep` then `keep_within_band` for one new token per row (a decoding
+    step; s, valid: (B, 1); past, past_valid, past_kept: (B, P); `table` from
+    `rank_rule_table`): the same decisions in a dozen operations instead of the general
+    scans' dozens, which a decoding step pays in kernel launches."""
+    pv = torch.ones_like(past, dtype=torch.bool) if past_valid is None else past_valid
+    n = pv.sum(1) + 1  # real tokens up to and including the new one
+    quota, lo, hi = table[n].unbind(-1)
+    kept = ((past > s) & pv).sum(1) < quota  # fewer than the quota score higher
+    if past_kept is not None:  # the band's step from the row's kept count c0 (see there)
+        c0 = (past_kept & pv).sum(1)
+        kept = torch.where(kept, c0 < hi, c0 < lo)
+    kept = kept[:, None]
+    return kept if valid is None else kept & valid
+
+
 class Subsampler(nn.Module):
     """Scores tokens and keeps the important ones (design.md §3.2, §3.8).
 
@@ -405,6 +458,8 @@ class Subsampler(nn.Module):
         # None: top-k in training mode, threshold in eval mode; "top_k" / "threshold" force
         # one (`selection_rule`: measuring the train / inference gap on the same batches)
         self.rule: str | None = None
+        self.max_len = config.max_seq_len
+        self._table: Tensor | None = None  # rank_rule_table, on the device it was last used
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the calibrated threshold: cut-off 0 is exactly the old rule
@@ -438,11 +493,19 @@ class Subsampler(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int = 0,
                 past: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
-                docs: Tensor | None = None) -> Selection:
+                docs: Tensor | None = None, *, max_docs: int | None = None,
+                sync: bool = True) -> Selection:
         """x: (B, L, dim); valid: (B, L) or None; past: the scores (B, P) this module gave
         the row's earlier tokens, their validity and whether it kept them (KV-cached
         decoding, rank rule); docs: (B, L) document ids of packed rows: each document keeps
-        its own share (design.md §3.10)."""
+        its own share (design.md §3.10).
+
+        The selection has as many slots per row as the fullest row needs; where that
+        depends on the data it is read back from the device (one host sync), unless a
+        bound known on the host sizes it instead, unused slots masked: `max_docs`, at least
+        the number of documents in any packed row (training's top-k keeps at most
+        ceil(keep * L) + max_docs - 1 tokens of a row), or `sync=False`: the row's length
+        (a decoding step's one token: one slot)."""
         B, L, _ = x.shape
         s = self.score(x).squeeze(-1).float()  # (B, L)
         if self.calibrated:
@@ -457,16 +520,29 @@ class Subsampler(nn.Module):
             s = self.balancer(s, valid, step)
         if (self.training and self.rule != "threshold") or self.rule == "top_k":
             if docs is not None:
-                return self._top_k_documents(s, valid, entered, docs)
+                bound = None if sync else L
+                if max_docs is not None:
+                    bound = keep_count(self.keep, L) + max_docs
+                return self._top_k_documents(s, valid, entered, docs, bound)
             return self._top_k(s, valid, entered)
         kept = None
         if self.ranked:
             scores, past_valid, past_kept = past or (None, None, None)
-            kept = causal_rank_keep(s, valid, self.keep, scores, past_valid, docs)
-            if self.band is not None:
-                kept = keep_within_band(kept, valid, self.keep, self.band, past_kept,
-                                        past_valid, docs)
-        return self._threshold(s, valid, entered, kept)
+            if L == 1 and scores is not None and scores.shape[1] > 0:
+                kept = rank_keep_one(s, valid, self._rank_table(s.device), scores,
+                                     past_valid, past_kept if self.band is not None else None)
+            else:
+                kept = causal_rank_keep(s, valid, self.keep, scores, past_valid, docs)
+                if self.band is not None:
+                    kept = keep_within_band(kept, valid, self.keep, self.band, past_kept,
+                                            past_valid, docs)
+        return self._threshold(s, valid, entered, kept, None if sync else L)
+
+    def _rank_table(self, device: torch.device) -> Tensor:
+        if self._table is None or self._table.device != device:
+            with torch.inference_mode(False):  # a plain tensor, even if made in inference
+                self._table = rank_rule_table(self.keep, self.band, self.max_len).to(device)
+        return self._table
 
     @torch.no_grad()
     def _record_cutoff(self, s: Tensor, valid: Tensor | None, entered: Tensor) -> None:
@@ -501,12 +577,13 @@ class Subsampler(nn.Module):
             s = s.masked_fill(~valid, float("-inf"))  # padding sorts last, clamps to 0
         s_sorted, order = s.sort(dim=1, descending=True)
         c = s_sorted.clamp(0.0, 1.0)
-        if valid is None:  # every row keeps the same count, known on the host: no sync
-            K = keep_count(self.keep, L)
+        # K slots per row, known on the host (no sync, one shape per length for compiled
+        # blocks): every row keeps ceil(keep * L) tokens, a padded row fewer (unused slots)
+        K = keep_count(self.keep, L)
+        if valid is None:
             k = torch.full((B,), K, dtype=torch.long, device=s.device)
         else:
-            k = _keep_count(self.keep, entered)  # (B,)
-            K = int(k.max())  # padded rows: the slot count is data-dependent
+            k = _keep_count(self.keep, entered)  # (B,), each <= K
         i = torch.arange(K, device=s.device)[None, :]  # (1, K)
         used = i < k[:, None]  # (B, K)
         # Pair kept token i with discarded token k+i (or, on a random half of the steps, with
@@ -524,7 +601,7 @@ class Subsampler(nn.Module):
         return Selection(idx, w, None if valid is None else used, k, entered)
 
     def _top_k_documents(self, s: Tensor, valid: Tensor | None, entered: Tensor,
-                         docs: Tensor) -> Selection:
+                         docs: Tensor, slots: int | None = None) -> Selection:
         """Training on packed rows: `_top_k` within each document, k_d = ceil(keep * n_d)
         of its real tokens, each kept token paired with one its document dropped, so a
         document keeps the tokens, and gets the weights, it gets alone (design.md §3.10)."""
@@ -546,14 +623,17 @@ class Subsampler(nn.Module):
         c_partner = c.gather(1, (first + partner).clamp(max=L - 1)) * (partner < n)
         w = (c - c_partner) * used
         count = used.sum(1)
-        least, K = torch.stack(torch.aminmax(count)).tolist()  # one host sync
+        if slots is None:
+            least, K = torch.stack(torch.aminmax(count)).tolist()  # one host sync
+        else:
+            least, K = -1, min(slots, L)  # a bound: unused slots stay masked
         perm = torch.where(used, order, L + order).argsort(dim=1)[:, :K]  # kept, in order
         used = used.gather(1, perm)
         return Selection(order.gather(1, perm), w.gather(1, perm), None if least == K else used,
                          count, entered)
 
     def _threshold(self, s: Tensor, valid: Tensor | None, entered: Tensor,
-                   kept: Tensor | None = None) -> Selection:
+                   kept: Tensor | None = None, slots: int | None = None) -> Selection:
         """Inference: keep the tokens `kept` (default: a positive score), weight clamp(s, 0, 1).
 
         Causal: the decision for a token depends only on its own hidden state (threshold)
@@ -564,13 +644,19 @@ class Subsampler(nn.Module):
         if valid is not None:
             kept &= valid
         count = kept.sum(1)
-        # one host sync for both: the slot count K and whether every row fills all K slots
-        least, K = torch.stack(torch.aminmax(count)).tolist() if B * L else (0, 0)
-        pos = torch.arange(L, device=s.device).expand(B, L)
-        key = torch.where(kept, pos, L + pos)
-        idx = key.sort(dim=1).values[:, :K]
-        used = idx < L
-        idx = torch.where(used, idx, idx - L)
+        if slots is not None:  # a bound known on the host: no sync, unused slots masked
+            least, K = -1, min(slots, L)
+        else:  # one host sync for both: the slot count and whether every row fills it
+            least, K = torch.stack(torch.aminmax(count)).tolist() if B * L else (0, 0)
+        if L == 1:  # a decoding step: the one token, in its slot if there is one
+            idx = torch.zeros(B, K, dtype=torch.long, device=s.device)
+            used = kept[:, :K]
+        else:  # the kept tokens in order, then unused slots
+            pos = torch.arange(L, device=s.device).expand(B, L)
+            key = torch.where(kept, pos, L + pos)
+            idx = key.sort(dim=1).values[:, :K]
+            used = idx < L
+            idx = torch.where(used, idx, idx - L)
         w = s.clamp(0.0, 1.0).gather(1, idx) * used
         return Selection(idx, w, None if least == K else used, count, entered, s.detach(),
                          kept)

@@ -84,10 +84,18 @@ def sample_text(model: torch.nn.Module, tokenizer_path: str | Path, prompt: str,
 
 
 @torch.no_grad()
-def packed(x: torch.Tensor, eot_id: int | None) -> dict[str, torch.Tensor]:
+def packed(x: torch.Tensor, eot_id: int | None, host: torch.Tensor | None = None
+           ) -> dict[str, Any]:
     """The forward's `document_ids` for rows packed from documents that each end with
-    `eot_id` (design.md §3.10); nothing for eot_id None (plain windows)."""
-    return {} if eot_id is None else {"document_ids": document_ids(x, eot_id)}
+    `eot_id` (design.md §3.10); nothing for eot_id None (plain windows). `host`: the same
+    rows on the CPU, where their documents are counted for the forward's `max_documents`
+    (training then sizes its selections without a device sync)."""
+    if eot_id is None:
+        return {}
+    out: dict[str, Any] = {"document_ids": document_ids(x, eot_id)}
+    if host is not None and host.device.type == "cpu" and host.shape[1] > 1:
+        out["max_documents"] = int((host[:, :-1] == eot_id).sum(1).max()) + 1
+    return out
 
 
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device,
@@ -153,7 +161,7 @@ def _pass(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.dev
         weight = 1.0 if len(rows) else 0.0
         x = (rows if len(rows) else batch[:1]).to(device)
         with autocast(device, amp):
-            out = model(x, labels=x, **packed(x, eot_id))
+            out = model(x, labels=x, **packed(x, eot_id, rows if len(rows) else batch[:1]))
         n = x.shape[0] * (x.shape[1] - 1)
         loss_sum = loss_sum + out.loss.to(loss_sum.dtype) * weight * n
         tokens = tokens + weight * n

@@ -622,7 +622,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         x = batch.to(device, non_blocking=True)
         with no_sync(i == n - 1) if no_sync is not None else contextlib.nullcontext():
             with autocast(device, amp):
-                out = model(x, labels=x, **packed(x, eot_id))
+                out = model(x, labels=x, **packed(x, eot_id, batch))
                 loss = out.loss / n
             kept, entered = _detached(out, "kept"), _detached(out, "entered")
             del out  # the logits go now, not after the optimizer step (peak memory)
