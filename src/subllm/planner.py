@@ -1,8 +1,9 @@
 """The planner: parameter, FLOP and memory counts of a model shape, in one place.
 
 `subllm estimate` (peak training memory and the longest sequence that fits), `subllm info`
-(parameters, compute fraction, FLOPs per token) and the MFU of `subllm bench train` read
-their figures here. Light on purpose: no torch at import time.
+(parameters, compute fraction, FLOPs per token), and the MFU and `--batch-sizes max` (the
+largest batch that fits) of `subllm bench train` read their figures here. Light on
+purpose: no torch at import time.
 
 The planner walks a training step (forward with labels, backward, optimizer step) through
 the points where the peak can be — the end of the forward pass and the loss, the loss's
@@ -72,6 +73,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -722,29 +724,72 @@ def longest_fit(model: Any, budget_bytes: int, batch_size: int = 1, granule: int
     if granule <= 0 or max_len < granule:
         raise SubLLMError("longest_fit: need 0 < granule <= max_len")
 
-    def peak(n: int) -> int:
-        return estimate_memory(shape, n, batch_size, **settings)["peak_bytes"]
+    def fits(n: int) -> bool:
+        return estimate_memory(shape, n, batch_size, **settings)["peak_bytes"] <= budget_bytes
 
+    n, capped, probes = _largest_fitting(fits, granule, max_len // granule * granule)
+    return {"seq_len": n, "capped": capped, "probes": probes, "granule": granule}
+
+
+def _largest_fitting(fits: Callable[[int], bool], unit: int, cap: int
+                     ) -> tuple[int, bool, int]:
+    """(n, capped, probes): the largest multiple n of `unit`, at most `cap`, with fits(n)
+    (true up to some n, false after): doubling from `unit`, then bisection. n = 0 when
+    not even `unit` fits; capped when everything up to `cap` fits."""
     probes = 0
     lo, hi = 0, None  # lo fits (0: nothing yet), hi does not
-    n = granule
+    n = unit
     while hi is None:
-        n = min(n, max_len // granule * granule)
+        n = min(n, cap)
         probes += 1
-        if peak(n) > budget_bytes:
+        if not fits(n):
             hi = n
-        elif n >= max_len // granule * granule:
-            return {"seq_len": n, "capped": True, "probes": probes, "granule": granule}
+        elif n >= cap:
+            return n, True, probes
         else:
             lo, n = n, n * 2
-    while hi - lo > granule:
-        mid = (lo + hi) // 2 // granule * granule
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
         probes += 1
-        if peak(mid) <= budget_bytes:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
-    return {"seq_len": lo, "capped": False, "probes": probes, "granule": granule}
+    return lo, False, probes
+
+
+def resident_bytes(estimate: dict[str, Any]) -> int:
+    """What a model holds between its training steps, from its estimate_memory result: its
+    weights and optimizer state (the gradients are dropped after each step, the autocast
+    copies and activations when the step ends)."""
+    at_peak = estimate["breakdown"]
+    return at_peak["weights"] + at_peak["optimizer_state"]
+
+
+def largest_batch(models: list[Any], seq_len: int, budget_bytes: int, max_batch: int = 1 << 16,
+                  **settings: Any) -> dict[str, Any]:
+    """Largest batch size (<= max_batch) at which each of `models` can run its training
+    step (estimate_memory with `settings`) while the others sit in the same memory with
+    their weights and optimizer state, as `subllm bench train` alternates two models in one
+    process: doubling from 1, then bisection.
+
+    Returns {"batch_size": B (0: not even batch 1 fits), "capped": B == max_batch and
+    everything up to it fits, "probes", "need_bytes": the largest model's need at B, or at
+    batch 1 when B == 0}."""
+    shapes = [resolve_shape(m) for m in models]
+    if max_batch < 1:
+        raise SubLLMError("largest_batch: need max_batch >= 1")
+    resident = [resident_bytes(estimate_memory(s, seq_len, 1, **settings)) for s in shapes]
+    others = [sum(resident) - r for r in resident]
+
+    def need(batch: int) -> int:
+        """Bytes the step of the hungriest model needs at `batch`, the others included."""
+        return max(estimate_memory(s, seq_len, batch, **settings)["peak_bytes"] + rest
+                   for s, rest in zip(shapes, others, strict=True))
+
+    batch, capped, probes = _largest_fitting(lambda n: need(n) <= budget_bytes, 1, max_batch)
+    return {"batch_size": batch, "capped": capped, "probes": probes,
+            "need_bytes": need(max(batch, 1))}
 
 
 # --------------------------------------------------------------------------------------

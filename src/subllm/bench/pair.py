@@ -2,11 +2,15 @@
 
 Both models live in one process and take turns step by step (A B, then B A, ...); every
 figure is the median over the timed steps and every ratio is B / A. Peak memory: one short
-extra run per (model, length) in a fresh subprocess (`torch.cuda.max_memory_allocated` on a
-GPU, the peak resident set on a CPU).
+extra run per (model, case) in a fresh subprocess (`torch.cuda.max_memory_allocated` on a
+GPU, the peak resident set on a CPU); train runs them after every case was timed, with its
+own models freed, so that each has the device to itself.
 
-train   one optimizer step (forward with labels, backward, AdamW) on random tokens; on a GPU
-        (or with --peak-tflops) also the MFU. Writes train.json, train.md, train_ratios.png.
+train   one optimizer step (forward with labels, backward, AdamW) on random tokens, per
+        (length, batch size); on a GPU (or with --peak-tflops) also the MFU. `--batch-sizes
+        1,max`: also the largest batch at which both models' steps fit the memory, found by
+        the planner (subllm.planner.largest_batch) and backed off to 3/4 on a GPU that runs
+        out of memory all the same. Writes train.json, train.md, train_ratios.png.
 infer   prefill, then greedy decoding with the KV cache: prefill time, decode time per
         token, KV-cache bytes, and B's kept fractions on the prompts and decoded tokens
         (with a warning when one is off its keep ratio). B has random weights, is trained
@@ -18,18 +22,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import fmean, median
 from types import SimpleNamespace
 from typing import Any
 
+from subllm.atomic import write_atomic
 from subllm.bench import common
 from subllm.bench.common import Col, off_keep  # noqa: F401  (off_keep: tests import it here)
 from subllm.errors import SubLLMError
 from subllm.model.config import ModelConfig, Segment
-from subllm.planner import training_flops_per_token
+from subllm.planner import fmt_bytes, largest_batch, parse_memory, training_flops_per_token
 from subllm.train.config import TrainConfig
 
 DEFAULT_PAIR = "llama-small,subllm-small"
@@ -37,6 +45,8 @@ H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM
 OFF_KEEP_WARNING = "kept fractions off the keep ratio: ratios flattered/penalised"
 OFF_KEEP_DECODE_WARNING = ("kept fractions of the decoded tokens off the keep ratio: decode "
                            "ratio flattered/penalised")
+MAX = "max"  # the --batch-sizes entry the planner resolves, per length
+BACK_OFF = 0.75  # a planned batch out of GPU memory retries at this fraction of itself
 
 # ---- shared by train and infer ------------------------------------------------------
 
@@ -91,18 +101,21 @@ def _header(report: dict[str, Any]) -> list[str]:
 
 
 def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
-                 series: dict[str, str], group_key: str | None = None) -> None:
-    """B/A ratio against length; one line per (series, group)."""
+                 series: dict[str, str],
+                 groups: dict[str, Callable[[dict[str, Any]], bool]] | None = None) -> None:
+    """B/A ratio against length; one line per series and group (label: its cases, e.g. one
+    batch size's). With several groups, a group has one colour and a series one style."""
     fig, ax = common.pyplot().subplots(figsize=(6.5, 4.2))
-    groups = sorted({c.get(group_key) for c in report["cases"]}) if group_key else [None]
-    for key, label in series.items():
-        for g in groups:
+    groups = groups or {"": lambda c: True}
+    styles = ("-", "--", ":", "-.")
+    for i, (key, label) in enumerate(series.items()):
+        for j, (group, member) in enumerate(groups.items()):
             pts = sorted((c[x_key], c["ratios"][key]) for c in report["cases"]
-                         if c["ratios"].get(key) is not None
-                         and (group_key is None or c[group_key] == g))
+                         if c["ratios"].get(key) is not None and member(c))
+            look = {"color": f"C{j}", "ls": styles[i % len(styles)]} if len(groups) > 1 else {}
             if pts:
-                suffix = f", batch {g}" if group_key and len(groups) > 1 else ""
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label + suffix)
+                ax.plot(*zip(*pts, strict=True), marker="o", **look,
+                        label=label + (f", {group}" if group else ""))
     ax.axhline(1.0, color="grey", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     common.save_axes(ax, path, x_label, f"{report['b']['spec']} / {report['a']['spec']}",
@@ -114,7 +127,15 @@ def _plot_ratios(report: dict[str, Any], path: Path, x_key: str, x_label: str,
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    common.add_flags(p, "seq_lens", "batch_size", "steps", "warmup")
+    common.add_flags(p, "seq_lens", "steps", "warmup",
+                     batch_size={"default": None, "help": "the same as --batch-sizes N"})
+    p.add_argument("--batch-sizes", default=None,
+                   help=f"comma-separated batch sizes, each a positive integer or {MAX}: the "
+                        "largest batch at which both models' steps fit the memory at that "
+                        "length, by the planner's estimate (default 1)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help=f"what --batch-sizes {MAX} fills, e.g. 24GB (default: 90%% of the "
+                        "GPU's total memory, or of the CPU's available memory)")
     p.add_argument("--mst", action="store_true", help="apply subllm.model.mst.apply_mst to both")
     p.add_argument("--checkpointing", action="store_true",
                    help="block-level activation checkpointing for both")
@@ -124,6 +145,96 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule-step", type=int, default=0,
                    help="set_step value of the first step (balancer / bypass schedules; default 0)")
     _pair_arguments(p, "train", case_timeout=3600.0)
+
+
+def parse_batch_sizes(text: str) -> list[int | str]:
+    """'4,max,1' -> [1, 4, 'max']: positive integers (sorted, unique), then max when given;
+    raise on anything else."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items or any(x != MAX and not (x.isascii() and x.isdigit() and int(x) >= 1)
+                        for x in items):
+        raise SubLLMError(f"--batch-sizes {text!r}: write comma-separated positive integers "
+                          f"or {MAX}, e.g. 1,{MAX}")
+    sizes: list[int | str] = sorted({int(x) for x in items if x != MAX})
+    return sizes + [MAX] if MAX in items else sizes
+
+
+def train_batch_sizes(args: argparse.Namespace) -> list[int | str]:
+    """The batch sizes of `bench train`, from --batch-sizes or --batch-size (not both)."""
+    if args.batch_size is not None and args.batch_sizes is not None:
+        raise SubLLMError("--batch-size N means --batch-sizes N: give one of the two")
+    if args.batch_size is not None:
+        common.require_positive(args, "batch_size")
+        return [args.batch_size]
+    return parse_batch_sizes("1" if args.batch_sizes is None else args.batch_sizes)
+
+
+def memory_budget(device: str, asked: str | None) -> tuple[int | None, str]:
+    """(bytes `--batch-sizes max` may fill, where that figure comes from): --memory-budget,
+    else 90 % of the GPU's total memory, or of the CPU's available memory (None: unknown).
+    The total, not what is free: the planner counts both models' weights itself."""
+    if asked is not None:
+        return parse_memory(asked, "--memory-budget"), "--memory-budget"
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[1] * 9 // 10, "90 % of the GPU's total memory"
+    return common.mem_available(), "90 % of the CPU's available memory"
+
+
+def plan_max_batch(configs: dict[str, ModelConfig], seq_len: int, args: argparse.Namespace,
+                   budget: int | None) -> dict[str, Any]:
+    """The planner's largest batch at `seq_len` for both models in one process (1, with a
+    note, when it cannot say or when not even batch 1 is predicted to fit)."""
+    if budget is None:
+        print(f"note: L={seq_len}: the available memory is unknown; {MAX} = 1 (give "
+              "--memory-budget)", flush=True)
+        return {"batch_size": 1, "budget_bytes": None, "fits": False}
+    # --dtype bf16 is autocast over fp32 weights: the planner's "mixed" precision
+    fit = largest_batch([configs["a"], configs["b"]], seq_len, budget, dtype=args.dtype,
+                        precision="mixed", checkpointing=args.checkpointing, mst=args.mst,
+                        device=args.device)
+    plan = {"batch_size": max(fit["batch_size"], 1), "budget_bytes": budget,
+            "need_bytes": fit["need_bytes"], "fits": fit["batch_size"] > 0,
+            "capped": fit["capped"]}
+    if not plan["fits"]:
+        print(f"note: L={seq_len}: not even batch 1 is predicted to fit in "
+              f"{fmt_bytes(budget)} (the step needs {fmt_bytes(fit['need_bytes'])}); "
+              f"{MAX} = 1", flush=True)
+    return plan
+
+
+def backing_off(run: Callable[[int], Any], batch: int, free: Callable[[], None]
+                ) -> tuple[int, Any]:
+    """(b, run(b)) for the first b, from `batch` down to BACK_OFF of the last each time
+    (free() before each retry), at which run does not run out of GPU memory; an
+    out-of-memory error at batch 1 is raised."""
+    import torch
+
+    while True:
+        try:
+            return batch, run(batch)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        # outside the except block: the error's frames, and the tensors they hold, are gone
+        smaller = max(1, int(batch * BACK_OFF))
+        print(f"    out of GPU memory at batch {batch}: retrying at {smaller}", flush=True)
+        free()
+        batch = smaller
+
+
+def _free_after_oom(pair: SimpleNamespace) -> None:
+    """Give back what a step that ran out of GPU memory left behind: gradients, optimizer
+    state (an AdamW step cut short can leave it half made; it is made again at the next
+    step) and the allocator's cached blocks."""
+    import torch
+
+    for key, model in pair.models.items():
+        model.zero_grad(set_to_none=True)
+        pair.optimizers[key].state.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing: bool,
@@ -137,12 +248,120 @@ def build_train_model(config: ModelConfig, device: str, mst: bool, checkpointing
     return compile_blocks(model) if compile else model
 
 
+def _time_steps(pair: SimpleNamespace, seq_len: int, batch: int, args: argparse.Namespace
+                ) -> dict[str, list[float]]:
+    """Each model's step times at (batch, seq_len), the two alternating step by step."""
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed + seq_len)
+    ids = torch.randint(0, pair.vocab, (batch, seq_len), generator=g).to(args.device)
+
+    def step(key: str, i: int) -> float:
+        return common.timed_train_step(pair.models[key], pair.optimizers[key], ids,
+                                       args.schedule_step + i, args.device, pair.amp)[0]
+
+    return common.alternate(list(pair.models), args.steps, step, warmup=args.warmup)
+
+
+def _train_case(pair: SimpleNamespace, seq_len: int, batch: int, asked: int | str,
+                plan: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """One (length, batch) case: step times, tokens/s, MFU and their ratios (the peak
+    memory comes later: _train_memory). A planned batch out of GPU memory backs off
+    (backing_off); any other is an error."""
+    import torch
+
+    def run(b: int) -> dict[str, list[float]]:
+        return _time_steps(pair, seq_len, b, args)
+
+    try:
+        if plan is not None and args.device == "cuda":
+            used, times = backing_off(run, batch, lambda: _free_after_oom(pair))
+        else:
+            used, times = batch, run(batch)
+    except torch.cuda.OutOfMemoryError:
+        raise SubLLMError(f"out of GPU memory at L={seq_len}, batch {batch}: use smaller "
+                          "--batch-sizes or --seq-lens, or add --mst / --checkpointing"
+                          ) from None
+    case: dict[str, Any] = {"seq_len": seq_len, "batch_size": used, "asked": [asked],
+                            "batch_source": "asked" if plan is None else "planner"}
+    if plan is not None:
+        case["planner"] = plan
+    if used != batch:
+        case["backed_off_from"] = batch
+    tokens = used * seq_len
+    for key in ("a", "b"):
+        med = median(times[key])
+        case[key] = {"step_times_s": times[key], "time_per_step_s": med,
+                     "tokens_per_s": tokens / med}
+        if pair.peak_tflops is not None:
+            flops = training_flops_per_token(pair.configs[key], seq_len)["total"]
+            case[key]["mfu"] = flops * tokens / med / (pair.peak_tflops * 1e12)
+    a, b = case["a"], case["b"]
+    case["ratios"] = {
+        "time_per_step": common.ratio(b["time_per_step_s"], a["time_per_step_s"]),
+        "time_per_step_paired": common.paired_ratio(times["b"], times["a"]),
+        "tokens_per_s": common.ratio(b["tokens_per_s"], a["tokens_per_s"]),
+        "peak_mem": None}
+    return case
+
+
+def _train_memory(case: dict[str, Any], pair: SimpleNamespace, args: argparse.Namespace
+                  ) -> None:
+    """Each model's peak memory in the case's step, in a fresh subprocess, and their ratio."""
+    for key in ("a", "b"):
+        case[key]["memory"] = measure_memory(
+            {"kind": "train", "config": pair.configs[key].to_dict(), "seq_len": case["seq_len"],
+             "batch_size": case["batch_size"],
+             **{k: getattr(args, k) for k in ("device", "dtype", "mst", "checkpointing",
+                                              "seed")},
+             "compile": pair.compiled[key], "first_step": args.schedule_step}, args)
+    case["ratios"]["peak_mem"] = common.ratio(case["b"]["memory"].get("peak_mem_bytes"),
+                                              case["a"]["memory"].get("peak_mem_bytes"))
+
+
+def _release_models(pair: SimpleNamespace) -> None:
+    """Drop both models and their optimizers (and, on a GPU, the allocator's cache), so that
+    a memory subprocess has the device to itself: on one H100, the 1.3B pair's weights and
+    AdamW state beside a step at the largest batch would not fit."""
+    pair.models.clear()
+    pair.optimizers.clear()
+    gc.collect()
+    if common.sync(pair.device) is not None:
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _print_train_case(c: dict[str, Any]) -> None:
+    a, b, r = c["a"], c["b"], c["ratios"]
+    print(f"  L={c['seq_len']:<6} B={batch_label(c):<8} A {a['time_per_step_s']:.3f} s/step  "
+          f"B {b['time_per_step_s']:.3f} s/step  B/A {r['time_per_step']:.3f} "
+          f"(paired {r['time_per_step_paired']:.3f})", flush=True)
+
+
+def _print_train_memory(c: dict[str, Any]) -> None:
+    mem = {k: c[k]["memory"] for k in "ab"}
+    if all(m["ok"] for m in mem.values()):
+        text = (f"A {common.fmt_gib(mem['a']['peak_mem_bytes'])} GiB  B "
+                f"{common.fmt_gib(mem['b']['peak_mem_bytes'])} GiB  B/A "
+                f"{common.fmt(c['ratios']['peak_mem'])}")
+    else:
+        text = "; ".join(f"{k.upper()} {m['error']}" for k, m in mem.items() if not m["ok"])
+    print(f"  L={c['seq_len']:<6} B={batch_label(c):<8} peak memory {text}", flush=True)
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
     lengths = common.parse_ints(args.seq_lens, "--seq-lens", minimum=2)
+    batch_sizes = train_batch_sizes(args)
     specs = dict(zip("ab", common.parse_pair(args.pair), strict=True))
     _check_common(args)
+    if args.memory_budget is not None and MAX not in batch_sizes:
+        raise SubLLMError(f"--memory-budget is what --batch-sizes {MAX} fills: add {MAX} to "
+                          "--batch-sizes, or drop --memory-budget")
+    budget, budget_source = (memory_budget(args.device, args.memory_budget)
+                             if MAX in batch_sizes else (None, None))
     if args.compile:
         if args.warmup < 1:
             raise SubLLMError("--compile needs --warmup >= 1 (the first step compiles)")
@@ -156,70 +375,111 @@ def run_train(args: argparse.Namespace) -> int:
               f"{configs['b'].vocab_size}); tokens are drawn below the smaller", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device, amp = args.device, common.amp_dtype(args.dtype)
     peak = args.peak_tflops or H100_BF16_TFLOPS
-    report_mfu = device == "cuda" or args.peak_tflops is not None
+    report_mfu = args.device == "cuda" or args.peak_tflops is not None
 
     models, optimizers = {}, {}
     for key, config in configs.items():
         torch.manual_seed(args.seed)
-        models[key] = build_train_model(config, device, args.mst, args.checkpointing,
+        models[key] = build_train_model(config, args.device, args.mst, args.checkpointing,
                                         compiled[key])
-        optimizers[key] = common.adamw(models[key], device)
-    vocab = min(c.vocab_size for c in configs.values())
-    cases = []
-    for n in lengths:
-        g = torch.Generator().manual_seed(args.seed + n)
-        ids = torch.randint(0, vocab, (args.batch_size, n), generator=g).to(device)
-
-        def step(key: str, i: int, ids: Any = ids) -> float:
-            return common.timed_train_step(models[key], optimizers[key], ids,
-                                           args.schedule_step + i, device, amp)[0]
-
-        times = common.alternate(list(models), args.steps, step, warmup=args.warmup)
-        case: dict[str, Any] = {"seq_len": n, "batch_size": args.batch_size}
-        tokens = args.batch_size * n
-        for key in ("a", "b"):
-            med = median(times[key])
-            case[key] = {"step_times_s": times[key], "time_per_step_s": med,
-                         "tokens_per_s": tokens / med}
-            if report_mfu:
-                flops = training_flops_per_token(configs[key], n)["total"]
-                case[key]["mfu"] = flops * tokens / med / (peak * 1e12)
-            if not args.skip_memory:
-                case[key]["memory"] = measure_memory(
-                    {"kind": "train", "config": configs[key].to_dict(), "seq_len": n,
-                     **{k: getattr(args, k) for k in ("batch_size", "device", "dtype", "mst",
-                                                      "checkpointing", "seed")},
-                     "compile": compiled[key], "first_step": args.schedule_step}, args)
-        a, b = case["a"], case["b"]
-        r = case["ratios"] = {
-            "time_per_step": common.ratio(b["time_per_step_s"], a["time_per_step_s"]),
-            "time_per_step_paired": common.paired_ratio(times["b"], times["a"]),
-            "tokens_per_s": common.ratio(b["tokens_per_s"], a["tokens_per_s"]),
-            "peak_mem": common.ratio(b.get("memory", {}).get("peak_mem_bytes"),
-                                     a.get("memory", {}).get("peak_mem_bytes"))}
-        print(f"  L={n:<6} A {a['time_per_step_s']:.3f} s/step  B {b['time_per_step_s']:.3f} "
-              f"s/step  B/A {r['time_per_step']:.3f} (paired {r['time_per_step_paired']:.3f})"
-              + (f"  mem B/A {r['peak_mem']:.3f}" if r["peak_mem"] is not None else ""),
-              flush=True)
-        cases.append(case)
-
-    a, b = (common.model_summary(specs[k], configs[k], models[k].num_params()) for k in "ab")
-    report = _report("train", args, a, b, batch_size=args.batch_size, steps=args.steps,
+        optimizers[key] = common.adamw(models[key], args.device)
+    pair = SimpleNamespace(models=models, optimizers=optimizers, configs=configs,
+                           compiled=compiled, device=args.device,
+                           amp=common.amp_dtype(args.dtype),
+                           vocab=min(c.vocab_size for c in configs.values()),
+                           peak_tflops=peak if report_mfu else None)
+    a, b = [common.model_summary(specs[k], configs[k], models[k].num_params()) for k in "ab"]
+    report = _report("train", args, a, b, batch_sizes=batch_sizes, steps=args.steps,
                      warmup=args.warmup, mst=args.mst, checkpointing=args.checkpointing,
                      compile=args.compile, schedule_step=args.schedule_step, seq_lens=lengths,
-                     peak_tflops=peak if report_mfu else None, cases=cases)
+                     peak_tflops=pair.peak_tflops, memory_budget_bytes=budget,
+                     memory_budget_source=budget_source, partial=True, cases=[])
+    _measure_train_cases(pair, report, args, budget, out)
+    if not args.skip_memory:
+        _release_models(pair)
+        for case in report["cases"]:
+            _train_memory(case, pair, args)
+            _print_train_memory(case)
+            _write_partial(out, report)
+    report["partial"] = False
     common.write_outputs(out, "train", report, render_train_markdown(report),
                          lambda r, p: _plot_ratios(
                              r, p, "seq_len", "sequence length (tokens)",
-                             {"time_per_step": "time per step", "peak_mem": "peak memory"}),
+                             {"time_per_step": "time per step", "peak_mem": "peak memory"},
+                             train_batch_groups(r)),
                          "train_ratios.png")
     return 0
 
 
+def _measure_train_cases(pair: SimpleNamespace, report: dict[str, Any],
+                         args: argparse.Namespace, budget: int | None, out: Path) -> None:
+    """Every (length, batch size) case into report["cases"], sorted, the outputs so far
+    written after each (_write_partial). Every length at the smaller batches first, so that
+    a run stopped early (bench gpu's budget) has their ratios; max is measured once when it
+    comes to a batch size already asked for."""
+    cases = report["cases"]
+    for asked in report["batch_sizes"]:
+        for n in report["seq_lens"]:
+            plan = plan_max_batch(pair.configs, n, args, budget) if asked == MAX else None
+            batch = plan["batch_size"] if plan else int(asked)
+            same = next((c for c in cases if (c["seq_len"], c["batch_size"]) == (n, batch)),
+                        None)
+            if same is not None:
+                same["asked"].append(asked)
+                same.update(batch_source="planner", planner=plan)
+                print(f"  L={n:<6} {MAX} = batch {batch}, measured above", flush=True)
+                continue
+            case = _train_case(pair, n, batch, asked, plan, args)
+            _print_train_case(case)
+            cases.append(case)
+            cases.sort(key=lambda c: (c["seq_len"], c["batch_size"]))
+            _write_partial(out, report)
+
+
+def _write_partial(out: Path, report: dict[str, Any]) -> None:
+    """train.json and train.md of the cases so far (no plot): a run stopped midway leaves
+    what it measured."""
+    write_atomic(out / "train.json", json.dumps(report, indent=2))
+    write_atomic(out / "train.md", render_train_markdown(report))
+
+
+def _asked(case: dict[str, Any]) -> list[int | str]:
+    """The --batch-sizes entries a case answers (a report from before --batch-sizes: its
+    batch size)."""
+    return case.get("asked") or [case["batch_size"]]
+
+
+def batch_label(case: dict[str, Any]) -> str:
+    """A case's batch size, and how it was chosen: '4', '3 (max)', '1 (1 and max)',
+    '3 (max, backed off from 4)'."""
+    asked = _asked(case)
+    notes = [MAX if asked == [MAX] else " and ".join(map(str, asked))] if MAX in asked else []
+    if case.get("backed_off_from"):
+        notes.append(f"backed off from {case['backed_off_from']}")
+    return str(case["batch_size"]) + (f" ({', '.join(notes)})" if notes else "")
+
+
+def train_batch_groups(report: dict[str, Any]) -> dict[str, Callable[[dict[str, Any]], bool]]:
+    """One plot line per --batch-sizes entry: 'B=1', ..., and 'max = 3/1' (the batch max
+    came to at each length, shortest first)."""
+    groups = {}
+    for asked in report.get("batch_sizes") or [report.get("batch_size", 1)]:
+        def member(c: dict[str, Any], asked: int | str = asked) -> bool:
+            return asked in _asked(c)
+
+        if asked == MAX:
+            found = [c["batch_size"] for c in sorted(report["cases"], key=lambda c: c["seq_len"])
+                     if member(c)]
+            label = f"{MAX} = " + "/".join(map(str, found))
+        else:
+            label = f"B={asked}"
+        groups[label] = member
+    return groups
+
+
 TRAIN_COLUMNS = [
-    Col("seq len", "seq_len"),
+    Col("seq len", "seq_len"), Col("batch", batch_label),
     Col("A s/step", "a.time_per_step_s", "{:.3f}"), Col("B s/step", "b.time_per_step_s", "{:.3f}"),
     Col("time B/A", "ratios.time_per_step", "**{:.3f}**"),
     Col("paired B/A", "ratios.time_per_step_paired", "{:.3f}"),
@@ -231,10 +491,27 @@ TRAIN_COLUMNS = [
 MFU_COLUMNS = [Col("A MFU", "a.mfu", "{:.1%}"), Col("B MFU", "b.mfu", "{:.1%}")]
 
 
+def _batch_sentence(report: dict[str, Any]) -> str:
+    """How the batch sizes were chosen, for the table's preamble."""
+    sizes = report.get("batch_sizes") or [report.get("batch_size", 1)]
+    text = "Batch " + ", ".join(map(str, sizes))
+    if MAX not in sizes:
+        return text + "."
+    budget = report.get("memory_budget_bytes")
+    where = (f"{fmt_bytes(budget)} ({report.get('memory_budget_source')})"
+             if budget else "an unknown memory (max = 1)")
+    return (text + f": `{MAX}` is, per length, the largest batch at which both models' "
+            f"steps fit in {where} by the planner's estimate (each model's peak plus the "
+            "other's weights and AdamW state, as both share the process); a planned batch "
+            f"that runs out of GPU memory all the same retries at {BACK_OFF:g} of itself.")
+
+
 def render_train_markdown(report: dict[str, Any]) -> str:
     mfu = MFU_COLUMNS if report.get("peak_tflops") is not None else []
-    lines = _header(report) + [
-        f"Batch {report['batch_size']}, {report['steps']} timed steps after {report['warmup']} "
+    partial = (["**Partial: the run stopped before it finished (cases, or their peak memory, "
+                "missing).**", ""] if report.get("partial") else [])
+    lines = _header(report) + partial + [
+        _batch_sentence(report) + f" {report['steps']} timed steps after {report['warmup']} "
         f"warm-up; forward + backward + AdamW; mst={report['mst']}, "
         f"checkpointing={report['checkpointing']}, compile={report.get('compile')}; "
         "random tokens. `time B/A` is the ratio of the medians, `paired B/A` the median over "
@@ -612,9 +889,18 @@ def run_infer(args: argparse.Namespace) -> int:
                              {"decode_per_token": "decode time / token (medians)",
                               "decode_at_keep": "decode time / token at the keep ratios",
                               "prefill": "prefill time", "kv_bytes": "KV-cache bytes"},
-                             group_key="batch_size"),
+                             groups=_infer_batch_groups(r["cases"])),
                          "infer_ratios.png")
     return 0
+
+
+def _infer_batch_groups(cases: list[dict[str, Any]]
+                        ) -> dict[str, Callable[[dict[str, Any]], bool]] | None:
+    """One plot line per batch size, when there are several."""
+    sizes = sorted({c["batch_size"] for c in cases})
+    if len(sizes) < 2:
+        return None
+    return {f"batch {b}": lambda c, b=b: c["batch_size"] == b for b in sizes}
 
 
 def _infer_memory(case: dict[str, Any], args: argparse.Namespace, configs: dict[str, Any],
