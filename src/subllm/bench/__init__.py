@@ -28,6 +28,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                  "the memory planner (subllm estimate) against measured training peaks"),
     "prepare": ("subllm.bench.prepare",
                 "tokens/s of subllm prepare (--workers 1, 2, ...) vs a plain tokenizer loop"),
+    "overhead": ("subllm.bench.overhead",
+                 "ops (kernels), host time and host syncs per training and decoding step: A vs B"),
     "gpu": ("subllm.bench.gpu",
             "one CUDA device, one command: cuda tests, 1.3B train + decode, MsT, the planner"),
 }
