@@ -34,9 +34,24 @@ demo: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests
 
-# one CUDA device: cuda tests, 1.3B SUBLLM/LLaMA, MsT vs peers, the planner. The one bench
-# command that writes into the repository (every other writes to ./bench-out/).
+# `bench mst`'s peers, Liger-Kernel and Cut Cross-Entropy (import names liger_kernel,
+# cut_cross_entropy), installed when they do not import; from ./wheels as well when that
+# folder exists (a GPU machine without a network). --no-deps: all they need is torch and
+# triton, which a CUDA build of torch brings, and pip must not swap that torch. When the
+# install fails, bench-gpu goes on and bench mst reports the peers unavailable.
+PEERS := liger-kernel cut-cross-entropy
+PEERS_FROM := $(if $(wildcard wheels),--find-links wheels)
+
+# one CUDA device, in the 540 s of `bench gpu`'s default --budget: cuda tests, the fixed
+# cost per step, 1.3B SUBLLM/LLaMA training (batch 1 and the largest batch) and inference,
+# MsT vs the peers, the planner. The one bench command that writes into the repository (every other writes to
+# ./bench-out/).
 bench-gpu: $(VENV)/.installed-test
+	@$(BIN)/python -c "import liger_kernel, cut_cross_entropy" 2>/dev/null \
+		|| { $(BIN)/pip install -q --no-deps --retries 1 --timeout 10 $(PEERS_FROM) $(PEERS) \
+			2>/dev/null && echo "bench-gpu: installed $(PEERS)"; } \
+		|| echo "bench-gpu: could not install $(PEERS) (no network? put their wheels in" \
+			"./wheels); bench mst will report them unavailable"
 	$(BIN)/subllm bench gpu --out docs/benchmarks/gpu
 
 lint: $(VENV)/.installed-test

@@ -4,16 +4,36 @@ Parts, each run through the `subllm` CLI in a subprocess with its outputs in OUT
 each reported as ok / failed / skipped / timed out with its wall time:
 
   tests      the tests marked `cuda` (tests/test_cuda.py of this checkout), by pytest
-  train      `bench train` llama-1.3b vs subllm-1.3b at 4k and 8k tokens, bf16
-  infer      `bench infer` with the same pair: prefill, decode per token, KV cache, memory
-  mst        `bench mst`: standard / MsT and the peers on a Hugging Face Llama with
-             Llama-3's vocabulary, with the exactness columns
-  estimate   `bench estimate`: the memory planner against measured peaks on the GPU
+  overhead   `bench overhead`, llama-1.3b (A) vs subllm-1.3b (B), bf16: per training step
+             (4k tokens, batch 1) and decoding step (4096-token prompt, batch 1 and 8) the
+             aten ops, CUDA kernels, host syncs, host (enqueue) and device time, and the
+             kernels whose device time differs most between B and A: the profile that
+             says where B's step time goes
+  train      `bench train`, llama-1.3b (A) vs subllm-1.3b (B), bf16 autocast, at 4k and 8k
+             tokens, at batch 1 and at the largest batch at which both models' steps fit in
+             90 % of the GPU (the planner's pick, backed off to 3/4 if it runs out of memory
+             all the same): time per step, tokens/s, MFU and each model's peak memory (a
+             fresh subprocess per case), and their B/A ratios
+  infer      `bench infer` with the same pair (B with random weights, no calibration):
+             prefill time and decode time per token after prompts of 512 and 4096 tokens, at
+             batch 1 and 8, 64 new tokens, and the KV-cache bytes; B/A ratios (no peak
+             memory subprocesses: they would not fit the budget)
+  mst        `bench mst`: a step (forward + backward) of MsT against the same MsT body with
+             the peers' fused losses (torch's native linear_cross_entropy, Cut Cross-Entropy,
+             Liger-Kernel; mini-s is reported unavailable) on a Llama-3-8B-shaped head: a
+             2-block Hugging Face Llama of width 4096 with its 128256-token vocabulary, at
+             8k and 16k tokens: time, peak memory, and loss / gradient errors against the
+             unpatched model at 4k tokens; a peer that is not installed is a row saying so
+  estimate   `bench estimate`: the memory planner against the measured peaks of a 1.3B
+             training step (both models, standard mode, bf16, 4k tokens), the planner that
+             picks train's largest batch
 
-OUT/gpu.json, gpu.md and gpu.png summarise. `--budget` bounds the whole command: each part
-gets a share of the time left and is stopped, with its workers, past it. `--smoke` runs
-every part at tiny sizes (on the CPU when there is no GPU): it checks the command, and its
-figures mean nothing.
+OUT/gpu.json, gpu.md and gpu.png summarise. `--budget` bounds the whole command (default
+540 s, inside the 600 s a lent device runs one command): each part gets a share of the time
+left and is stopped, with its workers, past it; `bench train` writes its cases as it goes,
+so a stopped train part keeps the cases it finished. `make bench-gpu` installs the peers
+first (Makefile). `--smoke` runs every part at tiny sizes with the same flags (on the CPU
+when there is no GPU): it checks the command, and its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -29,31 +49,43 @@ from typing import Any
 from subllm.bench import common
 from subllm.flags import positive_float
 
-PARTS = ("tests", "train", "infer", "mst", "estimate")
-# each part's share of the budget (of what is left when it starts, over the parts to come)
-SHARES = {"tests": 0.10, "train": 0.28, "infer": 0.20, "mst": 0.30, "estimate": 0.12}
-DEFAULT_BUDGET_S = 480.0
+PARTS = ("tests", "overhead", "train", "infer", "mst", "estimate")
+# each part's share of the budget (of what is left when it starts, over the parts to come),
+# after the wall times expected on one H100: tests ~20 s; overhead ~40 s; train ~180 s
+# (three cases at 1.3B, two peak-memory subprocesses each); infer ~40 s; mst ~140 s (nine
+# subprocesses); estimate ~50 s (two subprocesses). Unused time passes on to the parts after.
+SHARES = {"tests": 0.07, "overhead": 0.08, "train": 0.37, "infer": 0.12, "mst": 0.25,
+          "estimate": 0.11}
+DEFAULT_BUDGET_S = 540.0  # a lent device runs one command for at most 600 s
 # a tiny Hugging Face Llama for the smoke run's `bench mst`
 SMOKE_HF = "hf-llama:dim=32,layers=1,vocab=300,ffn=64,heads=2,kv_heads=1"
-# each benchmark part's sizes: (--smoke, the real run)
+# Llama-3-8B's shape where the loss is: its width, heads and vocabulary, two blocks
+LLAMA3_8B_HEAD = "hf-llama:dim=4096,layers=2,vocab=128256,ffn=14336,heads=32,kv_heads=8"
+MST_PEERS = "native,cce,liger,mini-s"
+# each benchmark part's sizes: (--smoke, the real run); the smoke run takes the same flags
 SIZES = {
-    "train": (["--pair", "llama-tiny,subllm-tiny", "--seq-lens", "64", "--steps", "1",
+    "overhead": (["--pair", "llama-tiny,subllm-tiny", "--size", "full", "--seq-len", "64",
+                  "--prompt-len", "16", "--batch-sizes", "1,8", "--steps", "1", "--warmup", "1"],
+                 ["--pair", "llama-1.3b,subllm-1.3b", "--size", "full", "--seq-len", "4096",
+                  "--prompt-len", "4096", "--batch-sizes", "1,8", "--steps", "3",
+                  "--warmup", "2"]),
+    "train": (["--pair", "llama-tiny,subllm-tiny", "--seq-lens", "64", "--batch-sizes", "1,max",
+               "--memory-budget", "256MB", "--steps", "1", "--warmup", "0", "--skip-memory"],
+              ["--pair", "llama-1.3b,subllm-1.3b", "--seq-lens", "4096,8192",
+               "--batch-sizes", "1,max", "--steps", "4", "--warmup", "2"]),
+    "infer": (["--pair", "llama-tiny,subllm-tiny", "--prompt-lens", "32", "--batch-sizes", "1,2",
+               "--new-tokens", "4", "--repeats", "1", "--calibrate-steps", "0",
                "--skip-memory"],
-              ["--pair", "llama-1.3b,subllm-1.3b", "--seq-lens", "4096,8192", "--steps", "5",
-               "--warmup", "2"]),
-    "infer": (["--pair", "llama-tiny,subllm-tiny", "--prompt-lens", "32", "--new-tokens", "4",
-               "--repeats", "1", "--calibrate-steps", "0", "--skip-memory"],
-              ["--pair", "llama-1.3b,subllm-1.3b", "--prompt-lens", "4096,8192",
-               "--new-tokens", "128", "--repeats", "3", "--calibrate-steps", "0"]),
-    "mst": (["--model", SMOKE_HF, "--seq-lens", "64", "--modes", "mst",
-             "--peers", "native,liger,mini-s", "--steps", "1", "--warmup", "0",
-             "--exact-len", "32"],
-            ["--model", "hf-llama:dim=2048,layers=8,vocab=128256", "--seq-lens", "8192,16384",
-             "--modes", "standard,mst", "--peers", "native,cce,liger,mini-s", "--steps", "3",
-             "--warmup", "1", "--exact-len", "4096"]),
-    "estimate": (["--model", "llama-tiny", "--seq-lens", "64", "--modes", "mst"],
+              ["--pair", "llama-1.3b,subllm-1.3b", "--prompt-lens", "512,4096",
+               "--batch-sizes", "1,8", "--new-tokens", "64", "--repeats", "2",
+               "--calibrate-steps", "0", "--skip-memory"]),
+    "mst": (["--model", SMOKE_HF, "--seq-lens", "64", "--modes", "mst", "--peers", MST_PEERS,
+             "--steps", "1", "--warmup", "0", "--exact-len", "32"],
+            ["--model", LLAMA3_8B_HEAD, "--seq-lens", "8192,16384", "--modes", "mst",
+             "--peers", MST_PEERS, "--steps", "3", "--warmup", "1", "--exact-len", "4096"]),
+    "estimate": (["--model", "llama-tiny", "--seq-lens", "64", "--modes", "standard"],
                  ["--model", "llama-1.3b", "--model", "subllm-1.3b", "--seq-lens", "4096",
-                  "--dtype", "bf16"]),
+                  "--modes", "standard", "--dtype", "bf16"]),
 }
 
 
