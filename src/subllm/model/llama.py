@@ -161,9 +161,9 @@ class Span:
     pos:   (B, L) original token positions (RoPE uses these, design.md §3.3).
     valid: (B, L) bool, False for padding / unfilled slots; None when every token is real.
     cos, sin: (B, L, head_dim) rotary tables for `pos`, computed once per level.
-    mask:  (B, 1, L, L_past + L) bool attention mask (padding, cache, sliding window); None:
-           plain causal attention when `causal`, else no mask (one new token attending to
-           a fully valid past).
+    mask:  (B, 1, L, L_past + L) attention mask (padding, cache, sliding window, documents),
+           additive (`additive_mask`) or bool; None: plain causal attention when `causal`,
+           else no mask (one new token attending to a fully valid past).
     cache_start: where this call's keys go in the level's KV cache (None: no cache).
     prior: (B,) real tokens of this level already in the cache, per row (None: none); the
            `parent` RoPE convention numbers a nested segment's tokens after them.
@@ -217,6 +217,20 @@ def attention_mask_for(
     eye = torch.eye(length, dtype=torch.bool, device=device)
     new = new | F.pad(eye, (new.shape[-1] - length, 0))  # (L, P + L): each query itself
     return new[:, None]
+
+
+def additive_mask(mask: Tensor | None, device: torch.device, dtype: torch.dtype
+                  ) -> Tensor | None:
+    """A boolean attention mask as SDPA's additive one, 0 where a key is seen and -inf
+    where not, in the dtype attention will run in (autocast's where it is on). Given a
+    boolean mask, SDPA converts it at every call: two kernels and an L x (P + L) buffer per
+    block, each buffer kept for the backward; made once, a level's blocks share one."""
+    if mask is None:
+        return None
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
 
 
 class Attention(nn.Module):

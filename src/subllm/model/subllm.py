@@ -27,6 +27,7 @@ from .llama import (
     Block,
     RMSNorm,
     Span,
+    additive_mask,
     attention_mask_for,
     cached_attention_backends,
     rope_cos_sin,
@@ -401,8 +402,8 @@ class SubLLM(nn.Module):
         window = c.sliding_window
         if cache is None:
             window = window if window is not None and (level > 0 or L > window) else None
-            return Span(pos, valid, cos, sin,
-                        attention_mask_for(valid, None, L, pos.device, window, pos, docs=docs),
+            mask = attention_mask_for(valid, None, L, pos.device, window, pos, docs=docs)
+            return Span(pos, valid, cos, sin, additive_mask(mask, pos.device, dtype),
                         level=level, docs=docs, max_docs=max_docs)
         state = cache.levels[level]
         past_all_valid = state.all_valid
@@ -416,7 +417,8 @@ class SubLLM(nn.Module):
                         level=level)
         mask = attention_mask_for(valid, past if start > 0 else None, L, pos.device, window,
                                   pos, past_pos if start > 0 else None)
-        return Span(pos, valid, cos, sin, mask, start, prior=prior, level=level)
+        return Span(pos, valid, cos, sin, additive_mask(mask, pos.device, dtype), start,
+                    prior=prior, level=level)
 
     def _run(self, items: list[int | Segment], h: Tensor, span: Span, cache: KVCache | None,
              kept: list, entered: list) -> Tensor:
