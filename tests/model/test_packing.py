@@ -86,6 +86,21 @@ def test_a_mask_that_leaks_across_documents_fails_the_comparison(monkeypatch):
         test_each_packed_document_gets_the_logits_it_gets_alone("TTTT", {}, "eval")
 
 
+def test_max_documents_must_be_a_bound():
+    """Too small a bound would drop kept tokens: training refuses it (checked on the
+    device, no sync); it must be a positive integer."""
+    m = model("T(TT)T").train()
+    g = torch.Generator().manual_seed(0)
+    ids, docs, _ = packed_batch(g, rows=3, length=64)
+    docs[0] = torch.arange(64) // 4  # 16 documents of 4 tokens: 16 x 2 kept
+    with pytest.raises(RuntimeError, match="max_documents"):
+        m(ids, document_ids=docs, max_documents=1)
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(SubLLMError, match="max_documents"):
+            m(ids, document_ids=docs, max_documents=bad)
+    m(ids, document_ids=docs, max_documents=16)
+
+
 def test_document_ids_refuse_a_cache_and_bad_shapes():
     m = model("T(TT)T").eval()
     ids = torch.randint(0, 61, (2, 8))

@@ -625,8 +625,10 @@ class Subsampler(nn.Module):
         count = used.sum(1)
         if slots is None:
             least, K = torch.stack(torch.aminmax(count)).tolist()  # one host sync
-        else:
-            least, K = -1, min(slots, L)  # a bound: unused slots stay masked
+        else:  # a bound: unused slots stay masked; checked on the device, not read back
+            least, K = -1, min(slots, L)
+            torch._assert_async((count <= K).all(), "max_documents is below the number of "
+                                "documents in a row: pass an upper bound (or none)")
         perm = torch.where(used, order, L + order).argsort(dim=1)[:, :K]  # kept, in order
         used = used.gather(1, perm)
         return Selection(order.gather(1, perm), w.gather(1, perm), None if least == K else used,
