@@ -439,7 +439,9 @@ class SubLLM(nn.Module):
         past = None
         if cache is not None and span.cache_start:  # the rank rule ranks against these
             scores, decisions = cache.scores[seg.index].past(span.cache_start)
-            past = (scores, cache.levels[span.level].valid[:, :span.cache_start], decisions)
+            level = cache.levels[span.level]  # validity None: every slot real, as the host knows
+            past = (scores, None if level.all_valid else level.valid[:, :span.cache_start],
+                    decisions)
         # A decoding step of enough rows (or any, with sync_free_decoding) runs the segment
         # on one slot per row, masked where the row dropped its token, instead of asking the
         # host whether any row kept it (design.md §3.7)

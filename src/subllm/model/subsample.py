@@ -412,14 +412,21 @@ def rank_keep_one(s: Tensor, valid: Tensor | None, table: Tensor, past: Tensor,
                   past_valid: Tensor | None, past_kept: Tensor | None) -> Tensor:
     """`causal_rank_keep` then `keep_within_band` for one new token per row (a decoding
     step; s, valid: (B, 1); past, past_valid, past_kept: (B, P); `table` from
-    `rank_rule_table`): the same decisions in a dozen operations instead of the general
-    scans' dozens, which a decoding step pays in kernel launches."""
-    pv = torch.ones_like(past, dtype=torch.bool) if past_valid is None else past_valid
-    n = pv.sum(1) + 1  # real tokens up to and including the new one
-    quota, lo, hi = table[n].unbind(-1)
-    kept = ((past > s) & pv).sum(1) < quota  # fewer than the quota score higher
-    if past_kept is not None:  # the band's step from the row's kept count c0 (see there)
-        c0 = (past_kept & pv).sum(1)
+    `rank_rule_table`): the same decisions in a handful of operations instead of the
+    general scans' dozens, which a decoding step pays in kernel launches. With every past
+    slot real (past_valid None) the row's count is known on the host, and so are its quota
+    and band when `table` is on the CPU."""
+    if past_valid is None:
+        n = past.shape[1] + 1  # real tokens up to and including the new one
+        quota, lo, hi = table[n].tolist() if table.device.type == "cpu" else table[n]
+        kept = (past > s).sum(1) < quota  # fewer than the quota score higher
+        c0 = None if past_kept is None else past_kept.sum(1)
+    else:
+        n = past_valid.sum(1) + 1
+        quota, lo, hi = table[n].unbind(-1)
+        kept = ((past > s) & past_valid).sum(1) < quota
+        c0 = None if past_kept is None else (past_kept & past_valid).sum(1)
+    if c0 is not None:  # the band's step from the row's kept count c0 (see there)
         kept = torch.where(kept, c0 < hi, c0 < lo)
     kept = kept[:, None]
     return kept if valid is None else kept & valid
@@ -459,7 +466,7 @@ class Subsampler(nn.Module):
         # one (`selection_rule`: measuring the train / inference gap on the same batches)
         self.rule: str | None = None
         self.max_len = config.max_seq_len
-        self._table: Tensor | None = None  # rank_rule_table, on the device it was last used
+        self._tables: dict = {}  # rank_rule_table on the CPU, and on the device last used
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the calibrated threshold: cut-off 0 is exactly the old rule
@@ -529,8 +536,9 @@ class Subsampler(nn.Module):
         if self.ranked:
             scores, past_valid, past_kept = past or (None, None, None)
             if L == 1 and scores is not None and scores.shape[1] > 0:
-                kept = rank_keep_one(s, valid, self._rank_table(s.device), scores,
-                                     past_valid, past_kept if self.band is not None else None)
+                table = self._rank_table(s.device if past_valid is not None else "cpu")
+                kept = rank_keep_one(s, valid, table, scores, past_valid,
+                                     past_kept if self.band is not None else None)
             else:
                 kept = causal_rank_keep(s, valid, self.keep, scores, past_valid, docs)
                 if self.band is not None:
@@ -538,11 +546,16 @@ class Subsampler(nn.Module):
                                             past_valid, docs)
         return self._threshold(s, valid, entered, kept, None if sync else L)
 
-    def _rank_table(self, device: torch.device) -> Tensor:
-        if self._table is None or self._table.device != device:
-            with torch.inference_mode(False):  # a plain tensor, even if made in inference
-                self._table = rank_rule_table(self.keep, self.band, self.max_len).to(device)
-        return self._table
+    def _rank_table(self, device: torch.device | str) -> Tensor:
+        """`rank_rule_table` on `device`: kept on the CPU (read there for a row whose count
+        the host knows) and on the device last asked for."""
+        device, cpu = torch.device(device), torch.device("cpu")
+        with torch.inference_mode(False):  # plain tensors, even if made in inference
+            if cpu not in self._tables:
+                self._tables = {cpu: rank_rule_table(self.keep, self.band, self.max_len)}
+            if device not in self._tables:
+                self._tables = {cpu: self._tables[cpu], device: self._tables[cpu].to(device)}
+        return self._tables[device]
 
     @torch.no_grad()
     def _record_cutoff(self, s: Tensor, valid: Tensor | None, entered: Tensor) -> None:
@@ -648,6 +661,8 @@ class Subsampler(nn.Module):
         count = kept.sum(1)
         if slots is not None:  # a bound known on the host: no sync, unused slots masked
             least, K = -1, min(slots, L)
+        elif B == 1 and L:  # one row: its count is both (one host sync)
+            least = K = int(count)
         else:  # one host sync for both: the slot count and whether every row fills it
             least, K = torch.stack(torch.aminmax(count)).tolist() if B * L else (0, 0)
         if L == 1:  # a decoding step: the one token, in its slot if there is one
